@@ -1,0 +1,159 @@
+"""The `miniglm` command: one thin subcommand per stage. The work lives in the modules.
+
+Imports of the heavy modules happen inside each command, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from miniglm.corpus import CHAPTER_PATTERN
+from miniglm.fileio import UserError
+
+
+def cmd_corpus_prepare(args: argparse.Namespace) -> int:
+    from miniglm import corpus
+
+    opts = corpus.PrepareOptions(
+        text_field=args.text_field, split=args.split, chapter_regex=args.chapter_regex,
+        val_fraction=args.val_fraction, seed=args.seed, nfkc=args.nfkc, drop=args.drop,
+        errors=args.errors, encoding=args.encoding)
+    stats = corpus.prepare_corpus(args.inputs, args.out, opts)
+    print(corpus.format_stats(stats))
+    print(f"wrote {args.out}/train.jsonl, val.jsonl, stats.json")
+    return 0
+
+
+def cmd_corpus_tokenize(args: argparse.Namespace) -> int:
+    from miniglm import shards, tokenizer
+
+    tok = tokenizer.load_tokenizer(args.tokenizer)
+    meta = shards.tokenize_corpus(args.corpus, tok, args.out)
+    print(f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']}), "
+          f"{meta['seconds']:.2f}s, {meta['mb_per_s']:.2f} MB/s -> {args.out}")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from miniglm import corpus, tokenizer
+
+    docs = corpus.load_documents(f"{args.corpus}/train.jsonl")
+    tok = tokenizer.train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    print(f"trained a byte-level BPE with {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
+    return 0
+
+
+def cmd_tokenizer_report(args: argparse.Namespace) -> int:
+    from miniglm import corpus, tokenizer
+
+    tok = tokenizer.load_tokenizer(args.tokenizer)
+    rep = tokenizer.report(tok, corpus.load_documents(f"{args.corpus}/{args.split}.jsonl"))
+    for key, value in rep.items():
+        print(f"{key:<20} {value}")
+    if rep["roundtrip_failures"]:
+        print(f"round trip FAILED on {rep['roundtrip_failures']} document(s)", file=sys.stderr)
+        return 1
+    print("round trip OK: decode(encode(x)) == x for every document")
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from miniglm import world
+
+    stats = world.build_world(args.out, args.characters, args.bios, args.heldout_fraction, args.seed)
+    print(json.dumps(stats.__dict__, ensure_ascii=False))
+    print(f"wrote {args.out}/corpus.jsonl, characters.jsonl, sft_train.jsonl, sft_test.jsonl")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from miniglm.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
+                         vocab_size=args.vocab_size, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="miniglm", description="Build small Chinese chat models end to end.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    corpus = sub.add_parser("corpus", help="prepare and tokenize a pretraining corpus")
+    csub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="STEP")
+    prep = csub.add_parser("prepare", help="raw novels (txt in any Chinese encoding, HTML, jsonl) -> documents",
+                           description="Read, clean and split raw text into train/val documents (by document).")
+    prep.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
+    prep.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, stats.json)")
+    prep.add_argument("--text-field", default="text", help="field holding the text in .json/.jsonl (default: text)")
+    prep.add_argument("--split", choices=["chapter", "file"], default="chapter",
+                      help="one document per chapter title (第…回/章/卷) or per file/record (default: chapter)")
+    prep.add_argument("--chapter-regex", default=CHAPTER_PATTERN, help="regex of a chapter-title line")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for val (default 0.05)")
+    prep.add_argument("--seed", type=int, default=1337)
+    prep.add_argument("--nfkc", action="store_true", help="apply Unicode NFKC (turns full-width ，into ,)")
+    prep.add_argument("--drop", default=None, metavar="REGEX", help=r"remove matches, e.g. 'B\d{3}' placeholders")
+    prep.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                      help="undecodable bytes: stop with an error (default) or replace with U+FFFD")
+    prep.add_argument("--encoding", default=None, help="skip detection and use this encoding")
+    prep.set_defaults(func=cmd_corpus_prepare)
+
+    tokz = csub.add_parser("tokenize", help="documents -> train.bin/val.bin token shards + meta.json",
+                           description="Tokenise each document whole, joined by end-of-text, into flat shards.")
+    tokz.add_argument("--corpus", required=True, help="folder written by `corpus prepare`")
+    tokz.add_argument("--tokenizer", required=True, help="tokenizer folder, cl100k_base, FILE.tiktoken or HF name")
+    tokz.add_argument("--out", required=True, help="output folder")
+    tokz.set_defaults(func=cmd_corpus_tokenize)
+
+    tok = sub.add_parser("tokenizer", help="train or inspect a tokenizer")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="STEP")
+    train = tsub.add_parser("train", help="train a byte-level BPE on a prepared corpus",
+                            description="Byte-level BPE (GPT-2 split pattern) with end-of-text, pad and role tokens.")
+    train.add_argument("--corpus", required=True, help="folder written by `corpus prepare`")
+    train.add_argument("--vocab-size", type=int, default=8192)
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
+    train.set_defaults(func=cmd_tokenizer_train)
+    rep = tsub.add_parser("report", help="characters/token and the round-trip check on a split",
+                          description="Print compression and check decode(encode(x)) == x on every document.")
+    rep.add_argument("--tokenizer", required=True, help="tokenizer folder, cl100k_base, FILE.tiktoken or HF name")
+    rep.add_argument("--corpus", required=True, help="folder written by `corpus prepare`")
+    rep.add_argument("--split", choices=["train", "val"], default="val")
+    rep.set_defaults(func=cmd_tokenizer_report)
+
+    w = sub.add_parser("world", help="generate the synthetic wuxia world (corpus + Q&A)",
+                       description="Invented characters with facts, biographies for pretraining and Q&A for SFT.")
+    w.add_argument("--out", required=True)
+    w.add_argument("--characters", type=int, default=500)
+    w.add_argument("--bios", type=int, default=6, help="biographies per character")
+    w.add_argument("--heldout-fraction", type=float, default=0.5, help="characters whose Q&A are held out")
+    w.add_argument("--seed", type=int, default=1337)
+    w.set_defaults(func=cmd_world)
+
+    d = sub.add_parser("demo", help="run the whole pipeline on the synthetic world",
+                       description="world -> corpus -> tokenizer -> shards, into one run folder.")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--characters", type=int, default=500)
+    d.add_argument("--bios", type=int, default=6)
+    d.add_argument("--vocab-size", type=int, default=4096)
+    d.add_argument("--seed", type=int, default=1337)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"miniglm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("miniglm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Pretraining corpus preparation: read raw novels (any Chinese encoding, HTML chapters, jsonl),
+clean them, split them into documents and into train/val by document."""
+
+from __future__ import annotations
+
+import glob
+import html
+import random
+import re
+import time
+import unicodedata
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from miniglm.fileio import UserError, read_json, read_jsonl, write_json, write_jsonl
+
+TEXT_SUFFIXES = {".txt", ".text", ".md"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+# A chapter title on a line of its own: 第十回, 第3章, 第一卷, and the usual front matter of novels.
+CHAPTER_PATTERN = r"^[ \t　]*(?:第[零〇一二两三四五六七八九十百千万\d]+[回章卷节]|楔子|引子|序章)(?:[ \t　].*)?$"
+
+# --- encoding detection -------------------------------------------------------------------------
+# GB18030 decodes almost any byte string and Big5 text often decodes as GBK, so a clean decode
+# proves little. Each candidate that decodes is scored by how much of its text is plausible:
+# ASCII, common punctuation, and hanzi from the "frequently used" blocks of GB2312 (level 1)
+# or Big5. A wrong decode produces kana, Greek, private-use and rare characters instead.
+CANDIDATES = ("utf-8", "gb18030", "big5")
+
+
+def _is_common_hanzi(ch: str) -> bool:
+    try:
+        gb = ch.encode("gb2312")
+        if len(gb) == 2 and 0xB0 <= gb[0] <= 0xD7:
+            return True
+    except UnicodeEncodeError:
+        pass
+    try:
+        b5 = ch.encode("big5")
+        return len(b5) == 2 and 0xA440 <= (b5[0] << 8 | b5[1]) <= 0xC67E
+    except UnicodeEncodeError:
+        return False
+
+
+_COMMON_PUNCT = set("，。、；：？！“”‘’（）《》〈〉【】「」『』…—·　～－")
+
+
+def plausibility(text: str, sample: int = 20000) -> float:
+    """Fraction of non-space characters that look like real Chinese or ASCII text."""
+    good = total = 0
+    for ch in text[:sample]:
+        if ch.isspace():
+            continue
+        total += 1
+        if ch.isascii() or ch in _COMMON_PUNCT or _is_common_hanzi(ch):
+            good += 1
+    return good / total if total else 1.0
+
+
+@dataclass
+class Decoded:
+    text: str
+    encoding: str
+    score: float
+
+
+def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str | None = None) -> Decoded:
+    """Decode a file's bytes, detecting the encoding unless one is given."""
+    if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{name}: looks like a binary file (NUL bytes); pass text, HTML or jsonl files")
+    if encoding:
+        try:
+            return Decoded(data.decode(encoding, errors=errors), encoding, 1.0)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{name}: not valid {encoding} (bad byte at offset {e.start}); "
+                            "try without --encoding or with --errors replace") from None
+        except LookupError:
+            raise UserError(f"unknown encoding '{encoding}'") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        return replace(decode_bytes(data[3:], name, errors, "utf-8"), encoding="utf-8-sig")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return decode_bytes(data, name, errors, "utf-16")
+    results: list[Decoded] = []
+    first_bad: dict[str, int] = {}
+    for enc in CANDIDATES:
+        try:
+            text = data.decode(enc)
+        except UnicodeDecodeError as e:
+            first_bad[enc] = e.start
+            continue
+        if enc == "utf-8":  # strict UTF-8 on non-ASCII bytes is almost never an accident
+            return Decoded(text, enc, 1.0)
+        results.append(Decoded(text, enc, plausibility(text)))
+    if not results:
+        if errors == "strict":
+            where = ", ".join(f"{enc} at byte {pos}" for enc, pos in first_bad.items())
+            raise UserError(f"{name}: cannot decode as {'/'.join(CANDIDATES)} (first bad byte: {where}); "
+                            "fix the file or pass --errors replace")
+        for enc in CANDIDATES:
+            text = data.decode(enc, errors=errors)
+            results.append(Decoded(text, enc, plausibility(text) - text.count("\ufffd") / max(len(text), 1)))
+    return max(results, key=lambda d: d.score)  # ties keep candidate order (gb18030 before big5)
+
+
+# --- readers ------------------------------------------------------------------------------------
+_BLOCK_END = re.compile(r"<\s*(?:br\s*/?|/\s*(?:p|div|h[1-6]|li|tr|title|section|article|blockquote)\s*)>",
+                        re.IGNORECASE)
+_DROP_BLOCKS = re.compile(r"<\s*(script|style|head)\b.*?<\s*/\s*\1\s*>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def html_to_text(markup: str) -> str:
+    """Strip an HTML chapter to text: <br> and block ends become newlines, entities unescaped."""
+    title = re.search(r"<\s*title[^>]*>(.*?)<\s*/\s*title\s*>", markup, re.IGNORECASE | re.DOTALL)
+    body = _DROP_BLOCKS.sub("", markup)
+    body = _BLOCK_END.sub("\n", body)
+    body = html.unescape(_TAG.sub("", body))
+    if title:  # the <head> (and its title) was dropped above; keep the title as the first line
+        heading = html.unescape(_TAG.sub("", title.group(1))).strip()
+        if heading and heading not in body[:200]:
+            body = heading + "\n" + body
+    return body
+
+
+def clean_text(text: str, nfkc: bool = False, drop: re.Pattern | None = None) -> str:
+    """Normalise newlines, collapse runs of spaces (incl. full-width), drop empty lines."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if nfkc:
+        text = unicodedata.normalize("NFKC", text)
+    if drop is not None:
+        text = drop.sub("", text)
+    lines = (re.sub(r"[ \t\u3000\u00a0\f\v]+", " ", line).strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def split_chapters(text: str, pattern: re.Pattern | None) -> list[str]:
+    """Split text at chapter-title lines; text before the first title is its own document."""
+    if pattern is None:
+        return [text] if text else []
+    starts = [m.start() for m in pattern.finditer(text)]
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    bounds = [*starts, len(text)]
+    return [d for d in (text[a:b].strip() for a, b in zip(bounds, bounds[1:], strict=False)) if d]
+
+
+# --- the whole stage ----------------------------------------------------------------------------
+@dataclass
+class PrepareOptions:
+    text_field: str = "text"
+    split: str = "chapter"  # "chapter" | "file"
+    chapter_regex: str = CHAPTER_PATTERN
+    val_fraction: float = 0.05
+    seed: int = 1337
+    nfkc: bool = False
+    drop: str | None = None
+    errors: str = "strict"
+    encoding: str | None = None
+
+
+@dataclass
+class PrepareStats:
+    files: list[dict] = field(default_factory=list)
+    documents: int = 0
+    train_documents: int = 0
+    val_documents: int = 0
+    characters: int = 0
+    train_characters: int = 0
+    val_characters: int = 0
+    seconds: float = 0.0
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (searched recursively) and globs, in a stable order, without repeats."""
+    paths: list[Path] = []
+    for spec in inputs:
+        if any(c in spec for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+            if not matches:
+                raise UserError(f"{spec}: the pattern matches no file")
+            found = matches
+        else:
+            p = Path(spec)
+            if not p.exists():
+                raise UserError(f"{p}: no such file or folder")
+            found = [p]
+        for p in found:
+            if p.is_dir():
+                files = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f) is not None)
+                if not files:
+                    raise UserError(f"{p}: the folder holds no .txt, .html or .jsonl file")
+                paths.extend(files)
+            else:
+                paths.append(p)
+    return list(dict.fromkeys(paths))
+
+
+def _kind(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in HTML_SUFFIXES:
+        return "html"
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    return None
+
+
+def read_units(path: Path, opts: PrepareOptions) -> tuple[list[str], dict]:
+    """Read one input file into raw text units (a file, or one per json record) and its file stats."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"{path}: the file is empty")
+    kind = _kind(path) or "text"
+    if kind == "json":
+        units = _read_json_texts(path, opts.text_field)
+        return units, {"path": str(path), "kind": "json", "encoding": "utf-8", "records": len(units)}
+    decoded = decode_bytes(data, str(path), opts.errors, opts.encoding)
+    text = decoded.text
+    if kind == "text" and re.match(r"\s*<(!doctype html|html|body|p|div)\b", text[:200], re.IGNORECASE):
+        kind = "html"
+    if kind == "html":
+        text = html_to_text(text)
+    info = {"path": str(path), "kind": kind, "encoding": decoded.encoding, "score": round(decoded.score, 3)}
+    return [text], info
+
+
+def _read_json_texts(path: Path, text_field: str) -> list[str]:
+    if path.suffix.lower() == ".jsonl":
+        rows = list(read_jsonl(path))
+    else:
+        obj = read_json(path)
+        if not isinstance(obj, list):
+            raise UserError(f"{path}: expected a JSON list of records (or use .jsonl, one record a line)")
+        rows = [(i, r) for i, r in enumerate(obj)]
+    texts = []
+    where = "line" if path.suffix.lower() == ".jsonl" else "record"
+    for n, row in rows:
+        if isinstance(row, str):
+            texts.append(row)
+            continue
+        value = row.get(text_field) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            raise UserError(f"{path}:{where} {n}: no string field '{text_field}' (choose it with --text-field)")
+        texts.append(value)
+    return texts
+
+
+def prepare_corpus(inputs: list[str], out_dir: str | Path, opts: PrepareOptions) -> PrepareStats:
+    """Read, clean and split the inputs; write train.jsonl, val.jsonl and stats.json to out_dir."""
+    t0 = time.perf_counter()
+    try:
+        drop = re.compile(opts.drop) if opts.drop else None
+        chapter = re.compile(opts.chapter_regex, re.MULTILINE) if opts.split == "chapter" else None
+    except re.error as e:
+        raise UserError(f"bad regular expression: {e}") from None
+    if not 0.0 <= opts.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    stats = PrepareStats()
+    docs: list[dict] = []
+    for path in expand_inputs(inputs):
+        units, info = read_units(path, opts)
+        n_before = len(docs)
+        for unit in units:
+            for text in split_chapters(clean_text(unit, opts.nfkc, drop), chapter):
+                docs.append({"text": text, "source": path.name})
+        info["documents"] = len(docs) - n_before
+        info["characters"] = sum(len(d["text"]) for d in docs[n_before:])
+        stats.files.append(info)
+    if not docs:
+        raise UserError("the inputs hold no text after cleaning")
+
+    order = list(range(len(docs)))
+    random.Random(opts.seed).shuffle(order)
+    n_val = round(len(docs) * opts.val_fraction)
+    if opts.val_fraction > 0:
+        n_val = max(1, n_val)
+    if n_val == 0 or n_val >= len(docs):
+        raise UserError(f"empty {'val' if n_val == 0 else 'train'} split: {len(docs)} document(s) with "
+                        f"--val-fraction {opts.val_fraction}; add documents, use --split chapter, "
+                        "or change --val-fraction")
+    val_ids = set(order[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+
+    out = Path(out_dir)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "val.jsonl", val)
+    stats.documents, stats.train_documents, stats.val_documents = len(docs), len(train), len(val)
+    stats.train_characters = sum(len(d["text"]) for d in train)
+    stats.val_characters = sum(len(d["text"]) for d in val)
+    stats.characters = stats.train_characters + stats.val_characters
+    stats.seconds = round(time.perf_counter() - t0, 3)
+    write_json(out / "stats.json", stats.__dict__)
+    return stats
+
+
+def load_documents(path: str | Path) -> list[str]:
+    """The texts of a prepared split (train.jsonl / val.jsonl)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; run `miniglm corpus prepare` first")
+    return [row["text"] for _, row in read_jsonl(path) if isinstance(row.get("text"), str)]
+
+
+def format_stats(stats: PrepareStats) -> str:
+    lines = [f"{'file':<40} {'kind':<5} {'encoding':<10} {'docs':>6} {'chars':>10}"]
+    for f in stats.files:
+        lines.append(f"{Path(f['path']).name[:40]:<40} {f['kind']:<5} {f['encoding']:<10} "
+                     f"{f['documents']:>6} {f['characters']:>10,}")
+    lines.append(f"{len(stats.files)} file(s), {stats.documents} documents "
+                 f"({stats.train_documents} train / {stats.val_documents} val), "
+                 f"{stats.characters:,} characters, {stats.seconds:.2f}s")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Token shards on disk: train.bin / val.bin (flat uint16 or uint32 ids) + meta.json, and a reader
+that samples random windows from a memmap, deterministically under a seed."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from miniglm.corpus import load_documents
+from miniglm.fileio import UserError, atomic_path, read_json, write_json
+from miniglm.tokenizer import Tokenizer
+
+BATCH_DOCS = 256  # documents per encode_batch call: enough to keep both cores busy
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_tokens(docs: list[str], tokenizer: Tokenizer, path: Path) -> int:
+    """Tokenise each document whole, append end-of-text after each, write the ids flat."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for i in range(0, len(docs), BATCH_DOCS):
+            for ids in tokenizer.encode_batch(docs[i:i + BATCH_DOCS]):
+                arr = np.asarray([*ids, tokenizer.eot_id], dtype=dtype)
+                f.write(arr.tobytes())
+                n += len(arr)
+    return n
+
+
+def tokenize_corpus(corpus_dir: str | Path, tokenizer: Tokenizer, out_dir: str | Path) -> dict:
+    """corpus_dir/{train,val}.jsonl -> out_dir/{train,val}.bin + meta.json."""
+    t0 = time.perf_counter()
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    ref = tokenizer.name
+    if Path(ref).exists():  # a path is stored relative to meta.json, so the run folder can move
+        ref = os.path.relpath(Path(ref).resolve(), out_dir.resolve())
+    meta: dict = {"tokenizer": ref, "vocab_size": tokenizer.vocab_size,
+                  "dtype": token_dtype(tokenizer.vocab_size).name, "eot_id": tokenizer.eot_id,
+                  "pad_id": tokenizer.pad_id}
+    total_bytes = 0
+    for split in ("train", "val"):
+        docs = load_documents(corpus_dir / f"{split}.jsonl")
+        if not docs:
+            raise UserError(f"{corpus_dir / f'{split}.jsonl'}: no documents")
+        n = write_tokens(docs, tokenizer, out_dir / f"{split}.bin")
+        nbytes = sum(len(d.encode()) for d in docs)
+        total_bytes += nbytes
+        meta[f"{split}_tokens"] = n
+        meta[f"{split}_documents"] = len(docs)
+        meta[f"{split}_characters"] = sum(len(d) for d in docs)
+        meta[f"{split}_bytes"] = nbytes
+    seconds = time.perf_counter() - t0
+    meta["seconds"] = round(seconds, 3)
+    meta["mb_per_s"] = round(total_bytes / 1e6 / seconds, 2)
+    write_json(out_dir / "meta.json", meta)
+    return meta
+
+
+class TokenShard:
+    """A flat array of token ids on disk, read through a memmap."""
+
+    def __init__(self, path: str | Path, dtype: str | np.dtype):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path}: no such shard; run `miniglm corpus tokenize` first")
+        self.tokens = np.memmap(self.path, dtype=np.dtype(dtype), mode="r")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def sample(self, batch_size: int, block_size: int, rng: np.random.Generator):
+        """Random windows: inputs x and next-token targets y, both (batch_size, block_size) int64."""
+        import torch
+
+        if len(self.tokens) <= block_size:
+            raise UserError(f"{self.path}: {len(self.tokens)} tokens, fewer than a block of {block_size + 1}")
+        starts = rng.integers(0, len(self.tokens) - block_size - 1, size=batch_size, endpoint=True)
+        windows = np.stack([self.tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
+        w = torch.from_numpy(windows)
+        return w[:, :-1], w[:, 1:]
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise UserError(f"{path}: no such file; run `miniglm corpus tokenize` first")
+    return read_json(path)
+
+
+def open_shards(data_dir: str | Path) -> tuple[TokenShard, TokenShard, dict]:
+    meta = load_meta(data_dir)
+    d = Path(data_dir)
+    return TokenShard(d / "train.bin", meta["dtype"]), TokenShard(d / "val.bin", meta["dtype"]), meta
+
+
+def tokenizer_of(data_dir: str | Path) -> str:
+    """The tokenizer spec of a shard folder, with a relative path resolved against it."""
+    ref = load_meta(data_dir)["tokenizer"]
+    candidate = Path(data_dir) / ref
+    return str(candidate) if not os.path.isabs(ref) and candidate.exists() else ref

@@ -1,0 +1,339 @@
+"""One Tokenizer interface over three backends, and a StreamDecoder that never emits half a character.
+
+Backends:
+  - a byte-level BPE trained here with HF `tokenizers` (the default for small models),
+  - tiktoken (cl100k_base by name, or a local `.tiktoken` file so it works offline),
+  - any HF tokenizer by name or path (transformers' AutoTokenizer).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from miniglm.fileio import UserError, atomic_dir, write_json
+
+# End of text, padding, and the chat roles of the native template.
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+SPECIAL_TOKENS = [EOT, PAD, *ROLE_TOKENS]
+TIKTOKEN_REF = "miniglm_tiktoken.json"  # marks a folder that holds a tiktoken tokenizer
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (what ByteLevel token strings use)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class Tokenizer:
+    """What every stage needs from a tokenizer. Subclasses fill in the backend."""
+
+    name: str
+    vocab_size: int
+    eot_id: int
+    pad_id: int
+    special_ids: dict[str, int]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Plain text to ids, in parallel over the inputs (all backends use native threads)."""
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The raw bytes of one token, or None where the backend has no such notion."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = list(ids)
+        parts = [self.token_bytes(i) for i in ids]
+        if any(p is None for p in parts):
+            return self._decode_text(ids)
+        return b"".join(parts).decode("utf-8", errors="replace")  # type: ignore[arg-type]
+
+    def _decode_text(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def special(self, token: str) -> int:
+        if token not in self.special_ids:
+            raise UserError(f"tokenizer {self.name} has no special token {token}")
+        return self.special_ids[token]
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write the tokenizer into a folder that load_tokenizer() reads back."""
+        raise NotImplementedError
+
+
+# --- byte-level BPE trained here ---------------------------------------------------------------
+class BPETokenizer(Tokenizer):
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as HFTok
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        self.dir = file.parent
+        self.tok = HFTok.from_file(str(file))
+        self.name = str(path)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+        if EOT not in self.special_ids:
+            raise UserError(f"{file}: the tokenizer has no {EOT} token")
+        self.eot_id = self.special_ids[EOT]
+        self.pad_id = self.special_ids.get(PAD, self.eot_id)
+        added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        self._bytes = [
+            tok.encode() if tok in added else bytes(BYTE_DECODER[c] for c in tok)
+            for tok in sorted(vocab, key=vocab.__getitem__)
+        ]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (self.dir / name).exists() and (self.dir / name).resolve() != (out / name).resolve():
+                shutil.copyfile(self.dir / name, out / name)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> BPETokenizer:
+    """Train a byte-level BPE with GPT-2's split pattern and no normalizer.
+
+    GPT-2's pattern keeps a run of Chinese characters (all \\p{L}) as one pre-token, so merges can
+    form whole words; punctuation and digits split off. The result loads in transformers as
+    PreTrainedTokenizerFast and its pre-tokenizer is llama.cpp's `gpt-2`.
+    """
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes + specials)")
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    with atomic_dir(out_dir) as tmp:
+        tok.save(str(tmp / "tokenizer.json"))
+        specials = {"eos_token": EOT, "bos_token": EOT, "unk_token": None, "pad_token": PAD,
+                    "additional_special_tokens": ROLE_TOKENS}
+        write_json(tmp / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
+            "clean_up_tokenization_spaces": False, "add_prefix_space": False, "trained_by": "miniglm",
+            **specials})
+        write_json(tmp / "special_tokens_map.json", specials)
+    return BPETokenizer(out_dir)
+
+
+# --- tiktoken ------------------------------------------------------------------------------------
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, source: str):
+        import tiktoken
+
+        self.source = source
+        self.name = source if source.endswith(".tiktoken") else source.removeprefix("tiktoken:")
+        base = self._load_base(self.name)
+        # The chat roles and a pad token go after the base vocabulary, as new special tokens.
+        specials = dict(base._special_tokens)
+        for t in [PAD, *ROLE_TOKENS]:
+            specials.setdefault(t, base.n_vocab + len(specials) - len(base._special_tokens))
+        self.enc = tiktoken.Encoding(name=f"{base.name}+miniglm", pat_str=base._pat_str,
+                                     mergeable_ranks=base._mergeable_ranks, special_tokens=specials)
+        self.vocab_size = self.enc.n_vocab
+        self.special_ids = {t: specials[t] for t in SPECIAL_TOKENS}
+        self.eot_id, self.pad_id = specials[EOT], specials[PAD]
+
+    @staticmethod
+    def _load_base(name: str):
+        import tiktoken
+
+        if name.endswith(".tiktoken"):
+            path = Path(name)
+            if not path.exists():
+                raise UserError(f"{path}: no such .tiktoken file")
+            # tiktoken looks up its download cache by the hash of the URL; point a private cache at
+            # the local file, so the loader (and its hash check) is tiktoken's own.
+            cache = Path(tempfile.mkdtemp(prefix="miniglm-tiktoken-"))
+            shutil.copyfile(path, cache / hashlib.sha1(CL100K_URL.encode()).hexdigest())
+            old = os.environ.get("TIKTOKEN_CACHE_DIR")
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+            try:
+                from tiktoken_ext.openai_public import cl100k_base
+
+                return tiktoken.Encoding(**cl100k_base())
+            except ValueError as e:
+                raise UserError(f"{path}: not the cl100k_base ranks tiktoken expects ({e})") from None
+            finally:
+                if old is None:
+                    os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+                else:
+                    os.environ["TIKTOKEN_CACHE_DIR"] = old
+                shutil.rmtree(cache, ignore_errors=True)
+        try:
+            return tiktoken.get_encoding(name)
+        except ValueError:
+            raise UserError(f"unknown tiktoken encoding '{name}'") from None
+        except Exception as e:  # no network and no cache
+            raise UserError(f"cannot load tiktoken '{name}' ({type(e).__name__}); offline, pass the path "
+                            f"of a local {name}.tiktoken file instead") from None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token_id)
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        ref = {"backend": "tiktoken", "name": self.name}
+        if self.name.endswith(".tiktoken"):  # carry the ranks so the run works offline and if moved
+            shutil.copyfile(self.name, out / "cl100k_base.tiktoken")
+            ref["name"] = "cl100k_base.tiktoken"
+        write_json(out / TIKTOKEN_REF, ref)
+
+
+# --- any HF tokenizer ----------------------------------------------------------------------------
+class HFTokenizer(Tokenizer):
+    def __init__(self, name_or_path: str):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as e:
+            raise UserError(f"unknown tokenizer '{name_or_path}': expected cl100k_base, a .tiktoken file, "
+                            f"a tokenizer folder, or an HF tokenizer name or path ({type(e).__name__})") from None
+        self.name = name_or_path
+        self.vocab_size = len(self.tok)
+        eot = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
+        if eot is None:
+            raise UserError(f"tokenizer '{name_or_path}' has neither an EOS nor a SEP token")
+        self.eot_id = eot
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else eot
+        vocab = self.tok.get_vocab()
+        self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+        self.special_ids.setdefault(EOT, eot)
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        byte_level = backend is not None and "ByteLevel" in type(backend.decoder).__name__ + str(backend.decoder)
+        self._id_to_token = {i: t for t, i in vocab.items()} if byte_level else None
+        self._added = set(self.tok.all_special_tokens) | set(self.tok.get_added_vocab())
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        if self._id_to_token is None:
+            return None
+        tok = self._id_to_token[token_id]
+        if tok in self._added:
+            return tok.encode()
+        return bytes(BYTE_DECODER[c] for c in tok)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, clean_up_tokenization_spaces=False)
+
+    def save(self, out_dir: str | Path) -> None:
+        self.tok.save_pretrained(str(out_dir))
+
+
+# --- loading -------------------------------------------------------------------------------------
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """cl100k_base | tiktoken:NAME | FILE.tiktoken | folder or tokenizer.json trained here | HF name/path."""
+    spec = str(spec)
+    path = Path(spec)
+    if spec.endswith(".tiktoken") or spec.startswith("tiktoken:") or spec in ("cl100k_base", "o200k_base"):
+        return TiktokenTokenizer(spec)
+    if (path / TIKTOKEN_REF).exists():
+        ref = json.loads((path / TIKTOKEN_REF).read_text())
+        name = ref["name"]
+        return TiktokenTokenizer(str(path / name) if name.endswith(".tiktoken") else name)
+    if path.is_file() and path.name == "tokenizer.json":
+        return BPETokenizer(path)
+    config = path / "tokenizer_config.json"
+    if config.exists() and json.loads(config.read_text()).get("trained_by") == "miniglm":
+        return BPETokenizer(path)
+    if spec.startswith("hf:"):
+        spec = spec[3:]
+    return HFTokenizer(spec)
+
+
+# --- streaming decode ----------------------------------------------------------------------------
+class StreamDecoder:
+    """Turns a stream of token ids into text chunks that never hold half a UTF-8 character.
+
+    Byte-level tokenizers may split one Chinese character (3 bytes) across tokens; decoding each
+    token alone gives '�'. Here the tokens' bytes go through an incremental UTF-8 decoder, which
+    holds an incomplete character back until its last byte arrives. The chunks join to exactly
+    tokenizer.decode(all ids). Backends without token bytes fall back to decoding the ids so far
+    and holding back a trailing '�'.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._sent = 0
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        parts = [self.tokenizer.token_bytes(i) for i in ids]
+        if self._ids or any(p is None for p in parts):
+            self._ids.extend(ids)
+            return self._text_so_far(final=False)
+        return self._utf8.decode(b"".join(parts))  # type: ignore[arg-type]
+
+    def flush(self) -> str:
+        if self._ids:
+            return self._text_so_far(final=True)
+        return self._utf8.decode(b"", final=True)
+
+    def _text_so_far(self, final: bool) -> str:
+        text = self.tokenizer.decode(self._ids)
+        end = len(text) if final else len(text.rstrip("\ufffd"))
+        if end <= self._sent:
+            return ""
+        chunk = text[self._sent:end]
+        self._sent = end
+        return chunk
+
+
+def report(tokenizer: Tokenizer, docs: Sequence[str]) -> dict:
+    """Compression (characters and bytes per token) and the decode(encode(x)) == x check."""
+    ids = tokenizer.encode_batch(docs)
+    n_tokens = sum(len(x) for x in ids)
+    bad = [i for i, (doc, x) in enumerate(zip(docs, ids, strict=True)) if tokenizer.decode(x) != doc]
+    chars = sum(len(d) for d in docs)
+    return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "documents": len(docs),
+            "characters": chars, "tokens": n_tokens, "chars_per_token": round(chars / max(n_tokens, 1), 3),
+            "bytes_per_token": round(sum(len(d.encode()) for d in docs) / max(n_tokens, 1), 3),
+            "roundtrip_failures": len(bad), "first_failure": bad[0] if bad else None}
