@@ -226,8 +226,15 @@ class TiktokenTokenizer(Tokenizer):
 # --- any HF tokenizer ----------------------------------------------------------------------------
 class HFTokenizer(Tokenizer):
     def __init__(self, name_or_path: str):
+        import logging
+
         from transformers import AutoTokenizer
 
+        if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+            raise UserError(f"{name_or_path}: no such tokenizer folder")
+        # One clear line on failure, not the hub client's retry warnings.
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
         try:
             self.tok = AutoTokenizer.from_pretrained(name_or_path)
         except Exception as e:

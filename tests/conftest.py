@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATA = SHARED / "data"
+CL100K_FILE = SHARED_DATA / "tokenizers" / "cl100k_base.tiktoken"
+
+SAMPLE_ZH = (
+    "话说天下大势，分久必合，合久必分。周末七国分争，并入于秦。及秦灭之后，楚、汉分争，又并入于汉。"
+    "滚滚长江东逝水，浪花淘尽英雄。是非成败转头空。青山依旧在，几度夕阳红。"
+    "白发渔樵江渚上，惯看秋月春风。一壶浊酒喜相逢。古今多少事，都付笑谈中。"
+    "Mixed English text, numbers 12345 and emoji 🙂 too."
+)
+
+
+def shared_file(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory) -> Path:
+    from miniglm.world import build_world
+
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, characters=60, bios_per_character=3, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory, world_dir) -> Path:
+    """A small byte-level BPE: its vocab is too small for many characters, so they split into bytes."""
+    from miniglm.corpus import load_documents
+    from miniglm.tokenizer import train_bpe
+
+    out = tmp_path_factory.mktemp("tok") / "bpe"
+    texts = [r for r in load_documents(world_dir / "corpus.jsonl")] + [SAMPLE_ZH] * 3
+    train_bpe(texts, 400, out)
+    return out

@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from miniglm.cli import build_parser, main
+
+
+def run_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def subcommands(parser, prefix=()):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from subcommands(sub, (*prefix, name))
+
+
+def test_help_on_every_subcommand(capsys):
+    commands = list(subcommands(build_parser()))
+    assert ("corpus", "prepare") in commands and ("tokenizer", "report") in commands and ("demo",) in commands
+    for cmd in commands:
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: miniglm" in capsys.readouterr().out
+
+
+def test_console_script():
+    out = subprocess.run([sys.executable, "-m", "miniglm.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "corpus" in out.stdout
+
+
+def test_missing_path(capsys, tmp_path):
+    err = run_error(capsys, ["corpus", "prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
+    assert "nope.txt: no such file" in err
+
+
+def test_empty_file(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    err = run_error(capsys, ["corpus", "prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")])
+    assert "empty.txt: the file is empty" in err
+
+
+def test_binary_file(capsys, tmp_path):
+    (tmp_path / "x.txt").write_bytes(bytes(range(256)) * 4)
+    err = run_error(capsys, ["corpus", "prepare", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o")])
+    assert "binary" in err
+
+
+def test_undecodable_text_writes_nothing(capsys, tmp_path):
+    (tmp_path / "a.txt").write_text("第一回 好\n" + "天下大势。" * 20 + "\n第二回 坏\n正文。", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes("正文".encode() + b"\xff\x80\xff\x80")
+    out = tmp_path / "o"
+    err = run_error(capsys, ["corpus", "prepare", str(tmp_path), "--out", str(out)])
+    assert "b.txt" in err and "byte 6" in err and "--errors replace" in err
+    assert not out.exists()
+    assert main(["corpus", "prepare", str(tmp_path), "--out", str(out), "--errors", "replace",
+                 "--split", "file", "--val-fraction", "0.5"]) == 0
+    assert (out / "train.jsonl").exists()
+
+
+def test_malformed_jsonl_line(capsys, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "一"}\n{"text": "二"}\n{"text": 三}\n', encoding="utf-8")
+    err = run_error(capsys, ["corpus", "prepare", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")])
+    assert "d.jsonl:3" in err and "not valid JSON" in err
+    (tmp_path / "e.jsonl").write_text('{"body": "一"}\n', encoding="utf-8")
+    err = run_error(capsys, ["corpus", "prepare", str(tmp_path / "e.jsonl"), "--out", str(tmp_path / "o")])
+    assert "e.jsonl:line 1" in err and "--text-field" in err
+
+
+def test_unknown_tokenizer(capsys, tmp_path, world_dir):
+    corpus = tmp_path / "c"
+    assert main(["corpus", "prepare", str(world_dir / "corpus.jsonl"), "--out", str(corpus), "--split", "file"]) == 0
+    err = run_error(capsys, ["corpus", "tokenize", "--corpus", str(corpus), "--tokenizer", "no/such-tokenizer",
+                             "--out", str(tmp_path / "d")])
+    assert "unknown tokenizer 'no/such-tokenizer'" in err
+    assert not (tmp_path / "d").exists()
+    err = run_error(capsys, ["tokenizer", "report", "--corpus", str(tmp_path / "none"), "--tokenizer", "cl100k_base"])
+    assert "none/val.jsonl: no such file" in err or "cl100k_base" in err
+
+
+def test_demo_runs_the_pipeline(capsys, tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--characters", "30", "--bios", "2", "--vocab-size", "300"]) == 0
+    text = capsys.readouterr().out
+    assert "demo done" in text
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["tokenizer"] == "../tokenizer" and meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+    assert (out / "world" / "sft_test.jsonl").exists() and (out / "tokenizer" / "tokenizer.json").exists()
+    assert main(["tokenizer", "report", "--tokenizer", str(out / "tokenizer"), "--corpus", str(out / "corpus")]) == 0

@@ -1,0 +1,124 @@
+import json
+
+import pytest
+
+from miniglm.corpus import (
+    PrepareOptions,
+    clean_text,
+    decode_bytes,
+    html_to_text,
+    plausibility,
+    prepare_corpus,
+    split_chapters,
+)
+from miniglm.fileio import UserError
+
+SIMPLIFIED = "话说天下大势，分久必合，合久必分。周末七国分争，并入于秦。及秦灭之后，楚、汉分争，又并入于汉。"
+TRADITIONAL = "話說天下大勢，分久必合，合久必分。周末七國分爭，併入於秦。及秦滅之後，楚、漢分爭，又併入於漢。我們的生活很好。"
+
+
+@pytest.mark.parametrize("text,enc,expected", [
+    (SIMPLIFIED, "utf-8", "utf-8"),
+    (SIMPLIFIED, "gbk", "gb18030"),
+    (SIMPLIFIED, "gb18030", "gb18030"),
+    (TRADITIONAL, "gb18030", "gb18030"),
+    (TRADITIONAL, "big5", "big5"),
+])
+def test_encoding_detection(text, enc, expected):
+    d = decode_bytes(text.encode(enc), "x.txt")
+    assert d.encoding == expected
+    assert d.text == text
+
+
+def test_big5_is_not_reported_as_gbk():
+    data = TRADITIONAL.encode("big5")
+    assert data.decode("gb18030")  # the trap: Big5 bytes decode as GB18030 without an error
+    wrong = data.decode("gb18030")
+    assert plausibility(wrong) < 0.8 < plausibility(TRADITIONAL)
+    assert decode_bytes(data, "x.txt").encoding == "big5"
+
+
+def test_utf8_bom():
+    d = decode_bytes(b"\xef\xbb\xbf" + SIMPLIFIED.encode(), "x.txt")
+    assert d.encoding == "utf-8-sig" and d.text == SIMPLIFIED
+
+
+def test_undecodable_names_file_and_offset():
+    data = SIMPLIFIED.encode()[:30] + b"\x80\xff\x80\xff" * 3
+    with pytest.raises(UserError, match=r"bad\.txt.*byte 30"):
+        decode_bytes(data, "bad.txt")
+    d = decode_bytes(data, "bad.txt", errors="replace")
+    assert d.text.startswith(SIMPLIFIED[:10])
+
+
+def test_binary_file_is_refused():
+    with pytest.raises(UserError, match="binary"):
+        decode_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "img.txt")
+
+
+def test_html_chapter():
+    html = ("<html><head><title>第一回 灵根育孕</title><style>p{color:red}</style></head><body>"
+            "<h1>第一回 灵根育孕</h1><p>诗曰：&nbsp;混沌未分&amp;天地乱</p>茫茫渺渺<br>无人见<br/>"
+            "<script>var x=1;</script><div>盖闻天地之数</div></body></html>")
+    text = clean_text(html_to_text(html))
+    assert text.split("\n") == ["第一回 灵根育孕", "诗曰： 混沌未分&天地乱", "茫茫渺渺", "无人见", "盖闻天地之数"]
+
+
+def test_clean_text():
+    raw = "第一回　宴桃园\r\n\r\n　　滚滚长江  东逝水，B045浪花\t淘尽英雄。\r\n   \n　　青山依旧在"
+    import re
+    assert clean_text(raw, drop=re.compile(r"B\d{3}")) == "第一回 宴桃园\n滚滚长江 东逝水，浪花 淘尽英雄。\n青山依旧在"
+    assert clean_text("ＡＢＣ１２３，", nfkc=True) == "ABC123,"
+
+
+def test_split_chapters():
+    import re
+
+    from miniglm.corpus import CHAPTER_PATTERN
+    text = "《西游记》\n明·吴承恩\n第一回 灵根育孕\n诗曰\n第二回 悟彻菩提\n且说\n楔子 张天师\n话说\n第10章 新\n文"
+    docs = split_chapters(text, re.compile(CHAPTER_PATTERN, re.MULTILINE))
+    assert [d.split("\n")[0] for d in docs] == ["《西游记》", "第一回 灵根育孕", "第二回 悟彻菩提", "楔子 张天师", "第10章 新"]
+    assert split_chapters("没有回目的文字\n第二行", re.compile(CHAPTER_PATTERN, re.MULTILINE)) == ["没有回目的文字\n第二行"]
+
+
+def _novel(n_chapters: int) -> str:
+    return "\n".join(f"第{i}回　第{i}回的标题\n　　{SIMPLIFIED * 2}" for i in range(1, n_chapters + 1))
+
+
+def test_prepare_mixed_inputs(tmp_path):
+    src = tmp_path / "src"
+    (src / "html").mkdir(parents=True)
+    (src / "gbk.txt").write_bytes(_novel(6).encode("gbk"))
+    (src / "big5.txt").write_bytes(("第一回 序\n" + TRADITIONAL + "\n第二回 續\n" + TRADITIONAL).encode("big5"))
+    for i in range(3):
+        (src / "html" / f"{i:03d}.html").write_text(f"<h1>第{i + 1}章</h1><p>{SIMPLIFIED}</p>", encoding="utf-8")
+    (src / "docs.jsonl").write_text("\n".join(json.dumps({"content": SIMPLIFIED + str(i)}, ensure_ascii=False)
+                                              for i in range(4)), encoding="utf-8")
+    opts = PrepareOptions(text_field="content", val_fraction=0.2, seed=1)
+    stats = prepare_corpus([str(src)], tmp_path / "out", opts)
+    by_name = {f["path"].split("/")[-1]: f for f in stats.files}
+    assert by_name["gbk.txt"]["encoding"] == "gb18030" and by_name["gbk.txt"]["documents"] == 6
+    assert by_name["big5.txt"]["encoding"] == "big5" and by_name["big5.txt"]["documents"] == 2
+    assert by_name["000.html"]["kind"] == "html"
+    assert by_name["docs.jsonl"]["documents"] == 4
+    assert stats.documents == 6 + 2 + 3 + 4 == stats.train_documents + stats.val_documents
+    assert stats.val_documents == 3
+    train = (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8")
+    assert "　" not in train and "<p>" not in train
+    # deterministic by seed; split is by document
+    stats2 = prepare_corpus([str(src)], tmp_path / "out2", opts)
+    assert (tmp_path / "out2" / "val.jsonl").read_text() == (tmp_path / "out" / "val.jsonl").read_text()
+    assert stats2.val_characters == stats.val_characters
+    saved = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert saved["documents"] == stats.documents and len(saved["files"]) == 6
+
+
+def test_prepare_glob_and_empty_val(tmp_path):
+    (tmp_path / "a.txt").write_text(_novel(1), encoding="utf-8")
+    with pytest.raises(UserError, match="empty val split"):
+        prepare_corpus([str(tmp_path / "*.txt")], tmp_path / "out", PrepareOptions(val_fraction=0.0))
+    with pytest.raises(UserError, match="empty train split"):
+        prepare_corpus([str(tmp_path / "*.txt")], tmp_path / "out", PrepareOptions(val_fraction=0.1))
+    assert not (tmp_path / "out" / "train.jsonl").exists()
+    with pytest.raises(UserError, match="matches no file"):
+        prepare_corpus([str(tmp_path / "*.md")], tmp_path / "out", PrepareOptions())
