@@ -14,7 +14,8 @@ from miniglm.corpus import (
 from miniglm.fileio import UserError
 
 SIMPLIFIED = "话说天下大势，分久必合，合久必分。周末七国分争，并入于秦。及秦灭之后，楚、汉分争，又并入于汉。"
-TRADITIONAL = "話說天下大勢，分久必合，合久必分。周末七國分爭，併入於秦。及秦滅之後，楚、漢分爭，又併入於漢。我們的生活很好。"
+TRADITIONAL = ("話說天下大勢，分久必合，合久必分。周末七國分爭，併入於秦。"
+               "及秦滅之後，楚、漢分爭，又併入於漢。我們的生活很好。")
 
 
 @pytest.mark.parametrize("text,enc,expected", [
@@ -76,9 +77,11 @@ def test_split_chapters():
 
     from miniglm.corpus import CHAPTER_PATTERN
     text = "《西游记》\n明·吴承恩\n第一回 灵根育孕\n诗曰\n第二回 悟彻菩提\n且说\n楔子 张天师\n话说\n第10章 新\n文"
-    docs = split_chapters(text, re.compile(CHAPTER_PATTERN, re.MULTILINE))
-    assert [d.split("\n")[0] for d in docs] == ["《西游记》", "第一回 灵根育孕", "第二回 悟彻菩提", "楔子 张天师", "第10章 新"]
-    assert split_chapters("没有回目的文字\n第二行", re.compile(CHAPTER_PATTERN, re.MULTILINE)) == ["没有回目的文字\n第二行"]
+    pattern = re.compile(CHAPTER_PATTERN, re.MULTILINE)
+    docs = split_chapters(text, pattern)
+    titles = [d.split("\n")[0] for d in docs]
+    assert titles == ["《西游记》", "第一回 灵根育孕", "第二回 悟彻菩提", "楔子 张天师", "第10章 新"]
+    assert split_chapters("没有回目的文字\n第二行", pattern) == ["没有回目的文字\n第二行"]
 
 
 def _novel(n_chapters: int) -> str:
