@@ -1,0 +1,315 @@
+"""MiniGLM: a small decoder-only transformer in two styles.
+
+  gpt2  — learned positions, LayerNorm, GELU, biases: the seed's MiniGLM (nanoGPT), so its
+          checkpoints load as they are. Names match GPT2LMHeadModel (whose Conv1D weights are
+          the transposes of these nn.Linear ones).
+  llama — RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases: the default. Names match
+          LlamaForCausalLM one to one.
+
+forward() takes optional position ids (packing restarts them per record; left padding starts
+them at the first real token) and an optional 2-D padding mask, and a KVCache for generation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    style: str = "llama"  # "llama" | "gpt2"
+    vocab_size: int = 8192
+    block_size: int = 512
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 0  # 0: same as n_head (no grouping)
+    n_embd: int = 384
+    intermediate_size: int = 0  # 0: 4*n_embd (gpt2), or ~8/3*n_embd rounded up to 64 (llama)
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    bias: bool = True  # gpt2 only; llama has no biases
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.style not in ("gpt2", "llama"):
+            raise ValueError(f"model style must be 'gpt2' or 'llama', got {self.style!r}")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size == 0:
+            self.intermediate_size = 4 * self.n_embd if self.style == "gpt2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError("n_embd must be divisible by n_head, and n_head by n_kv_head")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, n_kv_head, max_len, head_dim) each.
+
+    `pos` is how many positions are filled; a step writes its keys in place, never concatenates.
+    `mask` (B, max_len) marks real tokens, so left padding is never attended to.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.n_pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # left padding per row
+        self.pos = 0
+        self.max_len = max_len
+
+
+def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim))
+    t = torch.arange(config.block_size, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # HF layout: rotate halves, not interleaved pairs
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attend(q, k, v, layer: int, cache: KVCache | None, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """Scaled dot-product attention over (B, H, T, D) tensors, through the cache when there is one."""
+    if cache is not None:
+        t = q.size(2)
+        cache.k[layer, :, :, cache.pos:cache.pos + t] = k
+        cache.v[layer, :, :, cache.pos:cache.pos + t] = v
+        k = cache.k[layer, :, :, :cache.pos + t]
+        v = cache.v[layer, :, :, :cache.pos + t]
+    # No mask: causal over a fresh sequence, or one new token attending to every cached position.
+    causal = mask is None and q.size(2) > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                          enable_gqa=k.size(1) != q.size(1))
+
+
+# --- gpt2 style ----------------------------------------------------------------------------------
+class GPT2Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)
+        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.resid_dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, layer, cache, mask, rope=None):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        y = attend(q, k, v, layer, cache, mask, self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(c.n_embd, c.intermediate_size, bias=c.bias)
+        self.c_proj = nn.Linear(c.intermediate_size, c.n_embd, bias=c.bias)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.n_embd, bias=c.bias, eps=c.norm_eps)
+        self.attn = GPT2Attention(c)
+        self.ln_2 = nn.LayerNorm(c.n_embd, bias=c.bias, eps=c.norm_eps)
+        self.mlp = GPT2MLP(c)
+
+    def forward(self, x, layer, cache, mask, rope=None):
+        x = x + self.attn(self.ln_1(x), layer, cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+# --- llama style ---------------------------------------------------------------------------------
+class LlamaAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        d = c.head_dim
+        self.q_proj = nn.Linear(c.n_embd, c.n_head * d, bias=False)
+        self.k_proj = nn.Linear(c.n_embd, c.n_kv_head * d, bias=False)
+        self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * d, bias=False)
+        self.o_proj = nn.Linear(c.n_head * d, c.n_embd, bias=False)
+        self.n_head, self.n_kv_head, self.head_dim, self.dropout = c.n_head, c.n_kv_head, d, c.dropout
+
+    def forward(self, x, layer, cache, mask, rope):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attend(q, k, v, layer, cache, mask, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.n_embd, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.n_embd, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(c.n_embd, eps=c.norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.post_attention_layernorm = nn.RMSNorm(c.n_embd, eps=c.norm_eps)
+        self.mlp = LlamaMLP(c)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, layer, cache, mask, rope):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), layer, cache, mask, rope))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+# --- the model -----------------------------------------------------------------------------------
+class MiniGLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        if c.style == "gpt2":
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(c.vocab_size, c.n_embd),
+                wpe=nn.Embedding(c.block_size, c.n_embd),
+                drop=nn.Dropout(c.dropout),
+                h=nn.ModuleList(GPT2Block(c) for _ in range(c.n_layer)),
+                ln_f=nn.LayerNorm(c.n_embd, bias=c.bias, eps=c.norm_eps),
+            ))
+        else:
+            self.model = nn.ModuleDict(dict(
+                embed_tokens=nn.Embedding(c.vocab_size, c.n_embd),
+                layers=nn.ModuleList(LlamaBlock(c) for _ in range(c.n_layer)),
+                norm=nn.RMSNorm(c.n_embd, eps=c.norm_eps),
+            ))
+            cos, sin = rope_tables(c)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embeddings.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.transformer.wte if self.config.style == "gpt2" else self.model.embed_tokens
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h if self.config.style == "gpt2" else self.model.layers
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embeddings.weight.numel() if not self.config.tie_embeddings else 0
+            if self.config.style == "gpt2":
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) -> logits (B, T, V) and the mean loss over targets != -100 (if given).
+
+        position_ids (B, T): default 0..T-1 (after the cache's filled positions). Where they restart
+        at 0 inside a row (packing), attention does not cross the restart.
+        attention_mask (B, T) of 1/0 marks real tokens and padding (left padding for generation).
+        """
+        B, T = idx.shape
+        past = cache.pos if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the block size {self.config.block_size}")
+        if cache is not None and attention_mask is not None:
+            cache.mask[:, past:past + T] = attention_mask.bool()
+            cache.n_pad += (attention_mask == 0).sum(-1)
+        if position_ids is None:  # with left padding, positions count real tokens only
+            position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
+            if cache is not None:
+                position_ids = (position_ids - cache.n_pad[:, None]).clamp(min=0)
+            elif attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = self._attention_mask(position_ids, attention_mask, cache, T)
+
+        if self.config.style == "gpt2":
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+            rope = None
+        else:
+            x = self.model.embed_tokens(idx)
+            rope = (self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1))
+        for i, block in enumerate(self.blocks):
+            x = block(x, i, cache, mask, rope)
+        x = self.transformer.ln_f(x) if self.config.style == "gpt2" else self.model.norm(x)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @staticmethod
+    def _attention_mask(position_ids, attention_mask, cache, T) -> torch.Tensor | None:
+        """None means plain causal attention (the fast path); else a (B, 1, T, S) boolean mask."""
+        if cache is not None:
+            past = cache.pos
+            if attention_mask is None and (T == 1 or past == 0) and bool(cache.mask[:, :past].all()):
+                return None
+            keys = cache.mask[:, :past + T]  # (B, S)
+            q_pos = torch.arange(past, past + T, device=keys.device)
+            k_pos = torch.arange(past + T, device=keys.device)
+            causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+            mask = causal[None] & keys[:, None, :]
+            # a fully padded query row (a pad token itself) attends to itself so softmax stays finite
+            mask[:, torch.arange(T), q_pos] = True
+            return mask[:, None]
+        restarts = (position_ids[:, 1:] == 0).any() if T > 1 else False
+        if attention_mask is None and not restarts:
+            return None
+        causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+        mask = causal[None].expand(position_ids.size(0), T, T)
+        if restarts:  # packing: a record attends only within itself
+            segment = (position_ids == 0).long().cumsum(-1)
+            mask = mask & (segment[:, :, None] == segment[:, None, :])
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, :]
+            mask = mask | torch.eye(T, dtype=torch.bool, device=mask.device)[None]
+        return mask[:, None]
