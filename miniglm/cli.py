@@ -77,6 +77,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from miniglm.config import load_config
+    from miniglm.train import train
+
+    summary = train(load_config(args.config, args.set))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+    return 0
+
+
+def cmd_sft_prepare(args: argparse.Namespace) -> int:
+    from miniglm.sft.data import prepare_sft
+    from miniglm.tokenizer import load_tokenizer
+
+    meta = prepare_sft(args.data, load_tokenizer(args.tokenizer), args.out, args.template, args.max_len,
+                       args.val_fraction, args.seed)
+    print(json.dumps(meta, ensure_ascii=False))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from miniglm.checkpoint import find_checkpoint, load_model_from, read_state, save_checkpoint
+    from miniglm.lora import merge_lora
+
+    ckpt = find_checkpoint(args.run)
+    model = merge_lora(load_model_from(ckpt))
+    save_checkpoint(f"{args.out}/ckpt", model, model.config, {**read_state(ckpt), "merged_from": str(ckpt)})
+    import shutil
+    from pathlib import Path
+
+    run = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
+    if (run / "tokenizer").exists():
+        shutil.copytree(run / "tokenizer", Path(args.out) / "tokenizer", dirs_exist_ok=True)
+    print(f"merged the adapter into the weights -> {args.out}/ckpt")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from miniglm.plot import plot_losses
+
+    print(f"wrote {plot_losses(args.run, args.out)}")
+    return 0
+
+
+def cmd_import_ckpt(args: argparse.Namespace) -> int:
+    from miniglm.export import import_nanogpt
+
+    model = import_nanogpt(args.ckpt, args.out, args.tokenizer)
+    print(f"imported a gpt2-style MiniGLM ({model.num_params():,} parameters) -> {args.out}/ckpt")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miniglm", description="Build small Chinese chat models end to end.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -140,6 +191,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--vocab-size", type=int, default=4096)
     d.add_argument("--seed", type=int, default=1337)
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="pretrain or fine-tune (SFT, LoRA) a MiniGLM",
+                       description="One loop for pretraining and SFT; rerun the same command to resume.")
+    t.add_argument("--config", default=None, help="TOML file (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set max_steps=100 --set model.n_layer=4")
+    t.set_defaults(func=cmd_train)
+
+    sft = sub.add_parser("sft", help="prepare SFT data")
+    ssub = sft.add_subparsers(dest="sft_command", required=True, metavar="STEP")
+    sp = ssub.add_parser("prepare", help="question/answer jsonl -> ids + labels for training",
+                         description="Render each record with a chat template; labels only on answers.")
+    sp.add_argument("--data", required=True, help="jsonl with question/answer fields")
+    sp.add_argument("--tokenizer", required=True)
+    sp.add_argument("--template", default="miniglm")
+    sp.add_argument("--max-len", type=int, default=256, help="records longer than this are dropped")
+    sp.add_argument("--val-fraction", type=float, default=0.05)
+    sp.add_argument("--seed", type=int, default=1337)
+    sp.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, meta.json)")
+    sp.set_defaults(func=cmd_sft_prepare)
+
+    m = sub.add_parser("merge", help="fold a LoRA adapter into full weights",
+                       description="Load a run's adapter over its base model, merge, save full weights.")
+    m.add_argument("run", help="run or checkpoint folder with an adapter")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
+
+    pl = sub.add_parser("plot", help="plot a run's loss curves (PNG)", description="metrics.jsonl -> loss.png")
+    pl.add_argument("run")
+    pl.add_argument("--out", default=None, help="default: RUN/loss.png")
+    pl.set_defaults(func=cmd_plot)
+
+    ic = sub.add_parser("import-ckpt", help="import a seed (nanoGPT-style) ckpt.pt",
+                        description="Read a nanoGPT/MiniGLM ckpt.pt (weights_only) into a gpt2-style run.")
+    ic.add_argument("ckpt")
+    ic.add_argument("--out", required=True)
+    ic.add_argument("--tokenizer", default=None, help="tokenizer to store with the run (the seed used cl100k_base)")
+    ic.set_defaults(func=cmd_import_ckpt)
     return p
 
 

@@ -42,7 +42,8 @@ class ModelConfig:
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.intermediate_size == 0:
-            self.intermediate_size = 4 * self.n_embd if self.style == "gpt2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            swiglu = 64 * math.ceil(8 * self.n_embd / 3 / 64)  # same parameter count as a 4x GELU MLP
+            self.intermediate_size = 4 * self.n_embd if self.style == "gpt2" else swiglu
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must be divisible by n_head, and n_head by n_kv_head")
 
@@ -77,7 +78,8 @@ class KVCache:
 
 
 def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim))
+    dims = torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** dims)
     t = torch.arange(config.block_size, device=device).float()
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)  # HF layout: rotate halves, not interleaved pairs

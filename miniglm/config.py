@@ -1,0 +1,134 @@
+"""Training configuration: one dataclass, TOML files, and `--set key=value` overrides (no exec).
+
+A config file has the training keys at the top level and the model in a [model] table:
+
+    stage = "pretrain"
+    data = "runs/demo/data"
+    max_steps = 600
+    [model]
+    n_layer = 4
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from miniglm.fileio import UserError, write_text
+from miniglm.model import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    stage: str = "pretrain"  # "pretrain": token shards; "sft": rendered SFT records (ids + labels)
+    data: str = ""  # shard folder (pretrain) or folder / jsonl written by `sft prepare` (sft)
+    init_from: str = "scratch"  # "scratch" or a run folder
+    tokenizer: str = ""  # default: the tokenizer named by the data
+    # batch: batch_size sequences per micro-step, grad_accum micro-steps, on every process
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    # AdamW with a cosine schedule after a linear warm-up
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 0  # 0: save at every eval
+    log_every: int = 10
+    seed: int = 1337
+    # hardware
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16
+    compile: bool = False
+    threads: int = 0  # CPU threads for torch; 0: torch's default
+    # LoRA (PEFT): lora_r > 0 trains adapters only
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = "auto"  # comma-separated module names; auto: q_proj,v_proj (llama), c_attn (gpt2)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (number, bool, quoted string, list), or else the bare text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply(target: Any, key: str, value: Any, where: str) -> None:
+    names = {f.name: f for f in fields(target)}
+    if key not in names or key == "model":
+        raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(n for n in names if n != 'model'))})")
+    current = getattr(target, key)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise UserError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(current) is not type(value):
+        raise UserError(f"{where}: '{key}' must be a {type(current).__name__}, got {value!r}")
+    setattr(target, key, value)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    cfg = TrainConfig()
+    model: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: no such config file")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: not valid TOML ({e})") from None
+        model = dict(raw.pop("model", {}))
+        for k, v in raw.items():
+            _apply(cfg, k, v, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected key=value, e.g. --set lr=3e-4 or --set model.n_layer=4")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key.startswith("model."):
+            model[key[len("model."):]] = _parse_value(text.strip())
+        else:
+            _apply(cfg, key, _parse_value(text.strip()), f"--set {item}")
+    base = ModelConfig().to_dict()
+    for k in model:
+        if k not in base:
+            raise UserError(f"unknown model key '{k}' (known: {', '.join(base)})")
+    try:
+        cfg.model = ModelConfig.from_dict({**base, **model})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"bad model config: {e}") from None
+    if cfg.stage not in ("pretrain", "sft"):
+        raise UserError(f"stage must be 'pretrain' or 'sft', got '{cfg.stage}'")
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    lines = [f"{f.name} = {_toml_value(getattr(cfg, f.name))}" for f in fields(cfg) if f.name != "model"]
+    lines += ["", "[model]"] + [f"{k} = {_toml_value(v)}" for k, v in cfg.model.to_dict().items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    write_text(path, to_toml(cfg))

@@ -1,0 +1,60 @@
+"""LoRA on MiniGLM through PEFT: add adapters, save/load them alone, fold them into the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from miniglm.model import MiniGLM
+
+
+def default_targets(style: str) -> list[str]:
+    return ["q_proj", "v_proj"] if style == "llama" else ["c_attn"]
+
+
+def add_lora(model: MiniGLM, r: int, alpha: int, dropout: float = 0.0, targets: str = "auto",
+             init: bool = True) -> dict:
+    """Inject LoRA layers into the named linear modules; only they stay trainable. Returns the config."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = default_targets(model.config.style) if targets in ("", "auto") else [t.strip() for t in targets.split(",")]
+    config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": names}
+    inject_adapter_in_model(LoraConfig(**config, init_lora_weights=init), model)
+    return config
+
+
+def adapter_state(model: MiniGLM) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_weights(model: MiniGLM, ckpt: str | Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(ckpt) / "adapter.safetensors")))
+
+
+def load_adapter(model: MiniGLM, ckpt: str | Path) -> MiniGLM:
+    """Add the adapter layers a checkpoint describes and load their weights."""
+    config = json.loads((Path(ckpt) / "adapter_config.json").read_text())
+    add_lora(model, config["r"], config["lora_alpha"], config["lora_dropout"], ",".join(config["target_modules"]))
+    load_adapter_weights(model, ckpt)
+    return model
+
+
+def merge_lora(model: MiniGLM) -> MiniGLM:
+    """Fold every adapter into its base weight and put the plain nn.Linear back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], module.get_base_layer())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -1,0 +1,1 @@
+"""SFT data: record formats, chat templates, rendering to ids + labels."""

@@ -1,0 +1,354 @@
+"""One training loop for pretraining and SFT, full or LoRA, on CPU, one GPU or several (torchrun + DDP).
+
+Exact resume: a checkpoint holds the weights, the optimizer state, the step, the data sampler's
+position and the RNG states, so rerunning the same command after a kill continues with the very
+losses an uninterrupted run would have logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from miniglm import checkpoint
+from miniglm.config import TrainConfig, save_config
+from miniglm.fileio import UserError, read_jsonl
+from miniglm.model import MiniGLM
+from miniglm.sft.templates import IGNORE
+from miniglm.shards import load_meta, open_shards, tokenizer_of
+from miniglm.tokenizer import load_tokenizer
+
+EVAL_SEED = 20240607  # eval batches are the same at every eval, and independent of training's RNG
+
+
+# --- data ----------------------------------------------------------------------------------------
+class PretrainData:
+    """Random windows of the token shards; the sampler is a seeded numpy Generator."""
+
+    def __init__(self, data_dir: str, block_size: int, seed: int):
+        self.train, self.val, self.meta = open_shards(data_dir)
+        self.block_size = block_size
+        self.rng = np.random.default_rng(seed)
+
+    def next_batch(self, n: int):
+        return self.train.sample(n, self.block_size, self.rng)
+
+    def eval_batches(self, n_batches: int, batch_size: int):
+        rng = np.random.default_rng(EVAL_SEED)
+        for _ in range(n_batches):
+            yield self.val.sample(batch_size, self.block_size, rng)
+
+    def bytes_per_token(self) -> float:
+        return self.meta["val_bytes"] / self.meta["val_tokens"]
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+class SFTData:
+    """Rendered SFT records, in a fresh seeded permutation each epoch; right padding."""
+
+    def __init__(self, data_dir: str, block_size: int, seed: int):
+        d = Path(data_dir)
+        self.meta = load_meta(d)
+        self.train = [r for _, r in read_jsonl(d / "train.jsonl")]
+        self.val = [r for _, r in read_jsonl(d / "val.jsonl")] if (d / "val.jsonl").exists() else []
+        if not self.train:
+            raise UserError(f"{d / 'train.jsonl'}: no records")
+        self.block_size, self.seed, self.pad_id = block_size, seed, self.meta.get("pad_id", 0)
+        self.epoch, self.cursor = 0, 0
+        self.order = self._order()
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.train))
+
+    def collate(self, records: list[dict]):
+        """ids (B, T+1) right-padded -> inputs ids[:, :-1], targets labels[:, 1:]."""
+        T = min(max(len(r["ids"]) for r in records), self.block_size + 1)
+        ids = torch.full((len(records), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(records), T), IGNORE, dtype=torch.long)
+        for i, r in enumerate(records):
+            n = min(len(r["ids"]), T)
+            ids[i, :n] = torch.tensor(r["ids"][:n])
+            labels[i, :n] = torch.tensor(r["labels"][:n])
+        return ids[:, :-1], labels[:, 1:]
+
+    def next_batch(self, n: int):
+        picked = []
+        while len(picked) < n:
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._order()
+            picked.append(self.train[self.order[self.cursor]])
+            self.cursor += 1
+        return self.collate(picked)
+
+    def eval_batches(self, n_batches: int, batch_size: int):
+        for i in range(0, min(len(self.val), n_batches * batch_size), batch_size):
+            yield self.collate(self.val[i:i + batch_size])
+
+    def bytes_per_token(self) -> float | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order()
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """Weight decay on matrices and embeddings; none on biases and norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop the lines logged after the checkpoint: they are about to be logged again."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def setup_device(cfg: TrainConfig) -> tuple[str, int, int, torch.dtype]:
+    """(device, rank, world size, autocast dtype). Under torchrun, one process per device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+    if dtype is None:
+        raise UserError(f"dtype must be auto, float32 or bfloat16, got '{cfg.dtype}'")
+    return device, rank, world, dtype
+
+
+def all_mean(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, log=print) -> dict:
+    if not cfg.data:
+        raise UserError("no data: set data = \"FOLDER\" in the config or --set data=FOLDER")
+    device, rank, world, dtype = setup_device(cfg)
+    master = rank == 0
+    out = Path(cfg.out_dir)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    # The model: resume from our own last checkpoint, else init_from a run, else from scratch.
+    resume = (out / "ckpt" / "state.json").exists()
+    base_model_ref = None
+    if resume:
+        ckpt = checkpoint.find_checkpoint(out)
+        state = checkpoint.read_state(ckpt)
+        model = checkpoint.load_base_model(ckpt)
+        base_model_ref = state.get("base_model")
+    elif cfg.init_from != "scratch":
+        model = checkpoint.load_model_from(cfg.init_from)
+        base_model_ref = str(checkpoint.find_checkpoint(cfg.init_from).resolve())
+    else:
+        torch.manual_seed(cfg.seed)
+        model = MiniGLM(cfg.model)
+    cfg.model = model.config
+    if model.config.vocab_size < load_meta(cfg.data)["vocab_size"]:
+        raise UserError(f"the model's vocab ({model.config.vocab_size}) is smaller than the data's tokenizer's")
+
+    lora = None
+    if cfg.lora_r > 0:
+        from miniglm import lora as lora_mod
+
+        torch.manual_seed(cfg.seed)
+        lora = lora_mod.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        if resume:
+            lora_mod.load_adapter_weights(model, ckpt)
+    model.to(device)
+    data_cls = PretrainData if cfg.stage == "pretrain" else SFTData
+    data = data_cls(cfg.data, model.config.block_size, cfg.seed)
+    optimizer = make_optimizer(model, cfg, device_type)
+
+    step, best_val = 0, float("inf")
+    if resume:
+        checkpoint.load_optimizer_state(ckpt, optimizer)
+        step, best_val = state["step"], state["best_val_loss"]
+        data.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        if master:
+            log(f"resuming {out} at step {step}")
+            trim_metrics(out / "metrics.jsonl", step)
+    elif master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        tok_dir = out / "tokenizer"
+        if not tok_dir.exists():
+            load_tokenizer(cfg.tokenizer or tokenizer_of(cfg.data)).save(tok_dir)
+        torch.manual_seed(cfg.seed + 1)  # the training RNG (dropout), the same on every process
+    if master:
+        save_config(cfg, out / "config.toml")
+
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+
+    def save(path: Path, with_optimizer: bool) -> None:
+        st = {"step": step, "best_val_loss": best_val, "sampler": data.state_dict(), "rng": rng_state(),
+              "stage": cfg.stage, "base_model": base_model_ref}
+        adapter = None
+        if lora is not None:
+            from miniglm.lora import adapter_state
+
+            adapter = {"weights": adapter_state(model), "config": lora}
+        checkpoint.save_checkpoint(path, model, model.config, st, optimizer if with_optimizer else None, adapter)
+
+    def evaluate() -> dict:
+        model.eval()
+        losses = []
+        with torch.no_grad(), autocast:
+            for x, y in data.eval_batches(cfg.eval_batches, cfg.batch_size * world):
+                x, y = x[rank::world].to(device), y[rank::world].to(device)
+                losses.append(model(x, y)[1].item())
+        model.train()
+        val = all_mean(sum(losses) / max(len(losses), 1), world)
+        result = {"val_loss": val}
+        bpt = data.bytes_per_token()
+        if bpt:
+            result["val_bpb"] = val / math.log(2) / bpt
+        return result
+
+    def write_metrics(row: dict) -> None:
+        if master:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    pbar = None
+    if master:
+        from tqdm import tqdm
+
+        # A live bar on a terminal; in logs (CI, nohup) only the eval lines.
+        pbar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.stage, dynamic_ncols=True,
+                    disable=not sys.stderr.isatty())
+    model.train()
+    t_start, tokens_run, summary = time.perf_counter(), 0, {}
+    interrupted = False
+    try:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x_all, y_all = data.next_batch(per_step)
+            loss_sum, tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                i = (micro * world + rank) * cfg.batch_size
+                x, y = x_all[i:i + cfg.batch_size].to(device), y_all[i:i + cfg.batch_size].to(device)
+                sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else train_model.no_sync()
+                with sync, autocast:
+                    _, loss = train_model(x, y)
+                    loss = loss / cfg.grad_accum
+                with sync:
+                    loss.backward()
+                loss_sum += loss.item()
+                tokens += int((y != IGNORE).sum())
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_run += tokens * world
+            loss_avg = all_mean(loss_sum, world)
+            elapsed = time.perf_counter() - t_start
+            if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                row = {"step": step, "loss": loss_avg, "lr": lr, "tok_per_s": tokens_run / elapsed,
+                       "time": elapsed}
+                write_metrics(row)
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_run / elapsed:,.0f}")
+                pbar.update(1)
+            is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+            if is_eval:
+                ev = evaluate()
+                write_metrics({"step": step, **ev})
+                if master:
+                    pbar.write(f"step {step}/{cfg.max_steps}: train loss {loss_avg:.4f}, "
+                               + ", ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                               + f", {tokens_run / elapsed:,.0f} tok/s")
+                if ev["val_loss"] < best_val:
+                    best_val = ev["val_loss"]
+                    if master:
+                        save(out / "best", with_optimizer=False)
+                summary.update(ev)
+            if master and (is_eval if cfg.save_every == 0 else step % cfg.save_every == 0 or step == cfg.max_steps):
+                save(out / "ckpt", with_optimizer=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        if master:
+            if pbar is not None:
+                pbar.close()
+            log(f"interrupted: saving a checkpoint at step {step} to {out / 'ckpt'}")
+            save(out / "ckpt", with_optimizer=True)
+    finally:
+        if pbar is not None:
+            pbar.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if interrupted:
+        raise KeyboardInterrupt
+    elapsed = time.perf_counter() - t_start
+    summary.update({"steps": step, "seconds": elapsed, "tok_per_s": tokens_run / max(elapsed, 1e-9),
+                    "best_val_loss": best_val, "params": model.num_params()})
+    return summary
