@@ -103,7 +103,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             model[key[len("model."):]] = _parse_value(text.strip())
         else:
             _apply(cfg, key, _parse_value(text.strip()), f"--set {item}")
-    base = ModelConfig().to_dict()
+    base = {f.name: f.default for f in fields(ModelConfig)}  # raw defaults: 0 still means "derive it"
     for k in model:
         if k not in base:
             raise UserError(f"unknown model key '{k}' (known: {', '.join(base)})")

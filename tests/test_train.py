@@ -1,0 +1,187 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from miniglm.cli import main
+from miniglm.config import load_config
+from miniglm.corpus import PrepareOptions, prepare_corpus
+from miniglm.fileio import UserError
+from miniglm.shards import tokenize_corpus
+from miniglm.tokenizer import load_tokenizer
+from miniglm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.vocab_size=400",
+        "batch_size=4", "lr=3e-3", "warmup_steps=2", "eval_batches=2", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, world_dir, bpe_dir):
+    root = tmp_path_factory.mktemp("train")
+    prepare_corpus([str(world_dir / "corpus.jsonl")], root / "corpus", PrepareOptions(split="file", val_fraction=0.1))
+    tokenize_corpus(root / "corpus", load_tokenizer(bpe_dir), root / "data")
+    return root / "data"
+
+
+def cfg_for(data_dir, out, *extra):
+    return load_config(None, [f"data={data_dir}", f"out_dir={out}", *TINY, *extra])
+
+
+def losses(run) -> dict[int, float]:
+    rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_config_overrides_and_errors(tmp_path):
+    (tmp_path / "c.toml").write_text('max_steps = 7\nlr = 1\n[model]\nstyle = "gpt2"\n')
+    cfg = load_config(tmp_path / "c.toml", ["model.n_layer=3", "compile=true", "out_dir=runs/x"])
+    assert cfg.max_steps == 7 and cfg.lr == 1.0 and cfg.model.style == "gpt2" and cfg.model.n_layer == 3
+    assert cfg.compile is True and cfg.out_dir == "runs/x"
+    with pytest.raises(UserError, match="unknown key 'max_step'"):
+        load_config(None, ["max_step=3"])
+    with pytest.raises(UserError, match="must be a int"):
+        load_config(None, ["max_steps=abc"])
+    with pytest.raises(UserError, match="unknown model key"):
+        load_config(None, ["model.layers=3"])
+
+
+def test_pretrain_writes_a_run(tmp_path, data_dir):
+    out = tmp_path / "run"
+    summary = train(cfg_for(data_dir, out, "max_steps=30", "eval_every=15"))
+    ls = losses(out)
+    assert len(ls) == 30 and ls[30] < ls[1] - 0.4
+    for name in ["model.safetensors", "config.json", "state.json", "optim.pt"]:
+        assert (out / "ckpt" / name).exists()
+    assert (out / "best" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()
+    assert "val_bpb" in summary and summary["steps"] == 30
+    assert load_config(out / "config.toml").max_steps == 30
+    assert main(["plot", str(out)]) == 0 and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path, data_dir, style):
+    args = [f"data={data_dir}", *TINY, f"model.style={style}", "max_steps=24", "eval_every=8", "save_every=3",
+            "model.dropout=0.1"]
+    ref = tmp_path / "ref"
+    train(load_config(None, [*args, f"out_dir={ref}"]))
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "miniglm.cli", "train", *sum((["--set", a] for a in [*args, f"out_dir={run}"]), [])]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        state = run / "ckpt" / "state.json"
+        if state.exists() and json.loads(state.read_text())["step"] >= 9:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads((run / "ckpt" / "state.json").read_text())["step"]
+    assert 9 <= killed_at < 24
+    train(load_config(None, [*args, f"out_dir={run}"]))  # the same command again
+    a, b = losses(ref), losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 25))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, data_dir):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "miniglm.cli", "train",
+           *sum((["--set", a] for a in [f"data={data_dir}", *TINY, "max_steps=100000", "eval_every=100000",
+                                         f"out_dir={run}"]), [])]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    assert state["step"] >= 1 and "Traceback" not in err
+
+
+def test_two_processes_match_one(tmp_path, data_dir):
+    """torchrun + DDP (gloo on CPU), 2 x batch 4 == 1 x batch 8: the same losses."""
+    common = [f"data={data_dir}", *TINY, "max_steps=6", "eval_every=6"]
+    one = tmp_path / "one"
+    train(load_config(None, [*common, "batch_size=8", f"out_dir={one}"]))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "miniglm.cli", "train", *sum((["--set", a] for a in [*common, "batch_size=4", f"out_dir={two}"]), [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) and max(abs(a[s] - b[s]) for s in a) < 1e-4
+
+
+def test_sft_trains_on_answers_from_a_pretrained_run(tmp_path, data_dir, world_dir, bpe_dir):
+    from miniglm.sft.data import prepare_sft
+    from miniglm.train import SFTData
+
+    base = tmp_path / "base"
+    train(cfg_for(data_dir, base, "max_steps=10", "eval_every=10"))
+    sft_data = tmp_path / "sft"
+    meta = prepare_sft(world_dir / "sft_train.jsonl", load_tokenizer(bpe_dir), sft_data, max_len=33)
+    assert meta["train_records"] > 0
+    x, y = SFTData(str(sft_data), 32, 0).next_batch(4)
+    tok = load_tokenizer(bpe_dir)
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+        trained = [t for t in row_y if t != -100]
+        assert trained[-1] == tok.special("<|end|>")  # the end-of-turn token is trained
+        first = row_y.index(trained[0])
+        assert row_x[first] == tok.special("<|assistant|>")  # answers start right after the role token
+    run = tmp_path / "sft_run"
+    summary = train(cfg_for(sft_data, run, "stage=\"sft\"", f"init_from={base}", "max_steps=20", "eval_every=10"))
+    ls = losses(run)
+    assert ls[20] < ls[1] and summary["val_loss"] < 10
+
+
+def test_lora_adapter_and_merge(tmp_path, data_dir):
+    from miniglm.checkpoint import load_model_from
+
+    base = tmp_path / "base"
+    train(cfg_for(data_dir, base, "max_steps=4", "eval_every=4"))
+    run = tmp_path / "lora"
+    train(cfg_for(data_dir, run, f"init_from={base}", "lora_r=4", "lr=1e-2", "max_steps=8", "eval_every=8"))
+    assert (run / "ckpt" / "adapter.safetensors").exists() and not (run / "ckpt" / "model.safetensors").exists()
+    adapted = load_model_from(run).eval()
+    base_model = load_model_from(base).eval()
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_model_from(tmp_path / "merged").eval()
+    idx = torch.randint(0, 400, (2, 16))
+    with torch.no_grad():
+        la, lm, lb = adapted(idx)[0], merged(idx)[0], base_model(idx)[0]
+    assert torch.allclose(la, lm, atol=1e-5)
+    assert not torch.allclose(la, lb, atol=1e-4)  # the adapter learned something
+
+
+def test_import_seed_checkpoint(tmp_path):
+    from miniglm.checkpoint import load_model_from
+    from miniglm.model import MiniGLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(style="gpt2", vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    # The seed's format: nanoGPT's ckpt.pt, compiled model keys, the causal-mask buffers, model_args.
+    sd = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    for i in range(2):
+        sd[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
+    model_args = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "bias": True, "vocab_size": 101,
+                  "dropout": 0.0}
+    torch.save({"model": sd, "model_args": model_args, "iter_num": 500, "best_val_loss": 2.5,
+                "config": {"batch_size": 12}}, tmp_path / "ckpt.pt")
+    assert main(["import-ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "run")]) == 0
+    imported = load_model_from(tmp_path / "run").eval()
+    idx = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(imported(idx)[0], model.eval()(idx)[0], atol=1e-6)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert main(["import-ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r2")]) == 2
