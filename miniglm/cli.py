@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from miniglm.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
-                         vocab_size=args.vocab_size, seed=args.seed))
+                         vocab_size=args.vocab_size, seed=args.seed, overrides=args.set))
     return 0
 
 
@@ -184,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_world)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the synthetic world",
-                       description="world -> corpus -> tokenizer -> shards, into one run folder.")
+                       description="world -> corpus -> tokenizer -> shards -> pretrain -> SFT, into one run folder.")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--characters", type=int, default=500)
     d.add_argument("--bios", type=int, default=6)
     d.add_argument("--vocab-size", type=int, default=4096)
     d.add_argument("--seed", type=int, default=1337)
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training key in both stages, e.g. --set max_steps=50")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="pretrain or fine-tune (SFT, LoRA) a MiniGLM",

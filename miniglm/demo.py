@@ -1,12 +1,20 @@
-"""`miniglm demo`: the whole pipeline on the embedded synthetic wuxia world, in minutes on a CPU."""
+"""`miniglm demo`: the whole pipeline on the embedded synthetic wuxia world, in minutes on a CPU.
+
+world -> corpus -> tokenizer -> shards -> pretrain -> SFT data -> SFT. The training settings are
+configs/demo.toml and configs/demo-sft.toml; `overrides` (KEY=VALUE) apply to both stages.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from miniglm import corpus, shards, tokenizer, world
+from miniglm.config import load_config
+from miniglm.fileio import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -16,30 +24,58 @@ class DemoOptions:
     bios: int = 6
     vocab_size: int = 4096
     seed: int = 1337
+    overrides: list[str] = field(default_factory=list)
+
+
+def stage_config(name: str, run: Path, data: Path, extra: list[str]):
+    path = CONFIGS / name
+    if not path.exists():
+        raise UserError(f"{path}: missing; install miniglm from its source tree (pip install -e .)")
+    return load_config(path, [f"out_dir={run}", f"data={data}", *extra])
 
 
 def run_demo(opts: DemoOptions, log=print) -> dict:
+    from miniglm.sft.data import prepare_sft
+    from miniglm.train import train
+
     run = Path(opts.out)
     t0 = time.perf_counter()
-    log(f"== 1/4 world: {opts.characters} characters, {opts.bios} biographies each -> {run / 'world'}")
+    log(f"== 1/6 world: {opts.characters} characters, {opts.bios} biographies each -> {run / 'world'}")
     ws = world.build_world(run / "world", opts.characters, opts.bios, seed=opts.seed)
     log(f"   {ws.biographies} biographies ({ws.corpus_characters:,} characters), "
         f"{ws.sft_train} train Q&A, {ws.sft_test} held-out Q&A ({ws.test_characters} characters)")
 
-    log(f"== 2/4 corpus prepare -> {run / 'corpus'}")
+    log(f"== 2/6 corpus prepare -> {run / 'corpus'}")
     cs = corpus.prepare_corpus([str(run / "world" / "corpus.jsonl")], run / "corpus",
                                corpus.PrepareOptions(split="file", val_fraction=0.05, seed=opts.seed))
     log(f"   {cs.train_documents} train / {cs.val_documents} val documents")
 
-    log(f"== 3/4 tokenizer train (byte-level BPE, vocab {opts.vocab_size}) -> {run / 'tokenizer'}")
+    log(f"== 3/6 tokenizer train (byte-level BPE, vocab {opts.vocab_size}) -> {run / 'tokenizer'}")
     tok = tokenizer.train_bpe(corpus.load_documents(run / "corpus" / "train.jsonl"), opts.vocab_size,
                               run / "tokenizer")
     rep = tokenizer.report(tok, corpus.load_documents(run / "corpus" / "val.jsonl"))
     log(f"   {rep['chars_per_token']} characters/token on val, round trip failures: {rep['roundtrip_failures']}")
 
-    log(f"== 4/4 corpus tokenize -> {run / 'data'}")
+    log(f"== 4/6 corpus tokenize -> {run / 'data'}")
     meta = shards.tokenize_corpus(run / "corpus", tok, run / "data")
     log(f"   {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']})")
+
+    log(f"== 5/6 pretrain -> {run / 'pretrain'}")
+    pre_cfg = stage_config("demo.toml", run / "pretrain", run / "data",
+                           [f"model.vocab_size={tok.vocab_size}", *opts.overrides])
+    pre = train(pre_cfg, log=log)
+    log(f"   {pre['steps']} steps in {pre['seconds']:.0f}s ({pre['tok_per_s']:,.0f} tok/s), "
+        f"val loss {pre['val_loss']:.3f}, val bits/byte {pre['val_bpb']:.3f}")
+
+    log(f"== 6/6 SFT on the Q&A of {ws.train_characters} characters -> {run / 'sft'}")
+    sft_meta = prepare_sft(run / "world" / "sft_train.jsonl", tok, run / "sft_data",
+                           max_len=pre_cfg.model.block_size + 1, seed=opts.seed)
+    sft_cfg = stage_config("demo-sft.toml", run / "sft", run / "sft_data",
+                           [f"init_from={run / 'pretrain'}", *opts.overrides])
+    sft = train(sft_cfg, log=log)
+    log(f"   {sft_meta['train_records']} records, {sft['steps']} steps in {sft['seconds']:.0f}s, "
+        f"val loss {sft['val_loss']:.3f}")
     seconds = time.perf_counter() - t0
     log(f"demo done in {seconds:.1f}s: {run}")
-    return {"world": ws.__dict__, "corpus": cs.__dict__, "tokenizer": rep, "shards": meta, "seconds": seconds}
+    return {"world": ws.__dict__, "corpus": cs.__dict__, "tokenizer": rep, "shards": meta, "pretrain": pre,
+            "sft": sft, "seconds": seconds}

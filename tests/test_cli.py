@@ -90,10 +90,16 @@ def test_unknown_tokenizer(capsys, tmp_path, world_dir):
 
 def test_demo_runs_the_pipeline(capsys, tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--characters", "30", "--bios", "2", "--vocab-size", "300"]) == 0
+    tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=1", "model.block_size=48",
+            "max_steps=3", "eval_every=3", "batch_size=4"]
+    argv = ["demo", "--out", str(out), "--characters", "30", "--bios", "2", "--vocab-size", "300"]
+    assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0
     text = capsys.readouterr().out
     assert "demo done" in text
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert meta["tokenizer"] == "../tokenizer" and meta["train_tokens"] > 0 and meta["val_tokens"] > 0
     assert (out / "world" / "sft_test.jsonl").exists() and (out / "tokenizer" / "tokenizer.json").exists()
     assert main(["tokenizer", "report", "--tokenizer", str(out / "tokenizer"), "--corpus", str(out / "corpus")]) == 0
+    for stage in ["pretrain", "sft"]:
+        assert (out / stage / "ckpt" / "model.safetensors").exists()
+    assert json.loads((out / "sft" / "ckpt" / "state.json").read_text())["step"] == 3
