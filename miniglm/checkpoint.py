@@ -57,7 +57,21 @@ def load_base_model(ckpt: Path, device: str | torch.device = "cpu") -> MiniGLM:
     base = read_state(ckpt).get("base_model")
     if not base:
         raise UserError(f"{ckpt}: neither model.safetensors nor a base_model in state.json")
-    return load_base_model(find_checkpoint(base), device)
+    return load_any(base, device)
+
+
+def is_run(ref: str | Path) -> bool:
+    p = Path(ref)
+    return any((c / "config.json").exists() and (c / "state.json").exists() for c in (p, p / "ckpt"))
+
+
+def load_any(ref: str | Path, device: str | torch.device = "cpu") -> MiniGLM:
+    """A MiniGLM run or checkpoint folder, or a Hugging Face GPT-2 / Llama model (name or folder)."""
+    if is_run(ref):
+        return load_model_from(ref, device)
+    from miniglm.export import from_hf
+
+    return from_hf(ref).to(device)
 
 
 def load_model_from(run_or_ckpt: str | Path, device: str | torch.device = "cpu") -> MiniGLM:

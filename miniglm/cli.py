@@ -128,6 +128,13 @@ def cmd_import_ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from miniglm.export import export_hf
+
+    print(f"exported a transformers model -> {export_hf(args.run, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miniglm", description="Build small Chinese chat models end to end.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -231,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--out", required=True)
     ic.add_argument("--tokenizer", default=None, help="tokenizer to store with the run (the seed used cl100k_base)")
     ic.set_defaults(func=cmd_import_ckpt)
+
+    ex = sub.add_parser("export", help="export a run to Hugging Face transformers format",
+                        description="Write config.json, model.safetensors and the tokenizer; loads with "
+                                    "AutoModelForCausalLM (GPT2LMHeadModel or LlamaForCausalLM).")
+    ex.add_argument("run")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=cmd_export)
     return p
 
 

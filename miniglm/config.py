@@ -25,7 +25,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     stage: str = "pretrain"  # "pretrain": token shards; "sft": rendered SFT records (ids + labels)
     data: str = ""  # shard folder (pretrain) or folder / jsonl written by `sft prepare` (sft)
-    init_from: str = "scratch"  # "scratch" or a run folder
+    init_from: str = "scratch"  # "scratch", a run folder, or a Hugging Face GPT-2 / Llama model
     tokenizer: str = ""  # default: the tokenizer named by the data
     # batch: batch_size sequences per micro-step, grad_accum micro-steps, on every process
     batch_size: int = 16

@@ -49,3 +49,106 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
     if tokenizer:
         load_tokenizer(tokenizer).save(out / "tokenizer")
     return model
+
+
+# --- Hugging Face transformers ------------------------------------------------------------------
+# The names are the same on both sides. GPT-2's Conv1D stores its weight as (in, out), the transpose
+# of nn.Linear; those four matrices are transposed on the way in and out. Nothing else changes.
+_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_config(config: ModelConfig, eos_id: int | None = None, pad_id: int | None = None):
+    from transformers import GPT2Config, LlamaConfig
+
+    if config.style == "gpt2":
+        return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                          n_layer=config.n_layer, n_head=config.n_head, n_inner=config.intermediate_size,
+                          activation_function="gelu_new", layer_norm_epsilon=config.norm_eps,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=config.tie_embeddings,
+                          bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                          architectures=["GPT2LMHeadModel"])
+    return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd,
+                       intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layer,
+                       num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
+                       max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
+                       rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
+                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                       architectures=["LlamaForCausalLM"])
+
+
+def to_hf_state_dict(model: MiniGLM) -> dict[str, torch.Tensor]:
+    sd = {}
+    for k, v in model.state_dict().items():
+        if model.config.tie_embeddings and k == "lm_head.weight":
+            continue
+        sd[k] = v.t().contiguous() if model.config.style == "gpt2" and k.endswith(_GPT2_CONV1D) else v
+    if model.config.style == "gpt2" and not model.config.bias:  # HF GPT-2 always has biases: zeros
+        for name, p in list(sd.items()):
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                sd[name[:-len("weight")] + "bias"] = torch.zeros_like(p)
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                sd[f"{name}.bias"] = torch.zeros(mod.out_features)
+    return sd
+
+
+def from_hf(path: str | Path) -> MiniGLM:
+    """A GPT2LMHeadModel or LlamaForCausalLM (name or folder) as a MiniGLM with the same logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: not a MiniGLM run nor a loadable Hugging Face model ({type(e).__name__})") from None
+    kind = hf_cfg.model_type
+    if kind == "gpt2":
+        config = ModelConfig(style="gpt2", vocab_size=hf_cfg.vocab_size, block_size=hf_cfg.n_positions,
+                             n_layer=hf_cfg.n_layer, n_head=hf_cfg.n_head, n_embd=hf_cfg.n_embd,
+                             intermediate_size=hf_cfg.n_inner or 4 * hf_cfg.n_embd, norm_eps=hf_cfg.layer_norm_epsilon,
+                             tie_embeddings=hf_cfg.tie_word_embeddings)
+    elif kind == "llama":
+        rope = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(hf_cfg, "rope_theta", 1e4))
+        config = ModelConfig(style="llama", vocab_size=hf_cfg.vocab_size, block_size=hf_cfg.max_position_embeddings,
+                             n_layer=hf_cfg.num_hidden_layers, n_head=hf_cfg.num_attention_heads,
+                             n_kv_head=hf_cfg.num_key_value_heads, n_embd=hf_cfg.hidden_size,
+                             intermediate_size=hf_cfg.intermediate_size, norm_eps=hf_cfg.rms_norm_eps,
+                             rope_theta=float(rope), tie_embeddings=hf_cfg.tie_word_embeddings)
+    else:
+        raise UserError(f"{path}: a '{kind}' model is not a MiniGLM architecture (gpt2 or llama); "
+                        "fine-tune it with `miniglm finetune` instead")
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    sd = {k: (v.t() if kind == "gpt2" and k.endswith(_GPT2_CONV1D) else v) for k, v in hf.state_dict().items()}
+    model = MiniGLM(config)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    unexpected = [k for k in unexpected if not k.endswith(_BUFFERS)]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not map onto MiniGLM (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def export_hf(run: str | Path, out_dir: str | Path) -> Path:
+    """A run folder -> a transformers model folder (config.json, model.safetensors, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from miniglm.checkpoint import find_checkpoint, load_model_from
+    from miniglm.fileio import atomic_dir
+    from miniglm.lora import merge_lora
+
+    ckpt = find_checkpoint(run)
+    model = merge_lora(load_model_from(ckpt)).eval()
+    run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
+    tok = load_tokenizer(run_dir / "tokenizer") if (run_dir / "tokenizer").exists() else None
+    cfg = hf_config(model.config, tok.eot_id if tok else None, tok.pad_id if tok else None)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    missing = [k for k in missing if not k.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))
+        if tok is not None:
+            tok.save(tmp)
+    return Path(out_dir)

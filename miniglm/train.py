@@ -197,9 +197,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         state = checkpoint.read_state(ckpt)
         model = checkpoint.load_base_model(ckpt)
         base_model_ref = state.get("base_model")
-    elif cfg.init_from != "scratch":
-        model = checkpoint.load_model_from(cfg.init_from)
-        base_model_ref = str(checkpoint.find_checkpoint(cfg.init_from).resolve())
+    elif cfg.init_from != "scratch":  # a run folder, or a Hugging Face GPT-2 / Llama model
+        model = checkpoint.load_any(cfg.init_from)
+        is_run = checkpoint.is_run(cfg.init_from)
+        base_model_ref = str(checkpoint.find_checkpoint(cfg.init_from).resolve()) if is_run else cfg.init_from
     else:
         torch.manual_seed(cfg.seed)
         model = MiniGLM(cfg.model)
@@ -303,7 +304,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 with sync:
                     loss.backward()
                 loss_sum += loss.item()
-                tokens += int((y != IGNORE).sum())
+                tokens += x.numel()  # tokens processed (SFT padding included: the compute is spent)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
