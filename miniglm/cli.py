@@ -87,12 +87,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sft_prepare(args: argparse.Namespace) -> int:
-    from miniglm.sft.data import prepare_sft
+    from miniglm.fileio import read_jsonl
+    from miniglm.sft.data import prepare_sft, show
+    from miniglm.sft.templates import TemplateOptions
     from miniglm.tokenizer import load_tokenizer
 
-    meta = prepare_sft(args.data, load_tokenizer(args.tokenizer), args.out, args.template, args.max_len,
-                       args.val_fraction, args.seed)
-    print(json.dumps(meta, ensure_ascii=False))
+    tok = load_tokenizer(args.tokenizer)
+    opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
+                           prompt_field=args.prompt_field, label_field=args.label_field, end_token=args.end_token,
+                           max_source_len=args.max_source_len, max_target_len=args.max_target_len)
+    meta = prepare_sft(args.data, tok, args.out, args.template, args.max_len, args.val_fraction, args.seed,
+                       opts, args.pack)
+    if args.show:
+        print(show([r for _, r in read_jsonl(f"{args.out}/train.jsonl")], tok, args.show))
+    eff = f"{meta['padding_efficiency']:.1%}"
+    if meta["packed_padding_efficiency"] is not None:
+        eff += f" -> {meta['packed_padding_efficiency']:.1%} packed into {meta['sequences']} sequences"
+    print(f"{meta['records']} records ({meta['train_records']} train / {meta['val_records']} val), "
+          f"{meta['truncated']} truncated, {meta['dropped']} dropped, {meta['tokens']:,} tokens "
+          f"({meta['trained_tokens']:,} trained); padding efficiency at --max-len {args.max_len}: {eff} -> {args.out}")
     return 0
 
 
@@ -210,12 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = sub.add_parser("sft", help="prepare SFT data")
     ssub = sft.add_subparsers(dest="sft_command", required=True, metavar="STEP")
-    sp = ssub.add_parser("prepare", help="question/answer jsonl -> ids + labels for training",
-                         description="Render each record with a chat template; labels only on answers.")
-    sp.add_argument("--data", required=True, help="jsonl with question/answer fields")
-    sp.add_argument("--tokenizer", required=True)
-    sp.add_argument("--template", default="miniglm")
-    sp.add_argument("--max-len", type=int, default=256, help="records longer than this are dropped")
+    sp = ssub.add_parser("prepare", help="SFT records -> ids + labels for training",
+                         description="Render each record with a chat template (labels on answers only), "
+                                     "truncate, optionally pack. Records: alpaca, sharegpt, messages, "
+                                     "question/answer, instruct/query/answer, CMRC/SQuAD; .json or .jsonl.")
+    sp.add_argument("--data", required=True, help="a .json or .jsonl file of records")
+    sp.add_argument("--tokenizer", required=True, help="tokenizer folder, cl100k_base, FILE.tiktoken or HF name")
+    sp.add_argument("--template", default="miniglm",
+                    help="miniglm | chatglm | chatglm2 | alpaca | plain | chatml | llama2 | hf (default: miniglm)")
+    sp.add_argument("--max-len", type=int, default=256,
+                    help="tokens per record: older history turns go first, then the prompt is cut (never the answer)")
+    sp.add_argument("--pack", action="store_true", help="pack several records into each sequence")
+    sp.add_argument("--show", type=int, default=0, metavar="K", help="print K records as token | label columns")
+    sp.add_argument("--system", default=None, help="system prompt for chats that have none")
+    sp.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
+    sp.add_argument("--prompt-field", default="Question", help="plain template: the input's name")
+    sp.add_argument("--label-field", default="Answer", help="plain template: the target's name")
+    sp.add_argument("--end-token", choices=["eos", "pad"], default="eos", help="plain template: token after target")
+    sp.add_argument("--max-source-len", type=int, default=0, help="chatglm: ChatGLM's max_source_length")
+    sp.add_argument("--max-target-len", type=int, default=0, help="chatglm: ChatGLM's max_target_length")
     sp.add_argument("--val-fraction", type=float, default=0.05)
     sp.add_argument("--seed", type=int, default=1337)
     sp.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, meta.json)")

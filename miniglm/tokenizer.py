@@ -73,10 +73,17 @@ class Tokenizer:
     def _decode_text(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    bos_id: int | None = None  # only HF tokenizers that define one (LLaMA's <s>, ...)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a single token given by its text (a special token such as <sop>), or None."""
+        return self.special_ids.get(token)
+
     def special(self, token: str) -> int:
-        if token not in self.special_ids:
-            raise UserError(f"tokenizer {self.name} has no special token {token}")
-        return self.special_ids[token]
+        token_id = self.token_id(token)
+        if token_id is None:
+            raise UserError(f"tokenizer {self.name} has no token {token} (the template needs it)")
+        return token_id
 
     def save(self, out_dir: str | Path) -> None:
         """Write the tokenizer into a folder that load_tokenizer() reads back."""
@@ -108,6 +115,9 @@ class BPETokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]
@@ -172,6 +182,10 @@ class TiktokenTokenizer(Tokenizer):
         self.vocab_size = self.enc.n_vocab
         self.special_ids = {t: specials[t] for t in SPECIAL_TOKENS}
         self.eot_id, self.pad_id = specials[EOT], specials[PAD]
+        self._specials = specials
+
+    def token_id(self, token: str) -> int | None:
+        return self._specials.get(token)
 
     @staticmethod
     def _load_base(name: str):
@@ -247,7 +261,8 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"tokenizer '{name_or_path}' has neither an EOS nor a SEP token")
         self.eot_id = eot
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else eot
-        vocab = self.tok.get_vocab()
+        self.bos_id = self.tok.bos_token_id
+        vocab = self._vocab = self.tok.get_vocab()
         self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
         self.special_ids.setdefault(EOT, eot)
         backend = getattr(self.tok, "backend_tokenizer", None)
@@ -257,6 +272,9 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def token_id(self, token: str) -> int | None:
+        return self._vocab.get(token)
 
     def token_bytes(self, token_id: int) -> bytes | None:
         if self._id_to_token is None:

@@ -39,13 +39,15 @@ class PretrainData:
         self.block_size = block_size
         self.rng = np.random.default_rng(seed)
 
-    def next_batch(self, n: int):
-        return self.train.sample(n, self.block_size, self.rng)
+    def next_batch(self, n: int) -> dict:
+        x, y = self.train.sample(n, self.block_size, self.rng)
+        return {"idx": x, "targets": y}
 
     def eval_batches(self, n_batches: int, batch_size: int):
         rng = np.random.default_rng(EVAL_SEED)
         for _ in range(n_batches):
-            yield self.val.sample(batch_size, self.block_size, rng)
+            x, y = self.val.sample(batch_size, self.block_size, rng)
+            yield {"idx": x, "targets": y}
 
     def bytes_per_token(self) -> float:
         return self.meta["val_bytes"] / self.meta["val_tokens"]
@@ -58,7 +60,8 @@ class PretrainData:
 
 
 class SFTData:
-    """Rendered SFT records, in a fresh seeded permutation each epoch; right padding."""
+    """Rendered SFT records, in a fresh seeded permutation each epoch. Padding on the side the template
+    asks for (left: with an attention mask); packed rows get position ids that restart per record."""
 
     def __init__(self, data_dir: str, block_size: int, seed: int):
         d = Path(data_dir)
@@ -68,24 +71,40 @@ class SFTData:
         if not self.train:
             raise UserError(f"{d / 'train.jsonl'}: no records")
         self.block_size, self.seed, self.pad_id = block_size, seed, self.meta.get("pad_id", 0)
+        self.left = self.meta.get("padding_side") == "left"
         self.epoch, self.cursor = 0, 0
         self.order = self._order()
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.train))
 
-    def collate(self, records: list[dict]):
-        """ids (B, T+1) right-padded -> inputs ids[:, :-1], targets labels[:, 1:]."""
+    def collate(self, records: list[dict]) -> dict:
+        """Rows of T+1 tokens -> inputs ids[:, :-1] and targets labels[:, 1:] (labels are aligned with ids)."""
         T = min(max(len(r["ids"]) for r in records), self.block_size + 1)
         ids = torch.full((len(records), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(records), T), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(records), T), dtype=torch.long)
+        pos = torch.arange(T).repeat(len(records), 1)
+        packed = False
         for i, r in enumerate(records):
             n = min(len(r["ids"]), T)
-            ids[i, :n] = torch.tensor(r["ids"][:n])
-            labels[i, :n] = torch.tensor(r["labels"][:n])
-        return ids[:, :-1], labels[:, 1:]
+            where = slice(T - n, T) if self.left else slice(0, n)
+            ids[i, where] = torch.tensor(r["ids"][:n])
+            labels[i, where] = torch.tensor(r["labels"][:n])
+            mask[i, where] = 1
+            if "lengths" in r:  # positions restart at each packed record; padding continues the last one
+                packed = True
+                restart = torch.cat([torch.arange(length) for length in r["lengths"]])[:n]
+                pos[i, :n] = restart
+                pos[i, n:] = restart[-1] + 1 + torch.arange(T - n)
+        batch = {"idx": ids[:, :-1], "targets": labels[:, 1:]}
+        if self.left:
+            batch["attention_mask"] = mask[:, :-1]
+        if packed:
+            batch["position_ids"] = pos[:, :-1]
+        return batch
 
-    def next_batch(self, n: int):
+    def next_batch(self, n: int) -> dict:
         picked = []
         while len(picked) < n:
             if self.cursor == len(self.order):
@@ -260,9 +279,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         model.eval()
         losses = []
         with torch.no_grad(), autocast:
-            for x, y in data.eval_batches(cfg.eval_batches, cfg.batch_size * world):
-                x, y = x[rank::world].to(device), y[rank::world].to(device)
-                losses.append(model(x, y)[1].item())
+            for batch in data.eval_batches(cfg.eval_batches, cfg.batch_size * world):
+                losses.append(model(**{k: v[rank::world].to(device) for k, v in batch.items()})[1].item())
         model.train()
         val = all_mean(sum(losses) / max(len(losses), 1), world)
         result = {"val_loss": val}
@@ -292,19 +310,19 @@ def train(cfg: TrainConfig, log=print) -> dict:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x_all, y_all = data.next_batch(per_step)
+            global_batch = data.next_batch(per_step)
             loss_sum, tokens = 0.0, 0
             for micro in range(cfg.grad_accum):
-                i = (micro * world + rank) * cfg.batch_size
-                x, y = x_all[i:i + cfg.batch_size].to(device), y_all[i:i + cfg.batch_size].to(device)
+                i = (micro * world + rank) * cfg.batch_size  # this process's slice of the global batch
+                batch = {k: v[i:i + cfg.batch_size].to(device) for k, v in global_batch.items()}
                 sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else train_model.no_sync()
                 with sync, autocast:
-                    _, loss = train_model(x, y)
+                    _, loss = train_model(**batch)
                     loss = loss / cfg.grad_accum
                 with sync:
                     loss.backward()
                 loss_sum += loss.item()
-                tokens += x.numel()  # tokens processed (SFT padding included: the compute is spent)
+                tokens += batch["idx"].numel()  # tokens processed (SFT padding included: the compute is spent)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

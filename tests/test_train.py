@@ -132,7 +132,8 @@ def test_sft_trains_on_answers_from_a_pretrained_run(tmp_path, data_dir, world_d
     sft_data = tmp_path / "sft"
     meta = prepare_sft(world_dir / "sft_train.jsonl", load_tokenizer(bpe_dir), sft_data, max_len=33)
     assert meta["train_records"] > 0
-    x, y = SFTData(str(sft_data), 32, 0).next_batch(4)
+    batch = SFTData(str(sft_data), 32, 0).next_batch(4)
+    x, y = batch["idx"], batch["targets"]
     tok = load_tokenizer(bpe_dir)
     for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
         trained = [t for t in row_y if t != -100]
