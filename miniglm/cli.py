@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a run to Hugging Face transformers format",
                         description="Write config.json, model.safetensors and the tokenizer; loads with "
                                     "AutoModelForCausalLM (GPT2LMHeadModel or LlamaForCausalLM).")
-    ex.add_argument("run")
+    ex.add_argument("--run", required=True, help="run or checkpoint folder")
+    ex.add_argument("--to", choices=["hf"], default="hf", help="format (default: hf)")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=cmd_export)
     return p

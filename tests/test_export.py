@@ -26,7 +26,7 @@ def test_export_to_transformers_keeps_logits(tmp_path, style, tied, bpe_dir):
                 p.add_(torch.randn_like(p) * 0.1)
     save_checkpoint(tmp_path / "run" / "ckpt", model, model.config, {"step": 0})
     load_tokenizer(bpe_dir).save(tmp_path / "run" / "tokenizer")
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["export", "--run", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     idx = torch.randint(0, 120, (2, 16))
     with torch.no_grad():

@@ -1,0 +1,177 @@
+"""Generation: one prefill, then one token per step through a preallocated KV cache.
+
+A batch of prompts is left-padded (an attention mask keeps padding out, positions count real tokens)
+and each sequence stops on its own: at a stop token or a stop string, neither of which is returned.
+Streaming goes through the StreamDecoder, so a chunk never holds half a character.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from miniglm.fileio import UserError
+from miniglm.model import KVCache, MiniGLM
+from miniglm.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL-style: > 1 discourages tokens already in the sequence
+    stop_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+    seed: int | None = None
+    trim_prompt: bool = False  # a prompt past the context: keep its end instead of refusing it
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    prompt_tokens: int = 0
+
+
+@dataclass
+class _Row:
+    """Per-sequence decoding state."""
+
+    prompt: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+    finish_reason: str = "length"
+    cut: bool = False  # ended by a stop string (the text after it is dropped)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). history (B, S) holds the ids seen so far, for the repetition penalty."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and history is not None:
+        seen = torch.gather(logits, 1, history)
+        seen = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > params.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+class Engine:
+    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu"):
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.device = device
+
+    def _fit_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        limit = self.model.config.block_size - params.max_new_tokens
+        if len(ids) <= limit:
+            return ids
+        if params.trim_prompt and limit > 0:
+            return ids[-limit:]
+        raise UserError(f"prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens is past the context "
+                        f"of {self.model.config.block_size}; shorten it, lower max_new_tokens, or trim the prompt")
+
+    def start(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[_Row]:
+        rows = [_Row(self._fit_prompt(list(p), params)) for p in prompts]
+        if any(not r.prompt for r in rows):
+            raise UserError("an empty prompt: give at least one token")
+        return rows
+
+    @torch.inference_mode()
+    def steps(self, rows: list[_Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
+        """Decode a batch; after each step yield the (row, token) pairs that are new and not stop tokens.
+        A caller may mark a row done between steps (a stop string); decoding ends when all are."""
+        B, L = len(rows), max(len(r.prompt) for r in rows)
+        idx = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, L - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, L - len(r.prompt):] = 1
+        padded = bool((mask == 0).any())
+        cache = KVCache(self.model.config, B, L + params.max_new_tokens, device=self.device,
+                        dtype=next(self.model.parameters()).dtype)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        idx = idx.to(self.device)
+        logits, _ = self.model(idx, attention_mask=mask.to(self.device) if padded else None, cache=cache)
+        history = idx if params.repetition_penalty != 1.0 else None
+        stop_ids = set(params.stop_ids)
+        for _ in range(params.max_new_tokens):
+            nxt = sample_next(logits[:, -1], params, history, generator)
+            new = []
+            for i, t in enumerate(nxt.tolist()):
+                r = rows[i]
+                if r.done:
+                    continue
+                if t in stop_ids:
+                    r.done, r.finish_reason = True, "stop"
+                    continue
+                r.ids.append(t)
+                new.append((i, t))
+            yield new
+            if all(r.done for r in rows):
+                return
+            if history is not None:
+                history = torch.cat([history, nxt[:, None]], dim=1)
+            logits, _ = self.model(nxt[:, None], cache=cache)
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Completion]:
+        """Complete a batch of tokenised prompts (left padding, per-sequence stopping)."""
+        rows = self.start(prompts, params)
+        decoders = [StreamDecoder(self.tokenizer) for _ in rows]
+        for new in self.steps(rows, params):
+            for i, t in new:
+                rows[i].text += decoders[i].push(t)
+                self._check_stop_string(rows[i], params)
+        for r, dec in zip(rows, decoders, strict=True):
+            if not r.cut:
+                r.text += dec.flush()
+                self._check_stop_string(r, params)
+        return [Completion(r.ids, r.text, r.finish_reason, len(r.prompt)) for r in rows]
+
+    @staticmethod
+    def _check_stop_string(r: _Row, params: SamplingParams) -> None:
+        cut = _find_stop(r.text, params.stop_strings)
+        if cut is not None:
+            r.text, r.done, r.finish_reason, r.cut = r.text[:cut], True, "stop", True
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        """Text chunks of one completion as they are decoded; never half a character, never a stop string."""
+        rows = self.start([prompt], params)
+        r, decoder, sent = rows[0], StreamDecoder(self.tokenizer), 0
+        hold = max((len(s) for s in params.stop_strings), default=1) - 1  # a stop string may still be forming
+        for new in self.steps(rows, params):
+            for _, t in new:
+                r.text += decoder.push(t)
+            self._check_stop_string(r, params)
+            end = len(r.text) if r.done else len(r.text) - hold
+            if end > sent:
+                yield r.text[sent:end]
+                sent = end
+        if not r.cut:
+            r.text += decoder.flush()
+            self._check_stop_string(r, params)
+            if len(r.text) > sent:
+                yield r.text[sent:]
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None

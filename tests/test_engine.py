@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from miniglm.engine import Engine, SamplingParams
+from miniglm.fileio import UserError
+from miniglm.model import MiniGLM, ModelConfig
+from miniglm.tokenizer import load_tokenizer
+
+
+def engine(bpe_dir, style="llama", block_size=96) -> Engine:
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(style=style, vocab_size=400, block_size=block_size, n_layer=2, n_head=4,
+                                n_kv_head=2 if style == "llama" else 0, n_embd=32))
+    return Engine(model, load_tokenizer(bpe_dir))
+
+
+def no_cache_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_greedy_equals_argmax_of_full_forward(bpe_dir, style):
+    eng = engine(bpe_dir, style)
+    prompt = eng.tokenizer.encode("司徒沧霄的师父是")
+    out = eng.generate([prompt], SamplingParams(max_new_tokens=30))[0]
+    assert out.ids == no_cache_greedy(eng.model, prompt, 30)
+    assert out.finish_reason == "length" and out.prompt_tokens == len(prompt)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_batch_equals_one_at_a_time(bpe_dir, style):
+    eng = engine(bpe_dir, style)
+    prompts = [eng.tokenizer.encode(t) for t in ["天下", "司徒沧霄与蔡尘淑是至交好友。他的兵器", "江湖上称"]]
+    params = SamplingParams(max_new_tokens=20)
+    batched = eng.generate(prompts, params)
+    for p, b in zip(prompts, batched, strict=True):
+        assert eng.generate([p], params)[0].ids == b.ids
+
+
+def test_stop_token_and_string_end_a_sequence(bpe_dir):
+    eng = engine(bpe_dir)
+    prompt = eng.tokenizer.encode("天下大势")
+    free = eng.generate([prompt], SamplingParams(max_new_tokens=20))[0]
+    stop = free.ids[5]
+    out = eng.generate([prompt], SamplingParams(max_new_tokens=20, stop_ids=[stop]))[0]
+    assert out.ids == free.ids[:free.ids.index(stop)] and out.finish_reason == "stop"
+    assert stop not in out.ids
+    text = free.text
+    needle = text[len(text) // 2:len(text) // 2 + 2]
+    out = eng.generate([prompt], SamplingParams(max_new_tokens=20, stop_strings=[needle]))[0]
+    assert out.text == text[:text.find(needle)] and out.finish_reason == "stop"
+    chunks = list(eng.stream(prompt, SamplingParams(max_new_tokens=20, stop_strings=[needle])))
+    assert "".join(chunks) == out.text
+
+
+def test_stream_joins_to_the_whole_and_never_splits_characters(bpe_dir):
+    eng = engine(bpe_dir)
+    for seed in range(5):
+        params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=seed)
+        prompt = eng.tokenizer.encode("龘")
+        whole = eng.generate([prompt], params)[0]
+        chunks = list(eng.stream(prompt, params))
+        assert "".join(chunks) == whole.text == eng.tokenizer.decode(whole.ids)
+        if "\ufffd" not in whole.text:
+            assert not any("\ufffd" in c for c in chunks)
+
+
+def test_sampling_is_seeded_and_filters_work(bpe_dir):
+    eng = engine(bpe_dir)
+    prompt = eng.tokenizer.encode("天下")
+    p = SamplingParams(max_new_tokens=15, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=7)
+    assert eng.generate([prompt], p)[0].ids == eng.generate([prompt], p)[0].ids
+    p2 = SamplingParams(max_new_tokens=15, temperature=0.9, top_k=1, seed=1)
+    assert eng.generate([prompt], p2)[0].ids == eng.generate([prompt], SamplingParams(max_new_tokens=15))[0].ids
+
+
+def test_prompt_past_the_context(bpe_dir):
+    eng = engine(bpe_dir, block_size=32)
+    long = list(range(10, 40))
+    with pytest.raises(UserError, match="past the context"):
+        eng.generate([long], SamplingParams(max_new_tokens=8))
+    out = eng.generate([long], SamplingParams(max_new_tokens=8, trim_prompt=True))[0]
+    assert len(out.ids) == 8 and out.prompt_tokens == 24
