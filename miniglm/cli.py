@@ -148,6 +148,53 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling(args: argparse.Namespace):
+    from miniglm.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          stop_strings=args.stop or [], seed=args.seed, trim_prompt=args.trim_prompt)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from miniglm.chat import generate_texts, load_run
+
+    if args.file:
+        path = Path(args.file)
+        if not path.exists():
+            raise UserError(f"{path}: no such file")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = [args.prompt]
+    run = load_run(args.run, args.device, args.raw)
+    for r in generate_texts(run, texts, _sampling(args), args.batch_size, args.system):
+        print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"], flush=True)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from miniglm.chat import chat_repl, load_run
+
+    chat_repl(load_run(args.run, args.device, args.raw), _sampling(args))
+    return 0
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run or checkpoint folder")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--trim-prompt", action="store_true", help="keep the end of a prompt past the context")
+    p.add_argument("--raw", action="store_true", help="ignore the run's chat template: continue raw text")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miniglm", description="Build small Chinese chat models end to end.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--out", required=True)
     ic.add_argument("--tokenizer", default=None, help="tokenizer to store with the run (the seed used cl100k_base)")
     ic.set_defaults(func=cmd_import_ckpt)
+
+    g = sub.add_parser("generate", help="complete prompts with a run's model",
+                       description="One output per prompt, rendered with the run's chat template (batched).")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--file", help="a text file, one prompt per line")
+    g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
+    _add_sampling(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat with a run in the terminal",
+                       description="Multi-turn chat with streaming output; /reset, /system TEXT, /exit.")
+    _add_sampling(c)
+    c.set_defaults(func=cmd_chat)
 
     ex = sub.add_parser("export", help="export a run to Hugging Face transformers format",
                         description="Write config.json, model.safetensors and the tokenizer; loads with "

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from miniglm import checkpoint
 from miniglm.config import TrainConfig, save_config
-from miniglm.fileio import UserError, read_jsonl
+from miniglm.fileio import UserError, read_jsonl, write_json
 from miniglm.model import MiniGLM
 from miniglm.sft.templates import IGNORE
 from miniglm.shards import load_meta, open_shards, tokenizer_of
@@ -198,6 +198,19 @@ def all_mean(x: float, world: int) -> float:
     return t.item() / world
 
 
+def write_chat_info(cfg: TrainConfig, out: Path) -> None:
+    """chat.json names the template a run was fine-tuned with, so generate/chat/serve render the same way.
+    A run fine-tuned from another keeps its parent's, unless its own SFT data names one."""
+    info = None
+    if cfg.stage == "sft":
+        meta = load_meta(cfg.data)
+        info = {"template": meta.get("template", "miniglm"), "template_options": meta.get("template_options", {})}
+    elif cfg.init_from != "scratch" and (Path(cfg.init_from) / "chat.json").exists():
+        info = json.loads((Path(cfg.init_from) / "chat.json").read_text())
+    if info is not None:
+        write_json(out / "chat.json", info)
+
+
 # --- the loop ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, log=print) -> dict:
     if not cfg.data:
@@ -258,6 +271,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         torch.manual_seed(cfg.seed + 1)  # the training RNG (dropout), the same on every process
     if master:
         save_config(cfg, out / "config.toml")
+        write_chat_info(cfg, out)
 
     train_model = model
     if cfg.compile:

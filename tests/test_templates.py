@@ -30,7 +30,8 @@ def hf_tok(tmp_path_factory):
             "complaint no complaint [Round 0] ### Instruction: ### Response: 类型#上衣*材质#牛仔布"] * 20
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    bos = ("<s>", tok.token_to_id("<s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    chat_template=CHATML)
     out = tmp_path_factory.mktemp("hftok")
@@ -70,7 +71,8 @@ def test_chatglm_matches_seed_layout(hf_tok):
                    opts=TemplateOptions(max_source_len=4, max_target_len=5))
     assert short.ids == a_ids[:3] + [gmask, sop] + b_ids[:3] + [eop]
     hist = render("chatglm", CHAT[1:], hf_tok)
-    assert hf_tok.decode(hist.ids).startswith("[Round 0]\n问：黄蓉是谁？\n答：郭靖的妻子。\n[Round 1]\n问：她的师父是谁？\n答：")
+    rounds = "[Round 0]\n问：黄蓉是谁？\n答：郭靖的妻子。\n[Round 1]\n问：她的师父是谁？\n答："
+    assert hf_tok.decode(hist.ids).startswith(rounds)
 
 
 def test_plain_matches_seed_bloomz_layout(hf_tok, tmp_path):

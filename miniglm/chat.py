@@ -1,0 +1,108 @@
+"""Inference on a run: load its model, tokenizer and chat template; `miniglm generate` and `miniglm chat`.
+
+A run fine-tuned with SFT has chat.json naming its template; prompts are rendered with that very
+template function. A run without one (pretraining only) continues raw text.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from miniglm.checkpoint import find_checkpoint, load_model_from
+from miniglm.engine import Engine, SamplingParams
+from miniglm.fileio import UserError
+from miniglm.sft.templates import TemplateOptions, render
+from miniglm.tokenizer import load_tokenizer
+
+
+@dataclass
+class LoadedRun:
+    engine: Engine
+    template: str | None
+    options: TemplateOptions
+    name: str
+
+    def prompt(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Token ids of a chat ready for the assistant's answer, and the ids that end that answer."""
+        if self.template is None:  # a base model: continue the text of the last message
+            return self.engine.tokenizer.encode(messages[-1]["content"]), [self.engine.tokenizer.eot_id]
+        r = render(self.template, messages, self.engine.tokenizer, add_generation_prompt=True, opts=self.options)
+        return r.ids, r.stop_ids
+
+
+def load_run(run: str | Path, device: str = "auto", raw: bool = False) -> LoadedRun:
+    ckpt = find_checkpoint(run)
+    run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
+    if not (run_dir / "tokenizer").exists():
+        raise UserError(f"{run_dir}: no tokenizer/ folder in the run")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine(load_model_from(ckpt, device), load_tokenizer(run_dir / "tokenizer"), device)
+    template, options = None, TemplateOptions()
+    if (run_dir / "chat.json").exists() and not raw:
+        info = json.loads((run_dir / "chat.json").read_text())
+        template, options = info["template"], TemplateOptions(**info.get("template_options", {}))
+    return LoadedRun(engine, template, options, run_dir.name)
+
+
+def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, batch_size: int = 8,
+                   system: str | None = None) -> list[dict]:
+    """One completion per text (a user message, or raw text for a base model), batched."""
+    results = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        rendered = [run.prompt(([{"role": "system", "content": system}] if system else [])
+                               + [{"role": "user", "content": t}]) for t in chunk]
+        stop = sorted({s for _, stops in rendered for s in stops} | set(params.stop_ids))
+        batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop})
+        for text, out in zip(chunk, run.engine.generate([ids for ids, _ in rendered], batch_params), strict=True):
+            results.append({"prompt": text, "output": out.text, "finish_reason": out.finish_reason,
+                            "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.ids)})
+    return results
+
+
+def chat_repl(run: LoadedRun, params: SamplingParams, read: Callable[[str], str] = input,
+              write: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush())) -> None:
+    """A multi-turn chat: history rendered with the run's template; /reset, /system TEXT, /exit."""
+    write(f"chatting with {run.name} ({run.template or 'raw text'}); /reset, /system TEXT, /exit\n")
+    system: str | None = None
+    history: list[dict] = []
+    while True:
+        try:
+            line = read("你: ").strip()
+        except EOFError:
+            write("\n")
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = []
+            write("(history cleared)\n")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history = []
+            write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages.append({"role": "user", "content": line})
+        ids, stops = run.prompt(messages)
+        if len(ids) + params.max_new_tokens > run.engine.model.config.block_size and history:
+            history = history[2:]  # forget the oldest exchange rather than refuse
+        turn_params = SamplingParams(**{**params.__dict__, "stop_ids": sorted(set(stops) | set(params.stop_ids)),
+                                        "trim_prompt": True})
+        write("模型: ")
+        answer = ""
+        for chunk in run.engine.stream(ids, turn_params):
+            answer += chunk
+            write(chunk)
+        write("\n")
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]

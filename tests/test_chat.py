@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from miniglm.chat import chat_repl, load_run
+from miniglm.checkpoint import save_checkpoint
+from miniglm.cli import main
+from miniglm.engine import SamplingParams
+from miniglm.fileio import write_json
+from miniglm.model import MiniGLM, ModelConfig
+from miniglm.tokenizer import load_tokenizer
+
+
+@pytest.fixture()
+def run_dir(tmp_path, bpe_dir):
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path / "run" / "ckpt", model, model.config, {"step": 1})
+    load_tokenizer(bpe_dir).save(tmp_path / "run" / "tokenizer")
+    write_json(tmp_path / "run" / "chat.json", {"template": "miniglm", "template_options": {}})
+    return tmp_path / "run"
+
+
+def test_generate_cli(run_dir, tmp_path, capsys):
+    assert main(["generate", "--run", str(run_dir), "--prompt", "你好", "--max-new-tokens", "5"]) == 0
+    capsys.readouterr()
+    (tmp_path / "prompts.txt").write_text("天下大势\n\n司徒沧霄是谁？\n江湖\n", encoding="utf-8")
+    assert main(["generate", "--run", str(run_dir), "--file", str(tmp_path / "prompts.txt"), "--jsonl",
+                 "--max-new-tokens", "6", "--batch-size", "2"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["天下大势", "司徒沧霄是谁？", "江湖"]
+    assert all(r["completion_tokens"] <= 6 for r in rows)
+    # batched outputs equal one-at-a-time outputs (greedy)
+    for r in rows:
+        main(["generate", "--run", str(run_dir), "--prompt", r["prompt"], "--max-new-tokens", "6", "--jsonl"])
+        assert json.loads(capsys.readouterr().out)["output"] == r["output"]
+
+
+def test_generate_uses_the_run_template(run_dir):
+    run = load_run(run_dir)
+    ids, stops = run.prompt([{"role": "user", "content": "你好"}])
+    tok = run.engine.tokenizer
+    assert ids[-1] == tok.special("<|assistant|>") and stops == [tok.special("<|end|>")]
+    raw = load_run(run_dir, raw=True)
+    assert raw.prompt([{"role": "user", "content": "你好"}])[0] == tok.encode("你好")
+
+
+def test_chat_repl_commands(run_dir):
+    run = load_run(run_dir)
+    inputs = iter(["你好", "/system 你是侠客", "他是谁？", "/reset", "", "再见", "/exit"])
+    out: list[str] = []
+    prompts: list[list[int]] = []
+    stream = run.engine.stream
+    run.engine.stream = lambda ids, params: (prompts.append(ids), stream(ids, params))[1]
+    chat_repl(run, SamplingParams(max_new_tokens=4), read=lambda _: next(inputs), write=out.append)
+    text = "".join(out)
+    assert "(system prompt set; history cleared)" in text and "(history cleared)" in text
+    tok = run.engine.tokenizer
+    assert len(prompts) == 3
+    assert tok.special("<|system|>") in prompts[1] and tok.special("<|system|>") in prompts[2]
+    assert tok.decode(prompts[2]).count("<|user|>") == 1  # /reset dropped the earlier turns
+
+
+def test_generate_missing_file(run_dir, capsys):
+    assert main(["generate", "--run", str(run_dir), "--file", "nope.txt"]) == 2
+    assert "nope.txt: no such file" in capsys.readouterr().err
