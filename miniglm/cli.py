@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=1337)
     sp.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, meta.json)")
     sp.set_defaults(func=cmd_sft_prepare)
+    from miniglm.sft.synth import add_cli as add_generate_cli
+
+    add_generate_cli(ssub)
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into full weights",
                        description="Load a run's adapter over its base model, merge, save full weights.")
