@@ -195,6 +195,16 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from miniglm.serve import serve
+
+    key = args.api_key or os.environ.get(args.api_key_env) or None
+    serve(args.run, args.host, args.port, key, args.device, args.max_batch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miniglm", description="Build small Chinese chat models end to end.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -330,6 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Multi-turn chat with streaming output; /reset, /system TEXT, /exit.")
     _add_sampling(c)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible API and a web chat page for a run",
+                        description="FastAPI + uvicorn: /v1/chat/completions, /v1/completions, /v1/models, "
+                                    "/health, and a chat page at /. Concurrent requests decode in one batch.")
+    sv.add_argument("--run", required=True, help="run or checkpoint folder")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    sv.add_argument("--api-key-env", default="MINIGLM_API_KEY", help="or read the key from this variable")
+    sv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="export a run to Hugging Face transformers format",
                         description="Write config.json, model.safetensors and the tokenizer; loads with "

@@ -148,7 +148,7 @@ class Engine:
 
     @staticmethod
     def _check_stop_string(r: _Row, params: SamplingParams) -> None:
-        cut = _find_stop(r.text, params.stop_strings)
+        cut = find_stop(r.text, params.stop_strings)
         if cut is not None:
             r.text, r.done, r.finish_reason, r.cut = r.text[:cut], True, "stop", True
 
@@ -172,6 +172,7 @@ class Engine:
                 yield r.text[sent:]
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string starts in text, or None."""
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None

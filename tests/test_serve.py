@@ -1,0 +1,177 @@
+import json
+import socket
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+import torch
+
+from miniglm.batcher import Batcher, Job
+from miniglm.chat import load_run
+from miniglm.checkpoint import save_checkpoint
+from miniglm.engine import Engine, SamplingParams
+from miniglm.fileio import write_json
+from miniglm.model import MiniGLM, ModelConfig
+from miniglm.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, bpe_dir):
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(vocab_size=400, block_size=320, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(root / "run" / "ckpt", model, model.config, {"step": 1})
+    load_tokenizer(bpe_dir).save(root / "run" / "tokenizer")
+    write_json(root / "run" / "chat.json", {"template": "miniglm", "template_options": {}})
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """A real uvicorn on a loopback port, stopped after the module."""
+    import uvicorn
+
+    from miniglm.serve import create_app
+
+    app = create_app(load_run(run_dir, "cpu"), api_key="sekret")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield base, app
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def client(base, key="sekret"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_models_and_health(server):
+    base, _ = server
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+    models = client(base).models.list()
+    assert [m.id for m in models.data] == ["run"]
+    assert "<html" in httpx.get(base + "/").text
+
+
+def test_chat_plain_and_streaming_agree(server, run_dir):
+    base, _ = server
+    c = client(base)
+    msgs = [{"role": "user", "content": "司徒沧霄的师父是谁？"}]
+    r = c.chat.completions.create(model="run", messages=msgs, max_tokens=12, temperature=0)
+    text = r.choices[0].message.content
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 0
+    stream = c.chat.completions.create(model="run", messages=msgs, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = [ch for ch in stream]
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == text and "\ufffd" not in streamed
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # the same as the engine alone, with the run's template
+    run = load_run(run_dir, "cpu")
+    ids, stops = run.prompt(msgs)
+    alone = run.engine.generate([ids], SamplingParams(max_new_tokens=12, stop_ids=stops))[0]
+    assert alone.text == text
+
+
+def test_chinese_text_intact_through_completions(server):
+    base, _ = server
+    c = client(base)
+    r = c.completions.create(model="run", prompt="话说天下大势，", max_tokens=10, temperature=0)
+    s = "".join(ch.choices[0].text for ch in c.completions.create(model="run", prompt="话说天下大势，",
+                                                                 max_tokens=10, temperature=0, stream=True))
+    assert s == r.choices[0].text
+
+
+def test_errors_in_openai_shape(server):
+    from openai import AuthenticationError, BadRequestError
+
+    base, _ = server
+    with pytest.raises(AuthenticationError):
+        client(base, key="wrong").chat.completions.create(model="run", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(BadRequestError, match="context"):
+        client(base).chat.completions.create(model="run", messages=[{"role": "user", "content": "长" * 300}])
+    with pytest.raises(BadRequestError, match="temperature"):
+        client(base).chat.completions.create(model="run", messages=[{"role": "user", "content": "x"}],
+                                             temperature=9)
+    r = httpx.post(base + "/v1/chat/completions", content=b"{not json", headers={"Authorization": "Bearer sekret"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": "hi"}, headers={"Authorization": "Bearer sekret"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_disconnect_stops_generation(server):
+    base, app = server
+    batcher = app.state.batcher
+    with httpx.stream("POST", base + "/v1/chat/completions", headers={"Authorization": "Bearer sekret"},
+                      json={"messages": [{"role": "user", "content": "天下"}], "max_tokens": 80, "stream": True,
+                            "stop": ["never-appears"], "temperature": 1.0, "seed": 1}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                break
+    for _ in range(100):
+        if not batcher.active:
+            break
+        time.sleep(0.05)
+    assert not batcher.active
+
+
+def test_joining_mid_decode_gives_the_same_tokens(run_dir):
+    run = load_run(run_dir, "cpu")
+    eng: Engine = run.engine
+    tok = eng.tokenizer
+    a_prompt = tok.encode("天下大势，分久必合")
+    b_prompt = tok.encode("司徒沧霄与蔡尘淑是至交好友。司徒沧霄惯用的兵器是")
+    params = SamplingParams(max_new_tokens=30)
+    alone_a = eng.generate([a_prompt], params)[0].ids
+    alone_b = eng.generate([b_prompt], SamplingParams(max_new_tokens=20))[0].ids
+    batcher = Batcher(eng.model, tok)
+    done = {}
+    events = threading.Event()
+
+    def on(name):
+        def handle(ev):
+            if ev.get("done"):
+                done[name] = ev
+                events.set()
+        return handle
+
+    a = batcher.submit(Job(a_prompt, params, on("a")))
+    while batcher.steps < 5:  # let A decode a few steps, then B joins (with a longer prompt than A's)
+        time.sleep(0.001)
+    b = batcher.submit(Job(b_prompt, SamplingParams(max_new_tokens=20), on("b")))
+    deadline = time.time() + 30
+    while len(done) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    batcher.stop()
+    assert a.ids == alone_a and b.ids == alone_b
+
+
+def test_sft_generate_against_the_server(server, tmp_path, monkeypatch):
+    """The SFT-data generator talks to this server like to any OpenAI-compatible API."""
+    from miniglm.sft.synth import ClientOptions, generate_answers
+
+    base, _ = server
+    monkeypatch.setenv("MINIGLM_TEST_KEY", "sekret")
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"question": q}, ensure_ascii=False)
+                                                for q in ["黄蓉是谁？", "司徒沧霄是哪里人？"]), encoding="utf-8")
+    opts = ClientOptions(base_url=base + "/v1", model="run", api_key_env="MINIGLM_TEST_KEY", timeout=30,
+                         max_retries=1, base_delay=0.01, max_delay=0.1)
+    summary = generate_answers(tmp_path / "q.jsonl", tmp_path / "a.jsonl", options=opts, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["question"] for r in rows) == ["司徒沧霄是哪里人？", "黄蓉是谁？"]
+    assert summary.failed == 0 and summary.total_tokens > 0
