@@ -142,9 +142,12 @@ def cmd_import_ckpt(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from miniglm.export import export_hf
+    from miniglm.export import export_gguf, export_hf
 
-    print(f"exported a transformers model -> {export_hf(args.run, args.out)}")
+    if args.to == "gguf":
+        print(f"exported GGUF (F32) for llama.cpp -> {export_gguf(args.run, args.out)}")
+    else:
+        print(f"exported a transformers model -> {export_hf(args.run, args.out)}")
     return 0
 
 
@@ -353,12 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)
 
-    ex = sub.add_parser("export", help="export a run to Hugging Face transformers format",
+    ex = sub.add_parser("export", help="export a run to Hugging Face transformers or GGUF",
                         description="Write config.json, model.safetensors and the tokenizer; loads with "
                                     "AutoModelForCausalLM (GPT2LMHeadModel or LlamaForCausalLM).")
     ex.add_argument("--run", required=True, help="run or checkpoint folder")
-    ex.add_argument("--to", choices=["hf"], default="hf", help="format (default: hf)")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--to", choices=["hf", "gguf"], default="hf",
+                    help="hf: a transformers folder; gguf: one .gguf file for llama.cpp (llama style)")
+    ex.add_argument("--out", required=True, help="output folder (hf) or file (gguf)")
     ex.set_defaults(func=cmd_export)
     return p
 

@@ -152,3 +152,96 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
         if tok is not None:
             tok.save(tmp)
     return Path(out_dir)
+
+
+# --- GGUF (llama.cpp) ---------------------------------------------------------------------------
+def permute_for_gguf(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp rotates interleaved pairs; HF/MiniGLM rotate halves. Reorder the rows of q/k to match
+    (the same permutation as llama.cpp's convert_hf_to_gguf.py)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def export_gguf(run: str | Path, out_path: str | Path) -> Path:
+    """A llama-style run -> one .gguf file (F32), tokenizer model `gpt2` with llama.cpp's `gpt-2` pre-tokenizer."""
+    import json
+
+    import gguf
+
+    from miniglm.checkpoint import find_checkpoint, load_model_from
+    from miniglm.fileio import atomic_path
+    from miniglm.lora import merge_lora
+
+    ckpt = find_checkpoint(run)
+    model = merge_lora(load_model_from(ckpt)).eval()
+    c = model.config
+    if c.style != "llama":
+        raise UserError("GGUF export needs a llama-style model (style = \"llama\"); export gpt2 style with --to hf")
+    run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
+    tok_file = run_dir / "tokenizer" / "tokenizer.json"
+    if not tok_file.exists():
+        raise UserError(f"{run_dir}: GGUF export needs the byte-level BPE trained by miniglm (tokenizer.json)")
+    spec = json.loads(tok_file.read_text(encoding="utf-8"))
+    if spec.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise UserError(f"{tok_file}: GGUF export supports byte-level BPE tokenizers only")
+    vocab = spec["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    tokens = [""] * c.vocab_size
+    types = [gguf.TokenType.UNUSED] * c.vocab_size
+    for text, i in {**vocab, **added}.items():
+        if i < c.vocab_size:
+            tokens[i] = text
+            types[i] = gguf.TokenType.CONTROL if text in added else gguf.TokenType.NORMAL
+    for i, t in enumerate(tokens):
+        if not t:
+            tokens[i] = f"[PAD{i}]"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    tok = load_tokenizer(run_dir / "tokenizer")
+
+    with atomic_path(out_path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(run_dir.name)
+        w.add_context_length(c.block_size)
+        w.add_embedding_length(c.n_embd)
+        w.add_block_count(c.n_layer)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.n_head)
+        w.add_head_count_kv(c.n_kv_head)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.norm_eps)
+        w.add_vocab_size(c.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tok.eot_id)
+        w.add_eos_token_id(tok.eot_id)
+        w.add_pad_token_id(tok.pad_id)
+        w.add_add_bos_token(False)
+        if tok.token_id("<|end|>") is not None:
+            w.add_eot_token_id(tok.token_id("<|end|>"))
+        sd = model.state_dict()
+        names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+        if not c.tie_embeddings:
+            names["lm_head.weight"] = "output.weight"
+        per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down"}
+        for i in range(c.n_layer):
+            for ours, theirs in per_layer.items():
+                names[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+        for ours, theirs in names.items():
+            t = sd[ours].float()
+            if theirs.endswith("attn_q.weight"):
+                t = permute_for_gguf(t, c.n_head)
+            elif theirs.endswith("attn_k.weight"):
+                t = permute_for_gguf(t, c.n_kv_head)
+            w.add_tensor(theirs, t.contiguous().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return Path(out_path)

@@ -47,3 +47,67 @@ def test_from_hf_refuses_other_architectures(tmp_path):
         str(tmp_path / "opt"))
     with pytest.raises(UserError, match="not a MiniGLM architecture"):
         from_hf(tmp_path / "opt")
+
+
+def test_gguf_export_reads_back(tmp_path, bpe_dir):
+    import gguf
+    import numpy as np
+
+    from miniglm.export import permute_for_gguf
+    from miniglm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(bpe_dir)
+    tok.save(tmp_path / "run" / "tokenizer")
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(style="llama", vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4,
+                                n_kv_head=2, n_embd=32)).eval()
+    save_checkpoint(tmp_path / "run" / "ckpt", model, model.config, {"step": 0})
+    assert main(["export", "--run", str(tmp_path / "run"), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    fields = {f.name: f for f in r.fields.values()}
+
+    def scalar(name):
+        f = fields[name]
+        return f.parts[f.data[0]][0]
+
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "gpt-2"
+    assert scalar("llama.block_count") == 2 and scalar("llama.attention.head_count_kv") == 2
+    assert scalar("tokenizer.ggml.eos_token_id") == tok.eot_id
+    assert len(fields["tokenizer.ggml.tokens"].data) == tok.vocab_size
+    tensors = {t.name: t for t in r.tensors}
+    assert "output.weight" not in tensors and len(tensors) == 2 + 9 * 2
+    q = model.model.layers[1].self_attn.q_proj.weight.detach()
+    k = model.model.layers[1].self_attn.k_proj.weight.detach()
+    got_q = np.asarray(tensors["blk.1.attn_q.weight"].data).reshape(q.shape)
+    got_k = np.asarray(tensors["blk.1.attn_k.weight"].data).reshape(k.shape)
+    assert np.allclose(got_q, permute_for_gguf(q, 4).numpy()) and np.allclose(got_k, permute_for_gguf(k, 2).numpy())
+    emb = np.asarray(tensors["token_embd.weight"].data).reshape(tok.vocab_size, 32)
+    assert np.allclose(emb, model.model.embed_tokens.weight.detach().numpy())
+
+
+def test_gguf_matches_llama_cpp(tmp_path, bpe_dir):
+    """llama.cpp (llama-cpp-python, an optional extra) tokenizes identically and greedy-decodes the same tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from miniglm.engine import Engine, SamplingParams
+    from miniglm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(bpe_dir)
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(style="llama", vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4,
+                                n_kv_head=2, n_embd=64)).eval()
+    save_checkpoint(tmp_path / "run" / "ckpt", model, model.config, {"step": 0})
+    tok.save(tmp_path / "run" / "tokenizer")
+    main(["export", "--run", str(tmp_path / "run"), "--to", "gguf", "--out", str(tmp_path / "m.gguf")])
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False)
+    text = "司徒沧霄与蔡尘淑是至交好友。Hello 123"
+    ids = tok.encode(text)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    ours = Engine(model, tok).generate([ids], SamplingParams(max_new_tokens=16))[0].ids
+    theirs = []
+    for t in llm.generate(ids, temp=0.0, top_k=1):
+        theirs.append(t)
+        if len(theirs) == 16:
+            break
+    assert theirs == ours
