@@ -44,3 +44,20 @@ def bpe_dir(tmp_path_factory, world_dir) -> Path:
     texts = [r for r in load_documents(world_dir / "corpus.jsonl")] + [SAMPLE_ZH] * 3
     train_bpe(texts, 400, out)
     return out
+
+
+def make_chat_run(root: Path, bpe_dir: Path, block_size: int, n_layer: int) -> Path:
+    """A random-weight MiniGLM run folder with the test BPE and the native chat template."""
+    import torch
+
+    from miniglm.checkpoint import save_checkpoint
+    from miniglm.fileio import write_json
+    from miniglm.model import MiniGLM, ModelConfig
+    from miniglm.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(vocab_size=400, block_size=block_size, n_layer=n_layer, n_head=2, n_embd=32))
+    save_checkpoint(root / "run" / "ckpt", model, model.config, {"step": 1})
+    load_tokenizer(bpe_dir).save(root / "run" / "tokenizer")
+    write_json(root / "run" / "chat.json", {"template": "miniglm", "template_options": {}})
+    return root / "run"

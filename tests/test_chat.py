@@ -1,25 +1,17 @@
 import json
 
 import pytest
-import torch
 
 from miniglm.chat import chat_repl, load_run
-from miniglm.checkpoint import save_checkpoint
 from miniglm.cli import main
 from miniglm.engine import SamplingParams
-from miniglm.fileio import write_json
-from miniglm.model import MiniGLM, ModelConfig
-from miniglm.tokenizer import load_tokenizer
+
+from .conftest import make_chat_run
 
 
 @pytest.fixture()
 def run_dir(tmp_path, bpe_dir):
-    torch.manual_seed(0)
-    model = MiniGLM(ModelConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_embd=32))
-    save_checkpoint(tmp_path / "run" / "ckpt", model, model.config, {"step": 1})
-    load_tokenizer(bpe_dir).save(tmp_path / "run" / "tokenizer")
-    write_json(tmp_path / "run" / "chat.json", {"template": "miniglm", "template_options": {}})
-    return tmp_path / "run"
+    return make_chat_run(tmp_path, bpe_dir, block_size=64, n_layer=1)
 
 
 def test_generate_cli(run_dir, tmp_path, capsys):

@@ -5,26 +5,17 @@ import time
 
 import httpx2 as httpx
 import pytest
-import torch
 
 from miniglm.batcher import Batcher, Job
 from miniglm.chat import load_run
-from miniglm.checkpoint import save_checkpoint
 from miniglm.engine import Engine, SamplingParams
-from miniglm.fileio import write_json
-from miniglm.model import MiniGLM, ModelConfig
-from miniglm.tokenizer import load_tokenizer
+
+from .conftest import make_chat_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, bpe_dir):
-    root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    model = MiniGLM(ModelConfig(vocab_size=400, block_size=320, n_layer=2, n_head=2, n_embd=32))
-    save_checkpoint(root / "run" / "ckpt", model, model.config, {"step": 1})
-    load_tokenizer(bpe_dir).save(root / "run" / "tokenizer")
-    write_json(root / "run" / "chat.json", {"template": "miniglm", "template_options": {}})
-    return root / "run"
+    return make_chat_run(tmp_path_factory.mktemp("serve"), bpe_dir, block_size=320, n_layer=2)
 
 
 @pytest.fixture(scope="module")
