@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, record, table  # noqa: E402
 
+from miniglm import model as model_mod  # noqa: E402
 from miniglm.config import load_config  # noqa: E402
 from miniglm.engine import Engine, SamplingParams  # noqa: E402
 from miniglm.model import MiniGLM, ModelConfig  # noqa: E402
@@ -74,6 +75,38 @@ def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
     return (out.shape[1] - len(prompt)) / dt
 
 
+def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int) -> float | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    from miniglm.checkpoint import save_checkpoint
+    from miniglm.corpus import load_documents
+    from miniglm.export import export_gguf
+    from miniglm.tokenizer import train_bpe
+    from miniglm.world import build_world
+
+    run = tmp / f"run-{model.config.vocab_size}-{model.config.n_layer}"
+    build_world(tmp / "world", characters=200, bios_per_character=3)
+    train_bpe(load_documents(tmp / "world" / "corpus.jsonl"), model.config.vocab_size, run / "tokenizer")
+    save_checkpoint(run / "ckpt", model, model.config, {"step": 0})
+    export_gguf(run, tmp / "m.gguf")
+    llm = llama_cpp.Llama(model_path=str(tmp / "m.gguf"), n_ctx=model.config.block_size, n_threads=threads,
+                          n_batch=64, verbose=False)
+
+    def run_once(n: int) -> float:
+        llm.reset()
+        t0, count = time.perf_counter(), 0
+        for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            count += 1
+            if count == n:
+                break
+        return count / (time.perf_counter() - t0)
+
+    run_once(8)
+    return run_once(new)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=512)
@@ -97,13 +130,20 @@ def main() -> None:
         prompts = [torch.randint(1, cfg.vocab_size, (32,), generator=g).tolist() for _ in range(8)]
         eng1 = engine_tok_s(model, prompts[:1], args.new)
         eng8 = engine_tok_s(model, prompts, args.new)
+        model_mod.DECODE_ATTENTION = "sdpa"
+        eng1_sdpa = engine_tok_s(model, prompts[:1], args.new)
+        model_mod.DECODE_ATTENTION = "matmul"
         nocache = no_cache_tok_s(model, prompts[0], args.no_cache_tokens)
         hf = hf_tok_s(model, prompts[0], args.new, tmp)
-        rows.append([name, f"{model.num_params() / 1e6:.1f}M", f"{eng1:,.0f}", f"{eng8:,.0f}", f"{eng8 / eng1:.1f}x",
-                     f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x", f"{hf:,.0f}", f"{eng1 / hf:.2f}x"])
+        cpp = llama_cpp_tok_s(model, prompts[0], args.new, tmp, args.threads)
+        rows.append([name, f"{model.num_params() / 1e6:.1f}M", f"{eng1:,.0f}", f"{eng1_sdpa:,.0f}",
+                     f"{eng8:,.0f}", f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
+                     f"{hf:,.0f}", f"{eng1 / hf:.2f}x",
+                     f"{cpp:,.0f}" if cpp else "not installed", f"{eng1 / cpp:.2f}x" if cpp else "-"])
         print(" | ".join(rows[-1]), flush=True)
-    body = table(["model", "params", "engine b=1 tok/s", "engine b=8 tok/s (aggregate)", "b8/b1",
-                  "no-cache tok/s", "engine/no-cache", "transformers generate tok/s", "engine/transformers"], rows)
+    body = table(["model", "params", "engine b=1 tok/s", "engine b=1, SDPA decode", "engine b=8 tok/s (aggregate)",
+                  "b8/b1", "no-cache tok/s", "engine/no-cache", "transformers generate tok/s", "engine/transformers",
+                  "llama.cpp F32 tok/s", "engine/llama.cpp"], rows)
     body += (f"\n\n{args.new} new tokens after a 32-token prompt, greedy, fp32, {args.threads} threads; the no-cache "
              f"loop timed over its first {args.no_cache_tokens} tokens (it only gets slower as the sequence grows)")
     record("Decoding speed (bench/decode.py)", body)

@@ -99,10 +99,28 @@ def attend(q, k, v, layer: int, cache: KVCache | None, mask: torch.Tensor | None
         cache.v[layer, :, :, cache.pos:cache.pos + t] = v
         k = cache.k[layer, :, :, :cache.pos + t]
         v = cache.v[layer, :, :, :cache.pos + t]
+    if q.size(2) == 1 and DECODE_ATTENTION == "matmul":
+        return decode_attention(q, k, v, mask)
     # No mask: causal over a fresh sequence, or one new token attending to every cached position.
     causal = mask is None and q.size(2) > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
                                           enable_gqa=k.size(1) != q.size(1))
+
+
+# One query token (decoding): two small matmuls beat scaled_dot_product_attention's CPU kernels, whose
+# fixed cost dominates at this size (bench/decode.py compares both). Query heads are grouped over their
+# shared key/value head by a reshape, so GQA needs no copy of the cache.
+DECODE_ATTENTION = "matmul"  # "matmul" | "sdpa"
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    B, H, _, D = q.shape
+    Hkv, S = k.size(1), k.size(2)
+    q = q.view(B, Hkv, H // Hkv, D)
+    scores = (q @ k.transpose(-1, -2)) * (D ** -0.5)  # (B, Hkv, G, S)
+    if mask is not None:  # (B, 1, 1, S) boolean: True = attend
+        scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
+    return (scores.softmax(-1) @ v).view(B, H, 1, D)
 
 
 # --- gpt2 style ----------------------------------------------------------------------------------
