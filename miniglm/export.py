@@ -151,7 +151,23 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
         hf.save_pretrained(str(tmp))
         if tok is not None:
             tok.save(tmp)
+            add_chat_template(run_dir, tmp)
     return Path(out_dir)
+
+
+def add_chat_template(run_dir: Path, tok_dir: Path) -> None:
+    """Name the run's chat layout in tokenizer_config.json as a Jinja chat_template, where one is known."""
+    import json
+
+    from miniglm.fileio import write_json
+    from miniglm.sft.templates import JINJA
+
+    chat, config = run_dir / "chat.json", tok_dir / "tokenizer_config.json"
+    if not chat.exists() or not config.exists():
+        return
+    template = json.loads(chat.read_text()).get("template")
+    if template in JINJA:
+        write_json(config, {**json.loads(config.read_text()), "chat_template": JINJA[template]})
 
 
 # --- GGUF (llama.cpp) ---------------------------------------------------------------------------

@@ -26,12 +26,22 @@ def test_export_to_transformers_keeps_logits(tmp_path, style, tied, bpe_dir):
                 p.add_(torch.randn_like(p) * 0.1)
     save_checkpoint(tmp_path / "run" / "ckpt", model, model.config, {"step": 0})
     load_tokenizer(bpe_dir).save(tmp_path / "run" / "tokenizer")
+    (tmp_path / "run" / "chat.json").write_text('{"template": "miniglm"}')
     assert main(["export", "--run", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     idx = torch.randint(0, 120, (2, 16))
     with torch.no_grad():
         assert torch.allclose(hf(idx).logits, model(idx)[0], atol=1e-5)
-    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).eos_token == "<|endoftext|>"
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf_tok.eos_token == "<|endoftext|>"
+    # the run's chat template travels as a Jinja chat_template that renders the same text
+    from miniglm.sft.templates import render
+
+    chat = [{"role": "system", "content": "你是侠客。"}, {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "幸会。"}, {"role": "user", "content": "师父是谁？"}]
+    ours = load_tokenizer(bpe_dir)
+    expected = ours.decode(render("miniglm", chat, ours, add_generation_prompt=True).ids)
+    assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == expected
     back = from_hf(tmp_path / "hf").eval()  # and back again
     with torch.no_grad():
         assert torch.allclose(back(idx)[0], model(idx)[0], atol=1e-5)

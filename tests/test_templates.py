@@ -200,3 +200,12 @@ def test_shared_sft_sets_prepare(tmp_path, bpe_dir):
     cmrc = shared_file(SHARED_DATA / "sft" / "cmrc2018" / "cmrc2018_dev.json")
     recs = load_records(cmrc)
     assert len(recs) == 3219 and recs[0].messages[0]["content"].startswith("阅读下面的文章")
+
+
+def test_jinja_templates_render_the_same_text(hf_tok):
+    from miniglm.sft.templates import JINJA
+
+    for name, jinja in JINJA.items():
+        text = hf_tok.tok.apply_chat_template(CHAT[:-1], chat_template=jinja, tokenize=False,
+                                              add_generation_prompt=True)
+        assert text == hf_tok.decode(render(name, CHAT[:-1], hf_tok, add_generation_prompt=True).ids), name

@@ -242,6 +242,16 @@ def render_hf(messages, tok: Tokenizer, add_generation_prompt: bool, opts: Templ
     return Rendered(full, labels, stop)
 
 
+# The same layouts as Jinja chat templates, written into exported tokenizers so that transformers,
+# vLLM and llama.cpp render chats as training did (tests compare them with render()).
+JINJA = {
+    "miniglm": ("<|endoftext|>{% for m in messages %}{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"
+                "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|><|assistant|>"
+                "{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}"),
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
+
 TEMPLATES: dict[str, Callable[..., Rendered]] = {
     "miniglm": render_miniglm, "chatglm": render_chatglm, "chatglm2": render_chatglm2, "alpaca": render_alpaca,
     "plain": render_plain, "chatml": render_chatml, "llama2": render_llama2, "hf": render_hf,
