@@ -107,6 +107,7 @@ class Batcher:
         extra = KVCache(self.model.config, 1, c.max_len, device=self.device, dtype=self._dtype())
         extra.mask[:, :S - P] = False
         extra.n_pad[:] = S - P
+        c.padded = c.padded or S > P
         extra.k[:, :, :, S - P:S] = alone.k
         extra.v[:, :, :, S - P:S] = alone.v
         c.k, c.v = torch.cat([c.k, extra.k], 1), torch.cat([c.v, extra.v], 1)
@@ -124,6 +125,7 @@ class Batcher:
         c.mask[:, :n] = False
         c.n_pad += n
         c.pos += n
+        c.padded = True
 
     def _compact(self) -> None:
         """When the shared positions run out, drop the leading columns that are padding in every row."""

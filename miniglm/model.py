@@ -73,6 +73,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # left padding per row
+        self.padded = False  # any masked position: decoding then needs an explicit attention mask
         self.pos = 0
         self.max_len = max_len
 
@@ -281,6 +282,7 @@ class MiniGLM(nn.Module):
         if cache is not None and attention_mask is not None:
             cache.mask[:, past:past + T] = attention_mask.bool()
             cache.n_pad += (attention_mask == 0).sum(-1)
+            cache.padded = cache.padded or bool((attention_mask == 0).any())
         if position_ids is None:  # with left padding, positions count real tokens only
             position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
             if cache is not None:
@@ -311,7 +313,7 @@ class MiniGLM(nn.Module):
         """None means plain causal attention (the fast path); else a (B, 1, T, S) boolean mask."""
         if cache is not None:
             past = cache.pos
-            if attention_mask is None and (T == 1 or past == 0) and bool(cache.mask[:, :past].all()):
+            if attention_mask is None and (T == 1 or past == 0) and not cache.padded:
                 return None
             keys = cache.mask[:, :past + T]  # (B, S)
             q_pos = torch.arange(past, past + T, device=keys.device)
