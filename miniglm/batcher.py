@@ -141,7 +141,7 @@ class Batcher:
         c.pos -= n
 
     def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.embeddings.weight.dtype
 
     def _step(self) -> None:
         next_ids = []

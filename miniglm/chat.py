@@ -36,14 +36,14 @@ class LoadedRun:
         return r.ids, r.stop_ids
 
 
-def load_run(run: str | Path, device: str = "auto", raw: bool = False) -> LoadedRun:
+def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: bool = False) -> LoadedRun:
     ckpt = find_checkpoint(run)
     run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
     if not (run_dir / "tokenizer").exists():
         raise UserError(f"{run_dir}: no tokenizer/ folder in the run")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = Engine(load_model_from(ckpt, device), load_tokenizer(run_dir / "tokenizer"), device)
+    engine = Engine(load_model_from(ckpt, device), load_tokenizer(run_dir / "tokenizer"), device, int8)
     template, options = None, TemplateOptions()
     if (run_dir / "chat.json").exists() and not raw:
         info = json.loads((run_dir / "chat.json").read_text())

@@ -171,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         texts = [args.prompt]
-    run = load_run(args.run, args.device, args.raw)
+    run = load_run(args.run, args.device, args.raw, args.int8)
     for r in generate_texts(run, texts, _sampling(args), args.batch_size, args.system):
         print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"], flush=True)
     return 0
@@ -180,7 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from miniglm.chat import chat_repl, load_run
 
-    chat_repl(load_run(args.run, args.device, args.raw), _sampling(args))
+    chat_repl(load_run(args.run, args.device, args.raw, args.int8), _sampling(args))
     return 0
 
 
@@ -196,6 +196,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trim-prompt", action="store_true", help="keep the end of a prompt past the context")
     p.add_argument("--raw", action="store_true", help="ignore the run's chat template: continue raw text")
     p.add_argument("--device", default="auto")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights on CPU: ~2x faster decoding, slightly different logits")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -204,7 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from miniglm.serve import serve
 
     key = args.api_key or os.environ.get(args.api_key_env) or None
-    serve(args.run, args.host, args.port, key, args.device, args.max_batch)
+    serve(args.run, args.host, args.port, key, args.device, args.max_batch, args.int8)
     return 0
 
 
@@ -354,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-env", default="MINIGLM_API_KEY", help="or read the key from this variable")
     sv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     sv.add_argument("--device", default="auto")
+    sv.add_argument("--int8", action="store_true", help="int8 weights on CPU: ~2x faster decoding")
     sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="export a run to Hugging Face transformers or GGUF",

@@ -238,9 +238,9 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "auto", max_batch: int = 32) -> None:
+          device: str = "auto", max_batch: int = 32, int8: bool = False) -> None:
     import uvicorn
 
-    app = create_app(load_run(run_dir, device), api_key, max_batch)
+    app = create_app(load_run(run_dir, device, int8=int8), api_key, max_batch)
     print(f"serving {run_dir} on http://{host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -85,3 +85,14 @@ def test_prompt_past_the_context(bpe_dir):
         eng.generate([long], SamplingParams(max_new_tokens=8))
     out = eng.generate([long], SamplingParams(max_new_tokens=8, trim_prompt=True))[0]
     assert len(out.ids) == 8 and out.prompt_tokens == 24
+
+
+def test_int8_engine_runs_and_stays_close(bpe_dir):
+    eng = engine(bpe_dir)
+    q = Engine(eng.model, eng.tokenizer, int8=True)
+    prompt = eng.tokenizer.encode("司徒沧霄的师父是")
+    with torch.no_grad():
+        full = eng.model(torch.tensor([prompt]))[0][0, -1]
+        quant = q.model(torch.tensor([prompt]))[0][0, -1]
+    assert torch.allclose(full, quant, atol=0.05)  # weight-only int8: small logit changes
+    assert len(q.generate([prompt], SamplingParams(max_new_tokens=10))[0].ids) == 10
