@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from miniglm.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
-                         vocab_size=args.vocab_size, seed=args.seed, overrides=args.set))
+                         vocab_size=args.vocab_size, seed=args.seed, questions=args.questions, overrides=args.set))
     return 0
 
 
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bios", type=int, default=6)
     d.add_argument("--vocab-size", type=int, default=4096)
     d.add_argument("--seed", type=int, default=1337)
+    d.add_argument("--questions", type=int, default=200, help="questions per split asked at the end")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key in both stages, e.g. --set max_steps=50")
     d.set_defaults(func=cmd_demo)

@@ -24,6 +24,7 @@ class DemoOptions:
     bios: int = 6
     vocab_size: int = 4096
     seed: int = 1337
+    questions: int = 200  # asked of the fine-tuned model at the end, per split
     overrides: list[str] = field(default_factory=list)
 
 
@@ -75,7 +76,29 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     sft = train(sft_cfg, log=log)
     log(f"   {sft_meta['train_records']} records, {sft['steps']} steps in {sft['seconds']:.0f}s, "
         f"val loss {sft['val_loss']:.3f}")
+    scores = sample_answers(run, log, opts.questions)
     seconds = time.perf_counter() - t0
     log(f"demo done in {seconds:.1f}s: {run}")
     return {"world": ws.__dict__, "corpus": cs.__dict__, "tokenizer": rep, "shards": meta, "pretrain": pre,
-            "sft": sft, "seconds": seconds}
+            "sft": sft, "exact_match": scores, "seconds": seconds}
+
+
+def sample_answers(run: Path, log=print, n: int = 200) -> dict:
+    """Ask the fine-tuned model up to n questions of training and of held-out characters (greedy);
+    print a few with their references, and the exact-match rate of each set."""
+    from miniglm.chat import generate_texts, load_run
+    from miniglm.engine import SamplingParams
+    from miniglm.fileio import read_jsonl
+
+    model = load_run(run / "sft", device="cpu")
+    scores = {}
+    for split, label in [("sft_train", "training characters"), ("sft_test", "held-out characters")]:
+        rows = [r for _, r in read_jsonl(run / "world" / f"{split}.jsonl")][:n]
+        params = SamplingParams(max_new_tokens=16, trim_prompt=True)
+        outs = generate_texts(model, [r["question"] for r in rows], params, batch_size=32)
+        hits = [o["output"].strip() == r["answer"] for r, o in zip(rows, outs, strict=True)]
+        scores[split] = sum(hits) / len(hits)
+        log(f"   {label}: exact match {scores[split]:.1%} on {len(rows)} questions, e.g.")
+        for r, o in list(zip(rows, outs, strict=True))[:3]:
+            log(f"     问：{r['question']}  参考：{r['answer']}  模型：{o['output']}")
+    return scores

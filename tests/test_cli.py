@@ -92,10 +92,10 @@ def test_demo_runs_the_pipeline(capsys, tmp_path):
     out = tmp_path / "demo"
     tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=1", "model.block_size=48",
             "max_steps=3", "eval_every=3", "batch_size=4"]
-    argv = ["demo", "--out", str(out), "--characters", "30", "--bios", "2", "--vocab-size", "300"]
+    argv = ["demo", "--out", str(out), "--characters", "30", "--bios", "2", "--vocab-size", "300", "--questions", "10"]
     assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0
     text = capsys.readouterr().out
-    assert "demo done" in text
+    assert "demo done" in text and "held-out characters: exact match" in text
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert meta["tokenizer"] == "../tokenizer" and meta["train_tokens"] > 0 and meta["val_tokens"] > 0
     assert (out / "world" / "sft_test.jsonl").exists() and (out / "tokenizer" / "tokenizer.json").exists()
