@@ -3,7 +3,7 @@
 Reports aggregate tokens/s, time to first token and p50/p95 request latency. The server runs in this
 process (uvicorn in a thread) on a run folder, or on a random-weight model of the demo's shape.
 
-    .venv/bin/python bench/serve.py [--run runs/demo/sft] [--tokens 128] [--requests 2]
+    .venv/bin/python bench/serve.py [--run runs/demo/sft] [--tokens 96] [--requests 2]
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ def client(base: str, n_requests: int, tokens: int, out: list) -> None:
             t0 = time.perf_counter()
             first, count = None, 0
             body = {"prompt": "司徒沧霄与蔡尘淑是至交好友。", "max_tokens": tokens, "stream": True,
-                    "temperature": 1.0, "seed": i, "stop": ["never-stop-here"],
+                    "temperature": 1.0, "seed": i, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
             with http.stream("POST", base + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    sys.exit(f"HTTP {r.status_code}: {r.read().decode()}")
                 for line in r.iter_lines():
                     if not line.startswith("data:") or line.endswith("[DONE]"):
                         continue
@@ -68,7 +70,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=None)
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=96, help="new tokens per request (prompt + tokens <= context)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     args = ap.parse_args()
     run_dir = Path(args.run) if args.run else random_run(Path(tempfile.mkdtemp(prefix="miniglm-serve-")))
@@ -101,7 +103,7 @@ def main() -> None:
         print(" | ".join(map(str, rows[-1])), flush=True)
     server.should_exit = True
     body = table(["clients", "requests", "aggregate tok/s", "TTFT p50 s", "latency p50 s", "latency p95 s"], rows)
-    body += (f"\n\n{args.tokens} tokens per request (max_tokens, a stop string that never appears), streaming "
+    body += (f"\n\n{args.tokens} tokens per request (max_tokens with ignore_eos), streaming "
              f"/v1/completions, model: {run_dir}; torch threads {torch.get_num_threads()}")
     record("Serving (bench/serve.py)", body)
 

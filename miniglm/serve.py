@@ -139,7 +139,7 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
 
     async def respond(request: Request, body: dict, prompt: list[int], stops: list[int], chat: bool):
         params = sampling_from(body, len(prompt), block_size)
-        params.stop_ids = sorted(set(stops))
+        params.stop_ids = [] if body.get("ignore_eos") else sorted(set(stops))  # vLLM's extension, for benchmarks
         stream = bool(body.get("stream", False))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         req, queue = start(prompt, params)
