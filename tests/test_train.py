@@ -191,3 +191,16 @@ def test_import_seed_checkpoint(tmp_path):
         assert torch.allclose(imported(idx)[0], model.eval()(idx)[0], atol=1e-6)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert main(["import-ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_init_from_a_hugging_face_model(tmp_path, data_dir):
+    from miniglm.export import export_hf
+
+    base = tmp_path / "base"
+    train(cfg_for(data_dir, base, "max_steps=30", "eval_every=30"))
+    export_hf(base, tmp_path / "hf")  # a LlamaForCausalLM folder, as from the hub
+    run = tmp_path / "from_hf"
+    summary = train(cfg_for(data_dir, run, f"init_from={tmp_path / 'hf'}", "max_steps=3", "eval_every=3"))
+    assert summary["steps"] == 3
+    # it starts where the base model ended (~5.4), not from scratch (ln 400 = 6.0)
+    assert losses(run)[1] < 5.8 and abs(losses(run)[1] - losses(base)[30]) < 0.3
