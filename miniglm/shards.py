@@ -37,10 +37,7 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizer: Tokenizer, out_dir: str |
     """corpus_dir/{train,val}.jsonl -> out_dir/{train,val}.bin + meta.json."""
     t0 = time.perf_counter()
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    ref = tokenizer.name
-    if Path(ref).exists():  # a path is stored relative to meta.json, so the run folder can move
-        ref = os.path.relpath(Path(ref).resolve(), out_dir.resolve())
-    meta: dict = {"tokenizer": ref, "vocab_size": tokenizer.vocab_size,
+    meta: dict = {"tokenizer": tokenizer_ref(tokenizer, out_dir), "vocab_size": tokenizer.vocab_size,
                   "dtype": token_dtype(tokenizer.vocab_size).name, "eot_id": tokenizer.eot_id,
                   "pad_id": tokenizer.pad_id}
     total_bytes = 0
@@ -97,6 +94,13 @@ def open_shards(data_dir: str | Path) -> tuple[TokenShard, TokenShard, dict]:
     meta = load_meta(data_dir)
     d = Path(data_dir)
     return TokenShard(d / "train.bin", meta["dtype"]), TokenShard(d / "val.bin", meta["dtype"]), meta
+
+
+def tokenizer_ref(tokenizer: Tokenizer, out_dir: Path) -> str:
+    """How meta.json names a tokenizer: a path relative to the meta's folder (so a run folder can move),
+    or the name itself (cl100k_base, an HF hub name)."""
+    ref = tokenizer.name
+    return os.path.relpath(Path(ref).resolve(), out_dir.resolve()) if Path(ref).exists() else ref
 
 
 def tokenizer_of(data_dir: str | Path) -> str:

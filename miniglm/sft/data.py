@@ -8,7 +8,6 @@ loop reads, with truncation, optional packing, and stats.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from miniglm.fileio import UserError, write_json, write_jsonl
 from miniglm.sft.formats import load_records
 from miniglm.sft.templates import IGNORE, PADDING_SIDE, Rendered, TemplateOptions, render
+from miniglm.shards import tokenizer_ref
 from miniglm.tokenizer import Tokenizer
 
 
@@ -129,11 +129,9 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
     stats.sequences = len(train) + len(val)
     write_jsonl(out_dir / "val.jsonl", val)
     write_jsonl(out_dir / "train.jsonl", train)
-    ref = tok.name
-    if Path(ref).exists():
-        ref = os.path.relpath(Path(ref).resolve(), out_dir.resolve())
     probe = render(template, [{"role": "user", "content": "?"}], tok, add_generation_prompt=True, opts=opts)
-    meta = {"tokenizer": ref, "template": template, "template_options": opts.__dict__, "max_len": max_len,
+    meta = {"tokenizer": tokenizer_ref(tok, out_dir), "template": template, "template_options": opts.__dict__,
+            "max_len": max_len,
             "packed": packing, "padding_side": PADDING_SIDE.get(template, "right"), "stop_ids": probe.stop_ids,
             "pad_id": tok.pad_id, "vocab_size": tok.vocab_size, "train_records": len(rows) - n_val,
             "val_records": n_val, **stats.__dict__}
