@@ -37,8 +37,9 @@ class _Ids:
         return b"x"
 
 
-def engine_tok_s(model: MiniGLM, prompts: list[list[int]], new: int, int8: bool = False) -> float:
-    eng = Engine(model, _Ids(), int8=int8)
+def engine_tok_s(model: MiniGLM, prompts: list[list[int]], new: int, int8: bool = False,
+                 transposed: bool = True) -> float:
+    eng = Engine(model, _Ids(), int8=int8, transposed=transposed)
     params = SamplingParams(max_new_tokens=new)
     eng.generate([p[:8] for p in prompts], SamplingParams(max_new_tokens=8))  # warm-up
     t0 = time.perf_counter()
@@ -134,16 +135,19 @@ def main() -> None:
         eng1_matmul = engine_tok_s(model, prompts[:1], args.new)
         model_mod.DECODE_ATTENTION = "sdpa"
         eng1_int8 = engine_tok_s(model, prompts[:1], args.new, int8=True)
+        eng1_linear = engine_tok_s(model, prompts[:1], args.new, transposed=False)
         nocache = no_cache_tok_s(model, prompts[0], args.no_cache_tokens or args.new)
         hf = hf_tok_s(model, prompts[0], args.new, tmp)
         cpp = llama_cpp_tok_s(model, prompts[0], args.new, tmp, args.threads)
-        rows.append([name, f"{model.num_params() / 1e6:.1f}M", f"{eng1:,.0f}", f"{eng1_matmul:,.0f}",
+        rows.append([name, f"{model.num_params() / 1e6:.1f}M", f"{eng1:,.0f}", f"{eng1_linear:,.0f}",
+                     f"{eng1_matmul:,.0f}",
                      f"{eng1_int8:,.0f}",
                      f"{eng8:,.0f}", f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
                      f"{hf:,.0f}", f"{eng1 / hf:.2f}x ({eng1_int8 / hf:.2f}x int8)",
                      f"{cpp:,.0f}" if cpp else "not installed", f"{eng1 / cpp:.2f}x" if cpp else "-"])
         print(" | ".join(rows[-1]), flush=True)
-    body = table(["model", "params", "engine b=1 tok/s", "engine b=1, matmul decode attention", "engine b=1 int8",
+    body = table(["model", "params", "engine b=1 tok/s", "engine b=1, nn.Linear layout",
+                  "engine b=1, matmul decode attention", "engine b=1 int8",
                   "engine b=8 tok/s (aggregate)",
                   "b8/b1", "no-cache tok/s", "engine/no-cache", "transformers generate tok/s", "engine/transformers",
                   "llama.cpp F32 tok/s", "engine/llama.cpp"], rows)

@@ -17,6 +17,7 @@ import torch
 from miniglm.checkpoint import find_checkpoint, load_model_from
 from miniglm.engine import Engine, SamplingParams
 from miniglm.fileio import UserError
+from miniglm.lora import merge_lora
 from miniglm.sft.templates import TemplateOptions, render
 from miniglm.tokenizer import load_tokenizer
 
@@ -43,7 +44,8 @@ def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: boo
         raise UserError(f"{run_dir}: no tokenizer/ folder in the run")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = Engine(load_model_from(ckpt, device), load_tokenizer(run_dir / "tokenizer"), device, int8)
+    model = merge_lora(load_model_from(ckpt, device))  # an adapter run decodes with merged weights
+    engine = Engine(model, load_tokenizer(run_dir / "tokenizer"), device, int8)
     template, options = None, TemplateOptions()
     if (run_dir / "chat.json").exists() and not raw:
         info = json.loads((run_dir / "chat.json").read_text())

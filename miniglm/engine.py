@@ -7,6 +7,7 @@ Streaming goes through the StreamDecoder, so a chunk never holds half a characte
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -72,12 +73,41 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+class DecodeLinear(torch.nn.Module):
+    """nn.Linear with its weight stored transposed, (in, out). Decoding multiplies one row by every
+    weight of the model, once per token; on CPU that product runs ~1.3x faster in this layout
+    (bench/decode.py), with bit-identical results."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight_t = torch.nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def for_decoding(model: MiniGLM) -> MiniGLM:
+    """A copy of the model whose linear layers are DecodeLinear (the caller's model is left as it is)."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, DecodeLinear(child))
+    return model
+
+
 class Engine:
-    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", int8: bool = False):
-        """int8: weight-only dynamic int8 quantization of the linear layers (CPU). Decoding a small model
+    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", int8: bool = False,
+                 transposed: bool = True):
+        """transposed: decode with DecodeLinear layers on CPU (same logits, faster).
+        int8: weight-only dynamic int8 quantization of the linear layers (CPU). Decoding a small model
         on a CPU streams every weight once per token, so a quarter of the bytes is ~2x the speed; the
         logits move slightly, so greedy output may differ from fp32."""
         model = model.eval().to(device)
+        if transposed and not int8 and device == "cpu":
+            model = for_decoding(model)
         if int8:
             import warnings
 
