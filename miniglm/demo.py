@@ -6,6 +6,7 @@ configs/demo.toml and configs/demo-sft.toml; `overrides` (KEY=VALUE) apply to bo
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,8 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     meta = shards.tokenize_corpus(run / "corpus", tok, run / "data")
     log(f"   {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']})")
 
+    for stage in ("pretrain", "sft_data", "sft"):  # the data above was made anew: so are the models
+        shutil.rmtree(run / stage, ignore_errors=True)
     log(f"== 5/6 pretrain -> {run / 'pretrain'}")
     pre_cfg = stage_config("demo.toml", run / "pretrain", run / "data",
                            [f"model.vocab_size={tok.vocab_size}", *opts.overrides])

@@ -319,6 +319,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model.train()
     t_start, tokens_run, summary = time.perf_counter(), 0, {}
     interrupted = False
+    if step >= cfg.max_steps:  # a finished run, rerun: report where it stands
+        if master:
+            log(f"{out} already trained {step} of {cfg.max_steps} steps; raise max_steps to train on")
+        summary.update(evaluate())
     try:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)

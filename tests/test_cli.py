@@ -103,3 +103,4 @@ def test_demo_runs_the_pipeline(capsys, tmp_path):
     for stage in ["pretrain", "sft"]:
         assert (out / stage / "ckpt" / "model.safetensors").exists()
     assert json.loads((out / "sft" / "ckpt" / "state.json").read_text())["step"] == 3
+    assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0  # a second demo in the same folder

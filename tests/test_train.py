@@ -62,6 +62,9 @@ def test_pretrain_writes_a_run(tmp_path, data_dir):
         assert (out / "ckpt" / name).exists()
     assert (out / "best" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()
     assert "val_bpb" in summary and summary["steps"] == 30
+    again = train(cfg_for(data_dir, out, "max_steps=30", "eval_every=15"))  # a finished run, rerun
+    assert again["steps"] == 30 and abs(again["val_loss"] - summary["val_loss"]) < 1e-6
+    assert len(losses(out)) == 30
     assert load_config(out / "config.toml").max_steps == 30
     assert main(["plot", str(out)]) == 0 and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
