@@ -166,3 +166,26 @@ def test_sft_generate_against_the_server(server, tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(r["question"] for r in rows) == ["司徒沧霄是哪里人？", "黄蓉是谁？"]
     assert summary.failed == 0 and summary.total_tokens > 0
+
+
+def test_batch_compacts_when_positions_run_out(bpe_dir, tmp_path):
+    """A row that joins late sits behind padding; when the shared positions reach the context, the
+    padding every row shares is dropped and decoding goes on, with the same tokens as alone."""
+    run = load_run(make_chat_run(tmp_path, bpe_dir, block_size=48, n_layer=1), "cpu")
+    eng, tok = run.engine, run.engine.tokenizer
+    a_prompt, b_prompt = tok.encode("天下大势"), tok.encode("江湖")
+    pa, pb = SamplingParams(max_new_tokens=30), SamplingParams(max_new_tokens=30)
+    alone_a = eng.generate([a_prompt], pa)[0].ids
+    alone_b = eng.generate([b_prompt], pb)[0].ids
+    batcher = Batcher(eng.model, tok)
+    done = []
+    a = batcher.submit(Job(a_prompt, pa, lambda ev: ev.get("done") and done.append("a")))
+    while batcher.steps < 20:
+        time.sleep(0.001)
+    b = batcher.submit(Job(b_prompt, pb, lambda ev: ev.get("done") and done.append("b")))
+    deadline = time.time() + 30
+    while len(done) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    batcher.stop()
+    assert a.ids == alone_a and b.ids == alone_b
+    assert len(a_prompt) + 20 + len(b.ids) > 48  # B outlived the shared positions: a compaction happened
