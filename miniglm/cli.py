@@ -122,6 +122,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     run = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
     if (run / "tokenizer").exists():
         shutil.copytree(run / "tokenizer", Path(args.out) / "tokenizer", dirs_exist_ok=True)
+    if (run / "chat.json").exists():  # the merged model chats with the template it was tuned with
+        shutil.copyfile(run / "chat.json", Path(args.out) / "chat.json")
     print(f"merged the adapter into the weights -> {args.out}/ckpt")
     return 0
 

@@ -55,6 +55,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str = "auto"  # comma-separated module names; auto: q_proj,v_proj (llama), c_attn (gpt2)
+    lora_embeddings: bool = True  # also train the token embeddings: new role/end tokens are learned there
     model: ModelConfig = field(default_factory=ModelConfig)
 
 

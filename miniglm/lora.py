@@ -15,33 +15,54 @@ def default_targets(style: str) -> list[str]:
 
 
 def add_lora(model: MiniGLM, r: int, alpha: int, dropout: float = 0.0, targets: str = "auto",
-             init: bool = True) -> dict:
-    """Inject LoRA layers into the named linear modules; only they stay trainable. Returns the config."""
+             init: bool = True, train_embeddings: bool = False) -> dict:
+    """Inject LoRA layers into the named linear modules; only they stay trainable, and with
+    train_embeddings the token embeddings too (tied to the output layer, or the output layer as well):
+    tokens a base model never saw, such as the chat roles and the end-of-turn token, can only be
+    learned there. Returns the config."""
     from peft import LoraConfig, inject_adapter_in_model
 
     names = default_targets(model.config.style) if targets in ("", "auto") else [t.strip() for t in targets.split(",")]
-    config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": names}
-    inject_adapter_in_model(LoraConfig(**config, init_lora_weights=init), model)
+    config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": names,
+              "train_embeddings": train_embeddings}
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                                       init_lora_weights=init), model)
+    if train_embeddings:
+        model.embeddings.weight.requires_grad_(True)
+        model.lm_head.weight.requires_grad_(True)  # the same tensor when tied
     return config
 
 
 def adapter_state(model: MiniGLM) -> dict[str, torch.Tensor]:
+    """The adapter's weights, plus any other trainable weights (the embeddings with train_embeddings)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    state = dict(get_peft_model_state_dict(model))
+    for name, p in model.named_parameters():  # named_parameters lists a tied weight once
+        if p.requires_grad and "lora_" not in name:
+            state[name] = p
+    return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def load_adapter_weights(model: MiniGLM, ckpt: str | Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(Path(ckpt) / "adapter.safetensors")))
+    state = load_file(str(Path(ckpt) / "adapter.safetensors"))
+    set_peft_model_state_dict(model, {k: v for k, v in state.items() if "lora_" in k})
+    full = {k: v for k, v in state.items() if "lora_" not in k}
+    if full:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for k, v in full.items():
+                params[k].copy_(v)
 
 
 def load_adapter(model: MiniGLM, ckpt: str | Path) -> MiniGLM:
     """Add the adapter layers a checkpoint describes and load their weights."""
     config = json.loads((Path(ckpt) / "adapter_config.json").read_text())
-    add_lora(model, config["r"], config["lora_alpha"], config["lora_dropout"], ",".join(config["target_modules"]))
+    add_lora(model, config["r"], config["lora_alpha"], config["lora_dropout"], ",".join(config["target_modules"]),
+             train_embeddings=config.get("train_embeddings", False))
     load_adapter_weights(model, ckpt)
     return model
 

@@ -245,7 +245,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         from miniglm import lora as lora_mod
 
         torch.manual_seed(cfg.seed)
-        lora = lora_mod.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        lora = lora_mod.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                                 train_embeddings=cfg.lora_embeddings)
         if resume:
             lora_mod.load_adapter_weights(model, ckpt)
     model.to(device)

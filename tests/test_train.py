@@ -164,6 +164,12 @@ def test_lora_adapter_and_merge(tmp_path, data_dir):
     assert (run / "ckpt" / "adapter.safetensors").exists() and not (run / "ckpt" / "model.safetensors").exists()
     adapted = load_model_from(run).eval()
     base_model = load_model_from(base).eval()
+    adapter_keys = set(json.loads((run / "ckpt" / "adapter_config.json").read_text())["target_modules"])
+    assert adapter_keys == {"q_proj", "v_proj"}
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "ckpt" / "adapter.safetensors"))
+    assert "model.embed_tokens.weight" in saved  # lora_embeddings: new tokens are learned there
     assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
     merged = load_model_from(tmp_path / "merged").eval()
     idx = torch.randint(0, 400, (2, 16))
