@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from miniglm.fileio import UserError
 from miniglm.model import KVCache, MiniGLM
@@ -74,23 +75,39 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
 
 
 class DecodeLinear(torch.nn.Module):
-    """nn.Linear with its weight stored transposed, (in, out). Decoding multiplies one row by every
-    weight of the model, once per token; on CPU that product runs ~1.3x faster in this layout
-    (bench/decode.py), with bit-identical results."""
+    """One or more nn.Linear layers of the same input as one product (fewer, wider products), with the
+    weight kept in both layouts: a single row (batch-1 decoding) multiplies fastest by the transposed
+    (in, out) copy on CPU, several rows by the usual (out, in) one (bench/decode.py measures both)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, *linears: torch.nn.Linear):
         super().__init__()
-        self.weight_t = torch.nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
-        self.bias = linear.bias
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.weight_t = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        biases = [lin.bias for lin in linears]
+        self.bias = None if biases[0] is None else torch.nn.Parameter(torch.cat([b.detach() for b in biases]),
+                                                                      requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
-        return y if self.bias is None else y + self.bias
+        if x.numel() == x.size(-1):  # one row
+            y = x @ self.weight_t
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 def for_decoding(model: MiniGLM) -> MiniGLM:
-    """A copy of the model whose linear layers are DecodeLinear (the caller's model is left as it is)."""
+    """A copy of the model for CPU decoding (the caller's model is left as it is): llama's q/k/v and
+    gate/up projections fused, every linear layer a DecodeLinear."""
+    from miniglm.model import LlamaAttention, LlamaMLP
+
     model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        if isinstance(module, LlamaAttention):
+            module.qkv_proj = DecodeLinear(module.q_proj, module.k_proj, module.v_proj)
+            del module.q_proj, module.k_proj, module.v_proj
+        elif isinstance(module, LlamaMLP):
+            module.gate_up_proj = DecodeLinear(module.gate_proj, module.up_proj)
+            del module.gate_proj, module.up_proj
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:

@@ -174,12 +174,18 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * d, bias=False)
         self.o_proj = nn.Linear(c.n_head * d, c.n_embd, bias=False)
         self.n_head, self.n_kv_head, self.head_dim, self.dropout = c.n_head, c.n_kv_head, d, c.dropout
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one product, set for decoding (engine.py)
 
     def forward(self, x, layer, cache, mask, rope):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                              self.n_kv_head * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, layer, cache, mask, self.dropout if self.training else 0.0)
@@ -192,8 +198,12 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(c.n_embd, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.n_embd, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.n_embd, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one product, set for decoding
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
