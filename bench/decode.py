@@ -37,15 +37,20 @@ class _Ids:
         return b"x"
 
 
+REPEATS = 3  # the machine is shared: each figure is the best of a few runs
+
+
 def engine_tok_s(model: MiniGLM, prompts: list[list[int]], new: int, int8: bool = False,
                  transposed: bool = True) -> float:
     eng = Engine(model, _Ids(), int8=int8, transposed=transposed)
     params = SamplingParams(max_new_tokens=new)
     eng.generate([p[:8] for p in prompts], SamplingParams(max_new_tokens=8))  # warm-up
-    t0 = time.perf_counter()
-    outs = eng.generate(prompts, params)
-    dt = time.perf_counter() - t0
-    return sum(len(o.ids) for o in outs) / dt
+    best = 0.0
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        outs = eng.generate(prompts, params)
+        best = max(best, sum(len(o.ids) for o in outs) / (time.perf_counter() - t0))
+    return best
 
 
 @torch.inference_mode()
@@ -70,10 +75,12 @@ def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
     idx = torch.tensor([prompt])
     with torch.inference_mode():
         hf.generate(idx, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        t0 = time.perf_counter()
-        out = hf.generate(idx, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        dt = time.perf_counter() - t0
-    return (out.shape[1] - len(prompt)) / dt
+        best = 0.0
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            out = hf.generate(idx, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            best = max(best, (out.shape[1] - len(prompt)) / (time.perf_counter() - t0))
+    return best
 
 
 def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int) -> float | None:
@@ -105,7 +112,7 @@ def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, thre
         return count / (time.perf_counter() - t0)
 
     run_once(8)
-    return run_once(new)
+    return max(run_once(new) for _ in range(REPEATS))
 
 
 def main() -> None:
@@ -153,7 +160,8 @@ def main() -> None:
                   "llama.cpp F32 tok/s", "engine/llama.cpp"], rows)
     body += (f"\n\n{args.new} new tokens after a 32-token prompt, greedy, fp32 unless int8, {args.threads} threads; "
              f"the no-cache loop timed over {args.no_cache_tokens or args.new} tokens; int8 = weight-only dynamic "
-             "quantization of the linear layers (not bit-exact with fp32)")
+             "quantization of the linear layers (not bit-exact with fp32); engine, transformers and llama.cpp: best of "
+             f"{REPEATS} runs")
     record("Decoding speed (bench/decode.py)", body)
 
 
