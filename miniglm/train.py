@@ -372,6 +372,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 summary.update(ev)
             if master and (is_eval if cfg.save_every == 0 else step % cfg.save_every == 0 or step == cfg.max_steps):
                 save(out / "ckpt", with_optimizer=True)
+        if world > 1:
+            dist.barrier()  # leave together: a process gone early can abort its peer's gloo connection
     except KeyboardInterrupt:
         interrupted = True
         if master:
