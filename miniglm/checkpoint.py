@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from miniglm.fileio import UserError, atomic_dir, write_json
+from miniglm.fileio import UserError, atomic_dir, recover_dir, write_json
 from miniglm.model import MiniGLM, ModelConfig
 
 
@@ -37,6 +37,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfi
 def find_checkpoint(run_or_ckpt: str | Path) -> Path:
     """A run folder (its ckpt/) or a checkpoint folder itself."""
     p = Path(run_or_ckpt)
+    recover_dir(p / "ckpt")
     for candidate in (p, p / "ckpt"):
         if (candidate / "config.json").exists() and (candidate / "state.json").exists():
             return candidate

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from miniglm import checkpoint
 from miniglm.config import TrainConfig, save_config
-from miniglm.fileio import UserError, read_jsonl, write_json
+from miniglm.fileio import UserError, read_jsonl, recover_dir, write_json
 from miniglm.model import MiniGLM
 from miniglm.sft.templates import IGNORE
 from miniglm.shards import load_meta, open_shards, tokenizer_of
@@ -222,7 +222,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     # The model: resume from our own last checkpoint, else init_from a run, else from scratch.
-    resume = (out / "ckpt" / "state.json").exists()
+    resume = (recover_dir(out / "ckpt") / "state.json").exists()
     base_model_ref = None
     if resume:
         ckpt = checkpoint.find_checkpoint(out)

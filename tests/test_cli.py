@@ -104,3 +104,12 @@ def test_demo_runs_the_pipeline(capsys, tmp_path):
         assert (out / stage / "ckpt" / "model.safetensors").exists()
     assert json.loads((out / "sft" / "ckpt" / "state.json").read_text())["step"] == 3
     assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0  # a second demo in the same folder
+
+
+def test_a_folder_killed_between_renames_is_recovered(tmp_path):
+    from miniglm.fileio import atomic_dir, recover_dir
+
+    with atomic_dir(tmp_path / "ckpt") as d:
+        (d / "state.json").write_text("1")
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # as if killed after the first of two renames
+    assert (recover_dir(tmp_path / "ckpt") / "state.json").read_text() == "1"
