@@ -189,3 +189,10 @@ def test_batch_compacts_when_positions_run_out(bpe_dir, tmp_path):
     batcher.stop()
     assert a.ids == alone_a and b.ids == alone_b
     assert len(a_prompt) + 20 + len(b.ids) > 48  # B outlived the shared positions: a compaction happened
+
+
+def test_ignore_eos_runs_to_max_tokens(server):
+    base, _ = server
+    r = httpx.post(base + "/v1/completions", headers={"Authorization": "Bearer sekret"},
+                   json={"prompt": "天下", "max_tokens": 25, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 25

@@ -114,7 +114,7 @@ def test_alpaca_matches_seed_layout(hf_tok):
     assert r.ids == s + t and r.labels == [-100] * len(s) + t
 
 
-def test_hf_template_prefix_check(hf_tok):
+def test_hf_template_prefix_check(hf_tok, tmp_path):
     r = render("hf", CHAT, hf_tok)
     assert hf_tok.decode(r.ids).startswith("<|im_start|>system\n你是武侠专家。<|im_end|>\n")
     trained = hf_tok.decode([t for t, lab in zip(r.ids, r.labels, strict=True) if lab != IGNORE])
@@ -123,6 +123,10 @@ def test_hf_template_prefix_check(hf_tok):
     try:
         with pytest.raises(UserError, match="not a token prefix"):
             render("hf", CHAT, hf_tok)
+        bad = tmp_path / "chats.jsonl"
+        bad.write_text(json.dumps({"messages": CHAT}, ensure_ascii=False) + "\n", encoding="utf-8")
+        with pytest.raises(UserError, match=r"chats.jsonl:line 1: .*not a token prefix"):
+            prepare_sft(bad, hf_tok, tmp_path / "out", "hf", max_len=512, val_fraction=0)
     finally:
         hf_tok.tok.chat_template = CHATML
 

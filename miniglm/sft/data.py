@@ -101,7 +101,10 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
     rows = []
     for rec in load_records(data):
         stats.records += 1
-        r, truncated = fit(template, rec.messages, tok, max_len, opts)
+        try:
+            r, truncated = fit(template, rec.messages, tok, max_len, opts)
+        except UserError as e:  # name the record that breaks the template
+            raise UserError(f"{rec.where}: {e}") from None
         if truncated:
             stats.truncated += 1
             if len(stats.truncated_where) < 5:
