@@ -83,11 +83,12 @@ def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
     return best
 
 
-def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int) -> float | None:
+def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int) -> dict[str, float]:
+    """tokens/s of llama.cpp on GGUF exports of the same weights, per GGUF type ({} when not installed)."""
     try:
         import llama_cpp
     except ImportError:
-        return None
+        return {}
     from miniglm.checkpoint import save_checkpoint
     from miniglm.corpus import load_documents
     from miniglm.export import export_gguf
@@ -98,11 +99,8 @@ def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, thre
     build_world(tmp / "world", characters=200, bios_per_character=3)
     train_bpe(load_documents(tmp / "world" / "corpus.jsonl"), model.config.vocab_size, run / "tokenizer")
     save_checkpoint(run / "ckpt", model, model.config, {"step": 0})
-    export_gguf(run, tmp / "m.gguf")
-    llm = llama_cpp.Llama(model_path=str(tmp / "m.gguf"), n_ctx=model.config.block_size, n_threads=threads,
-                          n_batch=64, verbose=False)
 
-    def run_once(n: int) -> float:
+    def run_once(llm, n: int) -> float:
         llm.reset()
         t0, count = time.perf_counter(), 0
         for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
@@ -111,8 +109,14 @@ def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, thre
                 break
         return count / (time.perf_counter() - t0)
 
-    run_once(8)
-    return max(run_once(new) for _ in range(REPEATS))
+    speeds = {}
+    for outtype in ("f32", "q8_0"):
+        export_gguf(run, tmp / f"m-{outtype}.gguf", outtype)
+        llm = llama_cpp.Llama(model_path=str(tmp / f"m-{outtype}.gguf"), n_ctx=model.config.block_size,
+                              n_threads=threads, n_batch=64, verbose=False)
+        run_once(llm, 8)
+        speeds[outtype] = max(run_once(llm, new) for _ in range(REPEATS))
+    return speeds
 
 
 def main() -> None:
@@ -151,13 +155,15 @@ def main() -> None:
                      f"{eng1_int8:,.0f}",
                      f"{eng8:,.0f}", f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
                      f"{hf:,.0f}", f"{eng1 / hf:.2f}x ({eng1_int8 / hf:.2f}x int8)",
-                     f"{cpp:,.0f}" if cpp else "not installed", f"{eng1 / cpp:.2f}x" if cpp else "-"])
+                     *([f"{cpp[t]:,.0f}", f"{eng1 / cpp[t]:.2f}x"] if cpp else ["not installed", "-"]
+                       for t in ("f32", "q8_0"))])
         print(" | ".join(rows[-1]), flush=True)
     body = table(["model", "params", "engine b=1 tok/s", "engine b=1, nn.Linear layout",
                   "engine b=1, matmul decode attention", "engine b=1 int8",
                   "engine b=8 tok/s (aggregate)",
                   "b8/b1", "no-cache tok/s", "engine/no-cache", "transformers generate tok/s", "engine/transformers",
-                  "llama.cpp F32 tok/s", "engine/llama.cpp"], rows)
+                  "llama.cpp F32 tok/s", "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine/llama.cpp Q8_0"],
+                 rows)
     body += (f"\n\n{args.new} new tokens after a 32-token prompt, greedy, fp32 unless int8, {args.threads} threads; "
              f"the no-cache loop timed over {args.no_cache_tokens or args.new} tokens; int8 = weight-only dynamic "
              "quantization of the linear layers (not bit-exact with fp32); engine, transformers and llama.cpp: best of "

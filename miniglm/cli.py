@@ -147,7 +147,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from miniglm.export import export_gguf, export_hf
 
     if args.to == "gguf":
-        print(f"exported GGUF (F32) for llama.cpp -> {export_gguf(args.run, args.out)}")
+        path = export_gguf(args.run, args.out, args.outtype)
+        print(f"exported GGUF ({args.outtype.upper()}) for llama.cpp -> {path}")
     else:
         print(f"exported a transformers model -> {export_hf(args.run, args.out)}")
     return 0
@@ -369,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", choices=["hf", "gguf"], default="hf",
                     help="hf: a transformers folder; gguf: one .gguf file for llama.cpp (llama style)")
     ex.add_argument("--out", required=True, help="output folder (hf) or file (gguf)")
+    ex.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32",
+                    help="GGUF weight type (matrices; norms stay F32)")
     ex.set_defaults(func=cmd_export)
     return p
 

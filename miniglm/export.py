@@ -177,8 +177,12 @@ def permute_for_gguf(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def export_gguf(run: str | Path, out_path: str | Path) -> Path:
-    """A llama-style run -> one .gguf file (F32), tokenizer model `gpt2` with llama.cpp's `gpt-2` pre-tokenizer."""
+GGUF_TYPES = ("f32", "f16", "q8_0")
+
+
+def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> Path:
+    """A llama-style run -> one .gguf file, tokenizer model `gpt2` with llama.cpp's `gpt-2` pre-tokenizer.
+    outtype f16 / q8_0 stores the weight matrices so (norm weights stay F32, as llama.cpp's converter does)."""
     import json
 
     import gguf
@@ -212,6 +216,10 @@ def export_gguf(run: str | Path, out_path: str | Path) -> Path:
             tokens[i] = f"[PAD{i}]"
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     tok = load_tokenizer(run_dir / "tokenizer")
+    if outtype not in GGUF_TYPES:
+        raise UserError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got '{outtype}'")
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
 
     with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
@@ -226,7 +234,7 @@ def export_gguf(run: str | Path, out_path: str | Path) -> Path:
         w.add_rope_freq_base(c.rope_theta)
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_vocab_size(c.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_file_type(file_type)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt-2")
         w.add_token_list(tokens)
@@ -255,9 +263,21 @@ def export_gguf(run: str | Path, out_path: str | Path) -> Path:
                 t = permute_for_gguf(t, c.n_head)
             elif theirs.endswith("attn_k.weight"):
                 t = permute_for_gguf(t, c.n_kv_head)
-            w.add_tensor(theirs, t.contiguous().numpy())
+            w.add_tensor(theirs, *_gguf_tensor(t.contiguous().numpy(), outtype))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
     return Path(out_path)
+
+
+def _gguf_tensor(a, outtype: str) -> tuple:
+    """(data, raw_shape, raw_dtype) for GGUFWriter.add_tensor: matrices in the requested type, vectors F32.
+    Q8_0 needs rows that split into blocks of 32; other rows stay F16."""
+    import gguf
+
+    if a.ndim < 2 or outtype == "f32":
+        return a, None, None
+    if outtype == "q8_0" and a.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), None, gguf.GGMLQuantizationType.Q8_0
+    return a.astype("float16"), None, None

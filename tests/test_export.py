@@ -96,6 +96,18 @@ def test_gguf_export_reads_back(tmp_path, bpe_dir):
     emb = np.asarray(tensors["token_embd.weight"].data).reshape(tok.vocab_size, 32)
     assert np.allclose(emb, model.model.embed_tokens.weight.detach().numpy())
 
+    # Q8_0: matrices quantized in blocks of 32 (dequantized within half a step of the weights), norms F32
+    out = str(tmp_path / "q8.gguf")
+    assert main(["export", "--run", str(tmp_path / "run"), "--to", "gguf", "--outtype", "q8_0", "--out", out]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    t = tensors["blk.1.attn_k.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.1.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    got_k = gguf.quants.dequantize(t.data, t.tensor_type).reshape(k.shape)
+    want = permute_for_gguf(k, 2).numpy().reshape(-1, 32)
+    step = np.abs(want).max(1, keepdims=True) / 127  # the block's scale (stored as f16: allow a little more)
+    assert (np.abs(got_k.reshape(-1, 32) - want) <= step * 0.51 + 1e-5).all()
+
 
 def test_gguf_matches_llama_cpp(tmp_path, bpe_dir):
     """llama.cpp (llama-cpp-python, an optional extra) tokenizes identically and greedy-decodes the same tokens."""
