@@ -187,8 +187,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run or checkpoint folder")
+def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None:
+    p.add_argument("--run", required=run_required, help="run or checkpoint folder")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -201,6 +201,44 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--int8", action="store_true",
                    help="int8 weights on CPU: ~2x faster decoding, slightly different logits")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from miniglm.evaluate import evaluate_generation
+
+    if not args.run or not args.data:
+        raise UserError("miniglm eval needs --run DIR and --data FILE (or a subcommand: ppl, classify)")
+    params = _sampling(args)
+    evaluate_generation(args.run, args.data, args.out, args.template, params,
+                        None if args.embedder == "none" else args.embedder, args.limit, args.batch_size)
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from miniglm.evaluate import evaluate_perplexity
+
+    evaluate_perplexity(args.run, args.text, args.stride, args.out)
+    return 0
+
+
+def cmd_eval_classify(args: argparse.Namespace) -> int:
+    from miniglm.evaluate import evaluate_classification
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from miniglm.report import write_comparison, write_report
+
+    if len(args.runs) > 2:
+        raise UserError("miniglm report takes one run, or two to compare")
+    md, page = write_report(Path(args.runs[0]) / "eval") if len(args.runs) == 1 else write_comparison(*args.runs)
+    print(f"wrote {md} and {page}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -362,6 +400,46 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.add_argument("--int8", action="store_true", help="int8 weights on CPU: ~2x faster decoding")
     sv.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="score a run: generation metrics, perplexity, classification",
+                        description="Answer a test set (any SFT record format) with the run, greedy by default, and "
+                                    "score: exact match, answer contained, ROUGE-1/2/L F1 on jieba words, BLEU-4 on "
+                                    "characters, embedding similarity. Writes RUN/eval/predictions.jsonl, "
+                                    "metrics.json, report.md and report.html.")
+    ev.add_argument("--data", help="test records (.jsonl/.json: question/answer, messages, alpaca, ...)")
+    ev.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
+    ev.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    ev.add_argument("--embedder", default="use-multilingual",
+                    help="embedding model for similarity: use-multilingual (offline, default), a "
+                         "sentence-transformers name or path, or none")
+    ev.add_argument("--limit", type=int, default=0, help="only the first N records")
+    ev.add_argument("--batch-size", type=int, default=32)
+    _add_sampling(ev, run_required=False)
+    ev.set_defaults(func=cmd_eval)
+    evsub = ev.add_subparsers(dest="eval_command", metavar="{ppl,classify}")
+    pp = evsub.add_parser("ppl", help="perplexity and bits per byte over held-out text (sliding window)",
+                          description="Tokens scored once each, with a window of the model's context moved by "
+                                      "--stride tokens.")
+    pp.add_argument("--run", required=True, help="run or checkpoint folder")
+    pp.add_argument("--text", required=True, help=".txt file, or .jsonl documents with a text field")
+    pp.add_argument("--stride", type=int, default=0, help="window step in tokens (default: half the context)")
+    pp.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    pp.set_defaults(func=cmd_eval_ppl)
+    cl = evsub.add_parser("classify", help="accuracy and per-class precision/recall, labels as text",
+                          description="Generate a short answer per record, snap it to the closest label, score.")
+    cl.add_argument("--run", required=True, help="run or checkpoint folder")
+    cl.add_argument("--data", required=True, help="records whose answer is the label")
+    cl.add_argument("--labels", default=None, help="comma-separated labels (default: those in the data)")
+    cl.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
+    cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    cl.add_argument("--batch-size", type=int, default=32)
+    cl.set_defaults(func=cmd_eval_classify)
+
+    rp = sub.add_parser("report", help="rebuild an evaluation report, or compare two runs",
+                        description="RUN: RUN/eval/report.md + report.html. RUN_A RUN_B: side by side, written "
+                                    "to RUN_A/eval/compare-<RUN_B>.md/.html.")
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="one run, or two to compare")
+    rp.set_defaults(func=cmd_report)
 
     ex = sub.add_parser("export", help="export a run to Hugging Face transformers or GGUF",
                         description="Write config.json, model.safetensors and the tokenizer; loads with "
