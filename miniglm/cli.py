@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bios", type=int, default=6)
     d.add_argument("--vocab-size", type=int, default=4096)
     d.add_argument("--seed", type=int, default=1337)
-    d.add_argument("--questions", type=int, default=200, help="questions per split asked at the end")
+    d.add_argument("--questions", type=int, default=500, help="questions per split asked at the end")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key in both stages, e.g. --set max_steps=50")
     d.set_defaults(func=cmd_demo)

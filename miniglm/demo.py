@@ -25,7 +25,7 @@ class DemoOptions:
     bios: int = 6
     vocab_size: int = 4096
     seed: int = 1337
-    questions: int = 200  # asked of the fine-tuned model at the end, per split
+    questions: int = 500  # asked of the fine-tuned model at the end, per split
     overrides: list[str] = field(default_factory=list)
 
 
@@ -79,29 +79,44 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     sft = train(sft_cfg, log=log)
     log(f"   {sft_meta['train_records']} records, {sft['steps']} steps in {sft['seconds']:.0f}s, "
         f"val loss {sft['val_loss']:.3f}")
-    scores = sample_answers(run, log, opts.questions)
+    log("== evaluation: the questions asked of the fine-tuned model")
+    scores = evaluate_demo(run, log, opts.questions)
     seconds = time.perf_counter() - t0
     log(f"demo done in {seconds:.1f}s: {run}")
     return {"world": ws.__dict__, "corpus": cs.__dict__, "tokenizer": rep, "shards": meta, "pretrain": pre,
-            "sft": sft, "exact_match": scores, "seconds": seconds}
+            "sft": sft, "eval": scores, "seconds": seconds}
 
 
-def sample_answers(run: Path, log=print, n: int = 200) -> dict:
-    """Ask the fine-tuned model up to n questions of training and of held-out characters (greedy);
-    print a few with their references, and the exact-match rate of each set."""
-    from miniglm.chat import generate_texts, load_run
+def evaluate_demo(run: Path, log=print, n: int = 500) -> dict:
+    """Ask the fine-tuned model up to n questions about training characters and about held-out ones
+    (greedy), score them beside the most-frequent-answer-per-fact baseline, write RUN/sft/eval (held
+    out) and RUN/sft/eval-train with their reports, and print a few answers."""
+    from miniglm.chat import load_run
     from miniglm.engine import SamplingParams
-    from miniglm.fileio import read_jsonl
+    from miniglm.evaluate import answer, load_examples, majority_baseline, score, summarize, write_results
+    from miniglm.metrics import mean_scores
+    from miniglm.report import write_report
 
     model = load_run(run / "sft", device="cpu")
-    scores = {}
-    for split, label in [("sft_train", "training characters"), ("sft_test", "held-out characters")]:
-        rows = [r for _, r in read_jsonl(run / "world" / f"{split}.jsonl")][:n]
-        params = SamplingParams(max_new_tokens=16, trim_prompt=True)
-        outs = generate_texts(model, [r["question"] for r in rows], params, batch_size=32)
-        hits = [o["output"].strip() == r["answer"] for r, o in zip(rows, outs, strict=True)]
-        scores[split] = sum(hits) / len(hits)
-        log(f"   {label}: exact match {scores[split]:.1%} on {len(rows)} questions, e.g.")
-        for r, o in list(zip(rows, outs, strict=True))[:3]:
-            log(f"     问：{r['question']}  参考：{r['answer']}  模型：{o['output']}")
-    return scores
+    train_examples = load_examples(run / "world" / "sft_train.jsonl")
+    results = {}
+    for split, label, out in [("sft_train", "training characters", "eval-train"),
+                              ("sft_test", "held-out characters", "eval")]:
+        examples = load_examples(run / "world" / f"{split}.jsonl", n)
+        predictions = answer(model, examples, SamplingParams(max_new_tokens=16), batch_size=64)
+        scores = score(predictions, examples)
+        summary = {"kind": "generation", "run": str(run / "sft"), "data": str(run / "world" / f"{split}.jsonl"),
+                   "template": model.template, **summarize(scores, examples)}
+        baseline = mean_scores(score(majority_baseline(train_examples, examples, "fact"), examples))
+        summary["baselines"] = {"most frequent answer per fact": baseline}
+        write_results(run / "sft" / out, examples, predictions, scores, summary)
+        write_report(run / "sft" / out)
+        a = summary["all"]
+        log(f"   {label} ({len(examples)} questions): exact match {a['exact_match']:.1%}, ROUGE-L "
+            f"{a['rouge-l']:.1f}  |  baseline (most frequent answer per fact): exact match "
+            f"{baseline['exact_match']:.1%}, ROUGE-L {baseline['rouge-l']:.1f}")
+        for ex, pred in list(zip(examples, predictions, strict=True))[:3]:
+            log(f"     问：{ex.prompt}  参考：{ex.references[0]}  模型：{pred}")
+        results[split] = {"exact_match": a["exact_match"], "rouge-l": a["rouge-l"], "baseline": baseline}
+    log(f"   reports: {run / 'sft' / 'eval' / 'report.html'}, {run / 'sft' / 'eval-train' / 'report.html'}")
+    return results

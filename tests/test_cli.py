@@ -95,7 +95,11 @@ def test_demo_runs_the_pipeline(capsys, tmp_path):
     argv = ["demo", "--out", str(out), "--characters", "30", "--bios", "2", "--vocab-size", "300", "--questions", "10"]
     assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0
     text = capsys.readouterr().out
-    assert "demo done" in text and "held-out characters: exact match" in text
+    assert "demo done" in text and "held-out characters (10 questions): exact match" in text
+    assert "baseline (most frequent answer per fact)" in text
+    held_out = json.loads((out / "sft" / "eval" / "metrics.json").read_text())
+    assert held_out["n"] == 10 and "most frequent answer per fact" in held_out["baselines"]
+    assert (out / "sft" / "eval" / "report.html").exists() and (out / "sft" / "eval-train" / "report.md").exists()
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert meta["tokenizer"] == "../tokenizer" and meta["train_tokens"] > 0 and meta["val_tokens"] > 0
     assert (out / "world" / "sft_test.jsonl").exists() and (out / "tokenizer" / "tokenizer.json").exists()
