@@ -73,7 +73,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from miniglm.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
-                         vocab_size=args.vocab_size, seed=args.seed, questions=args.questions, overrides=args.set))
+                         vocab_size=args.vocab_size, seed=args.seed, questions=args.questions, overrides=args.set,
+                         pretrain_overrides=args.set_pretrain, sft_overrides=args.set_sft))
     return 0
 
 
@@ -316,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--questions", type=int, default=500, help="questions per split asked at the end")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key in both stages, e.g. --set max_steps=50")
+    d.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the pretraining stage only (configs/demo.toml)")
+    d.add_argument("--set-sft", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the SFT stage only (configs/demo-sft.toml)")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="pretrain or fine-tune (SFT, LoRA) a MiniGLM",

@@ -1,7 +1,8 @@
 """`miniglm demo`: the whole pipeline on the embedded synthetic wuxia world, in minutes on a CPU.
 
 world -> corpus -> tokenizer -> shards -> pretrain -> SFT data -> SFT. The training settings are
-configs/demo.toml and configs/demo-sft.toml; `overrides` (KEY=VALUE) apply to both stages.
+configs/demo.toml and configs/demo-sft.toml; `overrides` (KEY=VALUE) apply to both stages,
+`pretrain_overrides` and `sft_overrides` to one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class DemoOptions:
     vocab_size: int = 4096
     seed: int = 1337
     questions: int = 500  # asked of the fine-tuned model at the end, per split
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE for both training stages
+    pretrain_overrides: list[str] = field(default_factory=list)
+    sft_overrides: list[str] = field(default_factory=list)
 
 
 def stage_config(name: str, run: Path, data: Path, extra: list[str]):
@@ -66,7 +69,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         shutil.rmtree(run / stage, ignore_errors=True)
     log(f"== 5/6 pretrain -> {run / 'pretrain'}")
     pre_cfg = stage_config("demo.toml", run / "pretrain", run / "data",
-                           [f"model.vocab_size={tok.vocab_size}", *opts.overrides])
+                           [f"model.vocab_size={tok.vocab_size}", *opts.overrides, *opts.pretrain_overrides])
     pre = train(pre_cfg, log=log)
     log(f"   {pre['steps']} steps in {pre['seconds']:.0f}s ({pre['tok_per_s']:,.0f} tok/s), "
         f"val loss {pre['val_loss']:.3f}, val bits/byte {pre['val_bpb']:.3f}")
@@ -75,7 +78,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     sft_meta = prepare_sft(run / "world" / "sft_train.jsonl", tok, run / "sft_data",
                            max_len=pre_cfg.model.block_size + 1, seed=opts.seed)
     sft_cfg = stage_config("demo-sft.toml", run / "sft", run / "sft_data",
-                           [f"init_from={run / 'pretrain'}", *opts.overrides])
+                           [f"init_from={run / 'pretrain'}", *opts.overrides, *opts.sft_overrides])
     sft = train(sft_cfg, log=log)
     log(f"   {sft_meta['train_records']} records, {sft['steps']} steps in {sft['seconds']:.0f}s, "
         f"val loss {sft['val_loss']:.3f}")
