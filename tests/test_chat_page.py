@@ -83,14 +83,18 @@ def wait_for(browser: Browser, expression: str, timeout: float = 60):
     raise AssertionError(f"timed out waiting for: {expression}")
 
 
+def open_page(browser: Browser, base: str, max_tokens: int) -> None:
+    browser.open(base + "/")
+    wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('input')")
+    browser.js("document.getElementById('key').value = 'sekret'")  # the test server wants an API key
+    browser.js(f"document.getElementById('max_tokens').value = '{max_tokens}'")
+
+
 def test_chat_page_streams_an_answer(server, tmp_path):  # noqa: F811
     base, _ = server
     browser = Browser(str(tmp_path / "profile"))
     try:
-        browser.open(base + "/")
-        wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('input')")
-        browser.js("document.getElementById('key').value = 'sekret'")  # the test server wants an API key
-        browser.js("document.getElementById('max_tokens').value = '24'")
+        open_page(browser, base, 24)
         browser.js("document.getElementById('input').value = '司徒沧霄的师父是谁？'")
         browser.js("document.getElementById('input').dispatchEvent("
                    "new KeyboardEvent('keydown', {key: 'Enter', bubbles: true}))")
@@ -117,10 +121,7 @@ def test_stop_button_aborts_the_stream(server, tmp_path):  # noqa: F811
     base, _ = server
     browser = Browser(str(tmp_path / "profile"))
     try:
-        browser.open(base + "/")
-        wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('input')")
-        browser.js("document.getElementById('key').value = 'sekret'")
-        browser.js("document.getElementById('max_tokens').value = '250'")
+        open_page(browser, base, 250)
         browser.js("document.getElementById('input').value = '讲一个很长的故事'")
         browser.js("document.getElementById('form').requestSubmit()")
         wait_for(browser, "document.querySelector('.assistant').textContent.length > 0 || "
