@@ -65,7 +65,7 @@ def csv_fields(data: str, columns: str | None, opts: TemplateOptions) -> Templat
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
-    from miniglm.hf import detect_family, read_hf_config
+    from miniglm.hf import block_size_of, detect_family, read_hf_config
     from miniglm.sft.data import prepare_sft
     from miniglm.tokenizer import load_tokenizer
     from miniglm.train import train
@@ -80,9 +80,11 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     tok = load_tokenizer(f"hf:{opts.model}", opts.trust_remote_code)
     family = detect_family(config, tok, opts.template)
     template = family.template if opts.template == "auto" else opts.template
+    # Records longer than the model's context would lose their answer in training's cut: cut the prompt here.
+    max_len = min(opts.max_len, block_size_of(config) + 1)
     out = Path(opts.out)
     template_opts = csv_fields(opts.data, opts.columns, opts.template_options)
-    meta = prepare_sft(opts.data, tok, out / "data", template, opts.max_len, opts.val_fraction, opts.seed,
+    meta = prepare_sft(opts.data, tok, out / "data", template, max_len, opts.val_fraction, opts.seed,
                        template_opts, padding_side=family.train_padding, columns=opts.columns, values=opts.values)
     log(f"{opts.model}: family {family.name}, template {template}, {family.train_padding} padding; "
         f"{meta['train_records']} train / {meta['val_records']} val records, {meta['truncated']} truncated, "
