@@ -13,6 +13,8 @@ from miniglm.fileio import UserError
 from miniglm.finetune import FinetuneOptions, finetune
 from miniglm.hf import FAMILIES, detect_family, load_model
 
+from .conftest import SHARED_DATA, shared_file
+
 FAMILY_OF = {"bloom": "bloom", "gpt2": "gpt2", "opt": "opt", "llama": "llama", "qwen2": "qwen2",
              "gpt2-chinese": "gpt2-chinese"}
 CHINESE = "你好世界酒店房间很大早餐太差干净服务不错位置方便前台热情价格贵一般推荐下次还会来正面负面评论情感"
@@ -330,3 +332,18 @@ def test_serve_refuses_hf_runs(runs):
 
     with pytest.raises(UserError, match="miniglm merge"):
         create_app(load_run(runs["gpt2"]))
+
+
+def test_shared_classification_csvs():
+    """Seed 002's two data sets as SFT records: RAFT's columns come from its task.json; ChnSentiCorp's
+    1/0 labels become words to condition generation on, and its one empty review is skipped."""
+    from miniglm.sft.formats import load_records
+
+    raft = load_records(shared_file(SHARED_DATA / "classify" / "raft_twitter_complaints" / "train.csv"))
+    assert len(raft) == 50 and {r.messages[1]["content"] for r in raft} == {"complaint", "no complaint"}
+    assert raft[2].extra["id"] == "2" and raft[2].messages[0]["content"].startswith("If I can't get my 3rd pair")
+    hotel = shared_file(SHARED_DATA / "classify" / "ChnSentiCorp_htl_all.csv")
+    with pytest.raises(UserError, match="--columns"):
+        load_records(hotel)
+    records = load_records(hotel, "label,review", {"1": "正面", "0": "负面"})
+    assert len(records) == 7765 and {r.messages[0]["content"] for r in records} == {"正面", "负面"}
