@@ -11,6 +11,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ class Family:
     fan_in_fan_out: bool = False  # GPT-2's Conv1D keeps its weight as (in, out)
     remote_code: bool = False  # the model ships its own modelling code (trust_remote_code)
     end_tokens: tuple[str, ...] = ()  # tokens that also end an answer, beside the template's
-    gen_padding: str = "left"  # batched generation: decoder-only models continue the right end
+    # (generation pads left for every family: a decoder-only model continues the right end)
 
 
 FAMILIES = {f.name: f for f in [
@@ -59,6 +61,14 @@ def quiet() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+@contextmanager
+def peft_quiet():
+    """peft 0.21 asks transformers 5 a deprecated question (is_gradient_checkpointing): not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def read_hf_config(ref: str | Path) -> dict:
@@ -126,8 +136,9 @@ class HFCausalLM(torch.nn.Module):
         self.model = model  # a PreTrainedModel, or a PeftModel around one after add_lora
         self.family, self.trust_remote_code = family, trust_remote_code
         config = model.config.to_dict()
-        self.config = HFInfo(model.get_output_embeddings().weight.shape[0], block_size_of(config), family.name,
-                             str(config.get("model_type")))
+        head = model.get_output_embeddings()  # None in some remote-code models
+        vocab = head.weight.shape[0] if head is not None else config.get("padded_vocab_size", config["vocab_size"])
+        self.config = HFInfo(vocab, block_size_of(config), family.name, str(config.get("model_type")))
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -167,14 +178,16 @@ class HFCausalLM(torch.nn.Module):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if resume_from is not None:
-            self.model = PeftModel.from_pretrained(self.model, str(resume_from), is_trainable=True)
+            with peft_quiet():
+                self.model = PeftModel.from_pretrained(self.model, str(resume_from), is_trainable=True)
             return
         names = list(self.family.lora_targets) if targets in ("", "auto") else [t.strip() for t in targets.split(",")]
         config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
                             target_modules="all-linear" if names == ["all-linear"] else names,
                             fan_in_fan_out=self.family.fan_in_fan_out)
         try:
-            self.model = get_peft_model(self.model, config)
+            with peft_quiet():
+                self.model = get_peft_model(self.model, config)
         except ValueError as e:  # target modules not found
             raise UserError(f"LoRA on a {self.family.name} model: {e}; set lora_targets") from None
 
@@ -227,7 +240,9 @@ def load_model(ref: str | Path, trust_remote_code: bool = False, dtype: torch.dt
         from peft import PeftModel
 
         base = _from_pretrained(state["base_model"], family, trust, dtype)
-        return HFCausalLM(PeftModel.from_pretrained(base, str(ckpt)), family, trust).merged()
+        with peft_quiet():
+            base = PeftModel.from_pretrained(base, str(ckpt))
+        return HFCausalLM(base, family, trust).merged()
     family = detect_family(read_hf_config(ref), tokenizer, template)
     return HFCausalLM(_from_pretrained(ref, family, trust_remote_code, dtype), family, trust_remote_code)
 
