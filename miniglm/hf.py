@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from miniglm.fileio import UserError, atomic_dir, write_json
 from miniglm.sft.templates import IGNORE
+from miniglm.shards import load_meta
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,7 @@ def load_model(ref: str | Path, trust_remote_code: bool = False, dtype: torch.dt
     if is_run(ref) and is_hf_checkpoint(ckpt := find_checkpoint(ref)):
         state = read_state(ckpt)
         info = state["hf"]
-        family = FAMILIES.get(info["family"]) or detect_family(read_hf_config(state["base_model"]), None,
-                                                              info.get("template", "hf"))
+        family = FAMILIES.get(info["family"]) or detect_family(read_hf_config(state["base_model"]), None, "hf")
         trust = info.get("trust_remote_code", False)
         if not (ckpt / "adapter_config.json").exists():
             return HFCausalLM(_from_pretrained(ckpt, family, trust, dtype), family, trust)
@@ -262,7 +262,8 @@ def training_model(cfg, ckpt: Path | None, state: dict | None) -> tuple[HFCausal
     bf16 = cfg.lora_r > 0 and cfg.dtype != "float32" and cfg.device != "cpu" and torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
     source = ckpt if ckpt is not None and cfg.lora_r == 0 else base
-    model = load_model(source, cfg.trust_remote_code, dtype)
+    # An architecture outside FAMILIES is fine-tuned with the template its data was rendered with.
+    model = load_model(source, cfg.trust_remote_code, dtype, template=load_meta(cfg.data).get("template", "hf"))
     if cfg.lora_r > 0:
         torch.manual_seed(cfg.seed)
         model.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, resume_from=ckpt)
@@ -299,7 +300,7 @@ def merge_run(run: str | Path, out_dir: str | Path) -> Path:
         load_tokenizer(tok_dir, trust_remote_code=model.trust_remote_code).save(tmp)
         write_json(tmp / "state.json", {"step": state.get("step", 0), "stage": state.get("stage"),
                                         "base_model": state.get("base_model"), "merged_from": str(ckpt.resolve()),
-                                        "hf": {**model.describe(), "lora": False}})
+                                        "hf": model.describe()})
         if (run_dir / "chat.json").exists():
             shutil.copyfile(run_dir / "chat.json", tmp / "chat.json")
     return Path(out_dir)

@@ -327,6 +327,33 @@ def test_finetune_cli_end_to_end(tmp_path, models, capsys):
     assert "exclude each other" in capsys.readouterr().err
 
 
+def test_an_architecture_outside_the_registry_needs_a_template(tmp_path, bpe_dir):
+    """Mistral is no family here: with --template it fine-tunes (LoRA on all linear layers) and generates."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from miniglm.chat import generate_texts, load_run
+    from miniglm.engine import SamplingParams
+
+    path = tmp_path / "mistral"
+    tok = _tokenizer("llama", bpe_dir, tmp_path)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    data = write_csv(tmp_path / "d.csv", 8)
+    opts = FinetuneOptions(model=str(path), data=str(data), out=str(tmp_path / "run"), columns="Tweet text,Label",
+                           max_len=64, overrides=["max_steps=2", "eval_every=2", "eval_batches=1", "threads=1"])
+    with pytest.raises(UserError, match="pass --template"):
+        finetune(opts, log=lambda *_: None)
+    opts.template = "plain"
+    assert finetune(opts, log=lambda *_: None)["steps"] == 2
+    state = json.loads((tmp_path / "run" / "ckpt" / "state.json").read_text())
+    assert state["hf"]["family"] == "mistral" and state["hf"]["lora"]
+    run = load_run(tmp_path / "run")
+    assert len(generate_texts(run, ["tweet 1: bad"], SamplingParams(max_new_tokens=2))) == 1
+
+
 def test_chatglm_needs_trust_remote_code(tmp_path, capsys):
     (tmp_path / "chatglm").mkdir()
     (tmp_path / "chatglm" / "config.json").write_text(json.dumps({
