@@ -38,14 +38,31 @@ class LoadedRun:
 
 
 def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: bool = False) -> LoadedRun:
+    """A MiniGLM run decodes with Engine; a Hugging Face run (`miniglm finetune`) with HFEngine, the same
+    interface over transformers' generate()."""
+    from miniglm.hf import is_hf_checkpoint
+
     ckpt = find_checkpoint(run)
     run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
-    if not (run_dir / "tokenizer").exists():
+    hf = is_hf_checkpoint(ckpt)
+    tok_dir = run_dir / "tokenizer"
+    if hf and not tok_dir.exists():
+        tok_dir = ckpt  # a merged HF run keeps its tokenizer beside the weights, as transformers does
+    if not tok_dir.exists():
         raise UserError(f"{run_dir}: no tokenizer/ folder in the run")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = merge_lora(load_model_from(ckpt, device))  # an adapter run decodes with merged weights
-    engine = Engine(model, load_tokenizer(run_dir / "tokenizer"), device, int8)
+    if hf:
+        from miniglm.hf import load_model
+        from miniglm.hf_engine import HFEngine
+
+        if int8:
+            raise UserError("--int8 is for MiniGLM runs; this run is a Hugging Face model")
+        model = load_model(ckpt)  # an adapter run decodes with merged weights
+        engine = HFEngine(model, load_tokenizer(tok_dir, model.trust_remote_code), device)
+    else:
+        model = merge_lora(load_model_from(ckpt, device))  # an adapter run decodes with merged weights
+        engine = Engine(model, load_tokenizer(tok_dir), device, int8)
     template, options = None, TemplateOptions()
     if (run_dir / "chat.json").exists() and not raw:
         info = json.loads((run_dir / "chat.json").read_text())

@@ -34,12 +34,18 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfi
             torch.save(optimizer.state_dict(), tmp / "optim.pt")
 
 
+def _is_checkpoint(folder: Path) -> bool:
+    """state.json beside the model's config.json, or beside an adapter alone (an HF LoRA checkpoint)."""
+    models = ("config.json", "adapter_config.json")
+    return (folder / "state.json").exists() and any((folder / n).exists() for n in models)
+
+
 def find_checkpoint(run_or_ckpt: str | Path) -> Path:
     """A run folder (its ckpt/) or a checkpoint folder itself."""
     p = Path(run_or_ckpt)
     recover_dir(p / "ckpt")
     for candidate in (p, p / "ckpt"):
-        if (candidate / "config.json").exists() and (candidate / "state.json").exists():
+        if _is_checkpoint(candidate):
             return candidate
     raise UserError(f"{p}: no checkpoint here (expected config.json and state.json, or a ckpt/ folder)")
 
@@ -50,6 +56,9 @@ def read_state(ckpt: Path) -> dict:
 
 def load_base_model(ckpt: Path, device: str | torch.device = "cpu") -> MiniGLM:
     """The full model of a checkpoint; for an adapter checkpoint, its base model (named in state.json)."""
+    if "hf" in read_state(ckpt):
+        raise UserError(f"{ckpt}: a Hugging Face model fine-tuned by `miniglm finetune` (hf = true), not a MiniGLM; "
+                        "`miniglm merge RUN --out DIR` makes a transformers folder of it")
     config = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
     if (ckpt / "model.safetensors").exists():
         model = MiniGLM(config)
@@ -63,7 +72,7 @@ def load_base_model(ckpt: Path, device: str | torch.device = "cpu") -> MiniGLM:
 
 def is_run(ref: str | Path) -> bool:
     p = Path(ref)
-    return any((c / "config.json").exists() and (c / "state.json").exists() for c in (p, p / "ckpt"))
+    return any(_is_checkpoint(c) for c in (p, p / "ckpt"))
 
 
 def load_any(ref: str | Path, device: str | torch.device = "cpu") -> MiniGLM:

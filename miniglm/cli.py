@@ -110,11 +110,33 @@ def cmd_sft_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from miniglm.finetune import FinetuneOptions, finetune, parse_values
+    from miniglm.sft.templates import TemplateOptions
+
+    if args.full and args.lora_r is not None:
+        raise UserError("--full and --lora-r exclude each other: LoRA trains adapters, --full every weight")
+    topts = TemplateOptions(system=args.system, prompt_field=args.prompt_field, label_field=args.label_field,
+                            end_token=args.end_token)
+    opts = FinetuneOptions(model=args.model, data=args.data, out=args.out, template=args.template,
+                           lora_r=0 if args.full else (args.lora_r or 8), max_len=args.max_len,
+                           val_fraction=args.val_fraction, seed=args.seed, trust_remote_code=args.trust_remote_code,
+                           columns=args.columns, values=parse_values(args.value), template_options=topts,
+                           overrides=args.set)
+    summary = finetune(opts)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from miniglm.checkpoint import find_checkpoint, load_model_from, read_state, save_checkpoint
+    from miniglm.hf import is_hf_checkpoint, merge_run
     from miniglm.lora import merge_lora
 
     ckpt = find_checkpoint(args.run)
+    if is_hf_checkpoint(ckpt):  # a transformers folder (from_pretrained loads it) that is also a run
+        print(f"merged the adapter into the weights -> {merge_run(ckpt, args.out)} (a transformers model folder)")
+        return 0
     model = merge_lora(load_model_from(ckpt))
     save_checkpoint(f"{args.out}/ckpt", model, model.config, {**read_state(ckpt), "merged_from": str(ckpt)})
     import shutil
@@ -359,8 +381,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_cli(ssub)
 
+    ft = sub.add_parser("finetune", help="fine-tune a Hugging Face model (LoRA or full) on SFT data",
+                        description="sft prepare with the model family's template + train (stage sft) in one "
+                                    "command, into one run folder; rerun it to resume. Families: bloom, gpt2, "
+                                    "gpt2-chinese, opt, llama (Chinese-LLaMA/Alpaca), qwen2, chatglm, glm4.")
+    ft.add_argument("--model", required=True, help="HF model name (downloaded when online) or local folder")
+    ft.add_argument("--data", required=True, help="SFT records: .json, .jsonl or .csv")
+    ft.add_argument("--out", required=True, help="run folder (RUN/data holds the prepared records)")
+    ft.add_argument("--template", default="auto", help="auto (the family's) or a template name, as in sft prepare")
+    ft.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8)")
+    ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    ft.add_argument("--trust-remote-code", action="store_true",
+                    help="run the model repository's own code (ChatGLM-6B); only for repositories you trust")
+    ft.add_argument("--max-len", type=int, default=256, help="tokens per record; the prompt is cut, never the answer")
+    ft.add_argument("--columns", default=None, metavar="PROMPT,ANSWER", help=".csv: the prompt and answer columns")
+    ft.add_argument("--value", action="append", default=[], metavar="CELL=TEXT",
+                    help=".csv: rename a cell value, e.g. --value 1=正面 --value 0=负面 (repeatable)")
+    ft.add_argument("--system", default=None, help="system prompt for chats that have none")
+    ft.add_argument("--prompt-field", default="Question", help="plain template: the input's name (csv: its column)")
+    ft.add_argument("--label-field", default="Answer", help="plain template: the target's name (csv: its column)")
+    ft.add_argument("--end-token", choices=["eos", "pad"], default="eos", help="plain template: token after target")
+    ft.add_argument("--val-fraction", type=float, default=0.05)
+    ft.add_argument("--seed", type=int, default=1337)
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a training key, e.g. --set max_steps=50 --set lr=1e-4 --set lora_targets=c_attn")
+    ft.set_defaults(func=cmd_finetune)
+
     m = sub.add_parser("merge", help="fold a LoRA adapter into full weights",
-                       description="Load a run's adapter over its base model, merge, save full weights.")
+                       description="Load a run's adapter over its base model, merge, save full weights. For a "
+                                   "Hugging Face run (finetune): OUT is a transformers model folder.")
     m.add_argument("run", help="run or checkpoint folder with an adapter")
     m.add_argument("--out", required=True)
     m.set_defaults(func=cmd_merge)

@@ -26,6 +26,10 @@ class TrainConfig:
     stage: str = "pretrain"  # "pretrain": token shards; "sft": rendered SFT records (ids + labels)
     data: str = ""  # shard folder (pretrain) or folder / jsonl written by `sft prepare` (sft)
     init_from: str = "scratch"  # "scratch", a run folder, or a Hugging Face GPT-2 / Llama model
+    # hf: init_from is a Hugging Face model (name, folder, or an HF run) trained as it is (miniglm.hf),
+    # not converted into a MiniGLM; `miniglm finetune` sets it
+    hf: bool = False
+    trust_remote_code: bool = False  # hf: run the model repository's own code (ChatGLM-6B)
     tokenizer: str = ""  # default: the tokenizer named by the data
     # batch: batch_size sequences per micro-step, grad_accum micro-steps, on every process
     batch_size: int = 16
@@ -54,8 +58,8 @@ class TrainConfig:
     lora_r: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_targets: str = "auto"  # comma-separated module names; auto: q_proj,v_proj (llama), c_attn (gpt2)
-    lora_embeddings: bool = True  # also train the token embeddings: new role/end tokens are learned there
+    lora_targets: str = "auto"  # module names, comma-separated; auto: q_proj,v_proj (llama), c_attn (gpt2), HF: family
+    lora_embeddings: bool = True  # MiniGLM: also train the token embeddings: new role/end tokens are learned there
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -127,7 +131,8 @@ def _toml_value(v: Any) -> str:
 
 def to_toml(cfg: TrainConfig) -> str:
     lines = [f"{f.name} = {_toml_value(getattr(cfg, f.name))}" for f in fields(cfg) if f.name != "model"]
-    lines += ["", "[model]"] + [f"{k} = {_toml_value(v)}" for k, v in cfg.model.to_dict().items()]
+    if not cfg.hf:  # an HF model's architecture is its own config.json
+        lines += ["", "[model]"] + [f"{k} = {_toml_value(v)}" for k, v in cfg.model.to_dict().items()]
     return "\n".join(lines) + "\n"
 
 

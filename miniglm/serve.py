@@ -25,6 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from miniglm.batcher import Batcher, Job
 from miniglm.chat import LoadedRun, load_run
 from miniglm.engine import SamplingParams
+from miniglm.fileio import UserError
+from miniglm.model import MiniGLM
 
 PAGE = Path(__file__).with_name("chat_page.html")
 
@@ -99,6 +101,9 @@ def parse_messages(body: dict) -> list[dict]:
 def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
     from fastapi import Request as Request
 
+    if not isinstance(run.engine.model, MiniGLM):  # continuous batching drives MiniGLM's own KV cache
+        raise UserError(f"{run.name}: serve runs MiniGLM models; for a Hugging Face run, `miniglm merge RUN --out DIR` "
+                        "and serve DIR with vLLM or `transformers serve` (generate and chat work on it as it is)")
     batcher = Batcher(run.engine.model, run.engine.tokenizer, run.engine.device, max_batch)
 
     @asynccontextmanager

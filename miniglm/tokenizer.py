@@ -12,6 +12,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -238,8 +239,18 @@ class TiktokenTokenizer(Tokenizer):
 
 
 # --- any HF tokenizer ----------------------------------------------------------------------------
+_CJK = r"\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"  # CJK + full-width forms
+_CJK_SPACE = re.compile(rf"(?<=[{_CJK}]) (?=\S)|(?<=\S) (?=[{_CJK}])")
+
+
+def join_cjk(text: str) -> str:
+    """BertTokenizer (gpt2-chinese) decodes with a space between every two tokens: drop the spaces
+    that touch a CJK character or full-width punctuation, keep those between latin words."""
+    return _CJK_SPACE.sub("", text)
+
+
 class HFTokenizer(Tokenizer):
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path: str, trust_remote_code: bool = False):
         import logging
 
         from transformers import AutoTokenizer
@@ -250,8 +261,11 @@ class HFTokenizer(Tokenizer):
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         logging.getLogger("transformers").setLevel(logging.ERROR)
         try:
-            self.tok = AutoTokenizer.from_pretrained(name_or_path)
+            self.tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except Exception as e:
+            if "trust_remote_code" in str(e):
+                raise UserError(f"tokenizer '{name_or_path}' runs its own code: pass --trust-remote-code "
+                                "(or --set trust_remote_code=true) if you trust it") from None
             raise UserError(f"unknown tokenizer '{name_or_path}': expected cl100k_base, a .tiktoken file, "
                             f"a tokenizer folder, or an HF tokenizer name or path ({type(e).__name__})") from None
         self.name = name_or_path
@@ -269,6 +283,8 @@ class HFTokenizer(Tokenizer):
         byte_level = backend is not None and "ByteLevel" in type(backend.decoder).__name__ + str(backend.decoder)
         self._id_to_token = {i: t for t, i in vocab.items()} if byte_level else None
         self._added = set(self.tok.all_special_tokens) | set(self.tok.get_added_vocab())
+        # WordPiece (BertTokenizer) joins tokens with spaces: "酒 店 很 好"
+        self._spaced = backend is not None and "WordPiece" in str(backend.decoder)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tok(list(texts), add_special_tokens=False)["input_ids"]
@@ -285,15 +301,17 @@ class HFTokenizer(Tokenizer):
         return bytes(BYTE_DECODER[c] for c in tok)
 
     def _decode_text(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, clean_up_tokenization_spaces=False)
+        text = self.tok.decode(ids, clean_up_tokenization_spaces=False)
+        return join_cjk(text) if self._spaced else text
 
     def save(self, out_dir: str | Path) -> None:
         self.tok.save_pretrained(str(out_dir))
 
 
 # --- loading -------------------------------------------------------------------------------------
-def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """cl100k_base | tiktoken:NAME | FILE.tiktoken | folder or tokenizer.json trained here | HF name/path."""
+def load_tokenizer(spec: str | Path, trust_remote_code: bool = False) -> Tokenizer:
+    """cl100k_base | tiktoken:NAME | FILE.tiktoken | folder or tokenizer.json trained here | HF name/path.
+    trust_remote_code: an HF tokenizer whose code lives in its repository (ChatGLM)."""
     spec = str(spec)
     path = Path(spec)
     if spec.endswith(".tiktoken") or spec.startswith("tiktoken:") or spec in ("cl100k_base", "o200k_base"):
@@ -309,7 +327,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         return BPETokenizer(path)
     if spec.startswith("hf:"):
         spec = spec[3:]
-    return HFTokenizer(spec)
+    return HFTokenizer(spec, trust_remote_code)
 
 
 # --- streaming decode ----------------------------------------------------------------------------

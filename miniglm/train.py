@@ -227,6 +227,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if resume:
         ckpt = checkpoint.find_checkpoint(out)
         state = checkpoint.read_state(ckpt)
+    if cfg.hf:  # a Hugging Face model trained as it is, LoRA included (miniglm.hf)
+        from miniglm import hf
+
+        model, base_model_ref = hf.training_model(cfg, ckpt if resume else None, state if resume else None)
+    elif resume:
         model = checkpoint.load_base_model(ckpt)
         base_model_ref = state.get("base_model")
     elif cfg.init_from != "scratch":  # a run folder, or a Hugging Face GPT-2 / Llama model
@@ -236,12 +241,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     else:
         torch.manual_seed(cfg.seed)
         model = MiniGLM(cfg.model)
-    cfg.model = model.config
+    if not cfg.hf:
+        cfg.model = model.config
     if model.config.vocab_size < load_meta(cfg.data)["vocab_size"]:
         raise UserError(f"the model's vocab ({model.config.vocab_size}) is smaller than the data's tokenizer's")
 
     lora = None
-    if cfg.lora_r > 0:
+    if cfg.lora_r > 0 and not cfg.hf:
         from miniglm import lora as lora_mod
 
         torch.manual_seed(cfg.seed)
@@ -268,7 +274,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         tok_dir = out / "tokenizer"
         if not tok_dir.exists():
-            load_tokenizer(cfg.tokenizer or tokenizer_of(cfg.data)).save(tok_dir)
+            load_tokenizer(cfg.tokenizer or tokenizer_of(cfg.data), cfg.trust_remote_code).save(tok_dir)
         torch.manual_seed(cfg.seed + 1)  # the training RNG (dropout), the same on every process
     if master:
         save_config(cfg, out / "config.toml")
@@ -283,6 +289,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     def save(path: Path, with_optimizer: bool) -> None:
         st = {"step": step, "best_val_loss": best_val, "sampler": data.state_dict(), "rng": rng_state(),
               "stage": cfg.stage, "base_model": base_model_ref}
+        if cfg.hf:
+            hf.save_checkpoint(path, model, st, optimizer if with_optimizer else None)
+            return
         adapter = None
         if lora is not None:
             from miniglm.lora import adapter_state

@@ -94,12 +94,14 @@ def show(rows: list[dict], tok: Tokenizer, k: int) -> str:
 
 def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template: str = "miniglm",
                 max_len: int = 256, val_fraction: float = 0.05, seed: int = 1337,
-                opts: TemplateOptions | None = None, packing: bool = False) -> dict:
+                opts: TemplateOptions | None = None, packing: bool = False, padding_side: str | None = None,
+                columns: str | None = None, values: dict[str, str] | None = None) -> dict:
+    """padding_side: how training pads (default: the template's); columns, values: for a .csv (formats.py)."""
     opts = opts or TemplateOptions()
     out_dir = Path(out_dir)
     stats = PrepareStats()
     rows = []
-    for rec in load_records(data):
+    for rec in load_records(data, columns, values):
         stats.records += 1
         try:
             r, truncated = fit(template, rec.messages, tok, max_len, opts)
@@ -135,7 +137,8 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
     probe = render(template, [{"role": "user", "content": "?"}], tok, add_generation_prompt=True, opts=opts)
     meta = {"tokenizer": tokenizer_ref(tok, out_dir), "template": template, "template_options": opts.__dict__,
             "max_len": max_len,
-            "packed": packing, "padding_side": PADDING_SIDE.get(template, "right"), "stop_ids": probe.stop_ids,
+            "packed": packing, "padding_side": padding_side or PADDING_SIDE.get(template, "right"),
+            "stop_ids": probe.stop_ids,
             "pad_id": tok.pad_id, "vocab_size": tok.vocab_size, "train_records": len(rows) - n_val,
             "val_records": n_val, **stats.__dict__}
     write_json(out_dir / "meta.json", meta)

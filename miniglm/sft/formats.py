@@ -7,6 +7,8 @@ Accepted record shapes (detected per record):
   seed Q&A      {question, answer} or {Question, Answer}
   seed 002      {instruct, query, answer}
   CMRC / SQuAD  {version, data: [{paragraphs: [{context, qas: [{question, answers: [{text}]}]}]}]} (whole file)
+  .csv          two columns as prompt and answer ("PROMPT,ANSWER"; a RAFT task.json beside the file names
+                them); rows with an empty cell are skipped (unlabelled rows, ChnSentiCorp's empty review)
 A bad record is reported with its file, line (jsonl) or index (json) and field.
 """
 
@@ -98,10 +100,56 @@ def squad_records(obj: dict, path: Path) -> list[Record]:
     return records
 
 
-def load_records(path: str | Path) -> list[Record]:
+def csv_columns(path: Path, names: list[str], columns: str | None) -> tuple[str, str]:
+    """(prompt column, answer column): as given, else from a RAFT task.json beside the csv."""
+    task = path.parent / "task.json"
+    if columns is None and task.exists():
+        spec = read_json(task)
+        if spec.get("data_columns") and spec.get("label_columns"):
+            columns = f"{spec['data_columns'][0]},{next(iter(spec['label_columns']))}"
+    if columns is None:
+        raise UserError(f"{path}: a .csv needs its prompt and answer columns, e.g. --columns "
+                        f"\"{','.join(names[:2])}\" (columns: {', '.join(names)})")
+    picked = [c.strip() for c in columns.split(",")]
+    if len(picked) != 2 or any(c not in names for c in picked):
+        raise UserError(f"{path}: --columns must name two of its columns as PROMPT,ANSWER, got '{columns}' "
+                        f"(columns: {', '.join(names)})")
+    return picked[0], picked[1]
+
+
+def csv_records(path: Path, columns: str | None = None, values: dict[str, str] | None = None) -> list[Record]:
+    """One record per row: the prompt column as the user turn, the answer column as the assistant's.
+    values maps whole cells (e.g. ChnSentiCorp's 1/0 to words); the row's ID is kept."""
+    import csv
+
+    values = values or {}
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            names = list(reader.fieldnames or [])
+            rows = [(reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: not a UTF-8 csv file ({e})") from None
+    prompt_col, answer_col = csv_columns(path, names, columns)
+    records = []
+    for line, row in rows:
+        q, a = (row.get(prompt_col) or "").strip(), (row.get(answer_col) or "").strip()
+        if not q or not a:
+            continue
+        q, a = values.get(q, q), values.get(a, a)
+        records.append(Record([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                              f"{path}:line {line}", {"id": row.get("ID", row.get("id"))}))
+    if not records:
+        raise UserError(f"{path}: no row has both '{prompt_col}' and '{answer_col}'")
+    return records
+
+
+def load_records(path: str | Path, columns: str | None = None, values: dict[str, str] | None = None) -> list[Record]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    if path.suffix.lower() == ".csv":
+        return csv_records(path, columns, values)
     if path.suffix.lower() == ".jsonl":
         rows = [(f"{path}:line {n}", row) for n, row in read_jsonl(path)]
     else:

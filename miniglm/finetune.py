@@ -1,0 +1,100 @@
+"""`miniglm finetune`: fine-tune a Hugging Face model (BLOOMZ, GPT-2, gpt2-chinese, OPT, Chinese-LLaMA,
+Qwen, GLM) on SFT data in one command: `sft prepare` with the family's template, tokenizer and padding
+side into RUN/data, then `train` (stage sft, hf = true) into RUN. Rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from miniglm.config import load_config
+from miniglm.fileio import UserError
+from miniglm.sft.templates import TemplateOptions
+
+# CPU-sized defaults; every training key can be overridden with --set.
+LORA_DEFAULTS = {"lr": 2e-4, "min_lr": 2e-5, "lora_alpha": 16, "lora_dropout": 0.05, "weight_decay": 0.0}
+FULL_DEFAULTS = {"lr": 2e-5, "min_lr": 2e-6, "weight_decay": 0.01}
+COMMON_DEFAULTS = {"stage": "sft", "hf": True, "batch_size": 4, "grad_accum": 1, "max_steps": 200,
+                   "warmup_steps": 10, "eval_every": 50, "eval_batches": 10, "log_every": 5,
+                   "lora_embeddings": False}
+
+
+@dataclass
+class FinetuneOptions:
+    model: str  # an HF model name (online) or folder
+    data: str  # SFT records (.json, .jsonl, .csv)
+    out: str  # the run folder
+    template: str = "auto"  # auto: the family's
+    lora_r: int = 8  # 0: full fine-tune
+    max_len: int = 256
+    val_fraction: float = 0.05
+    seed: int = 1337
+    trust_remote_code: bool = False
+    columns: str | None = None  # .csv: "PROMPT,ANSWER"
+    values: dict[str, str] = field(default_factory=dict)  # .csv: cell renames, e.g. {"1": "正面"}
+    template_options: TemplateOptions = field(default_factory=TemplateOptions)
+    overrides: list[str] = field(default_factory=list)  # --set key=value, over the defaults below
+
+
+def parse_values(items: list[str]) -> dict[str, str]:
+    """["1=正面", "0=负面"] -> {"1": "正面", "0": "负面"}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--value {item}: expected CELL=TEXT, e.g. --value 1=正面")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def csv_fields(data: str, columns: str | None, opts: TemplateOptions) -> TemplateOptions:
+    """The plain template names its two parts after the csv's columns ("Tweet text : … Label : "),
+    unless they were named explicitly."""
+    if not data.lower().endswith(".csv") or (opts.prompt_field, opts.label_field) != ("Question", "Answer"):
+        return opts
+    import csv
+
+    from miniglm.sft.formats import csv_columns
+
+    with open(data, encoding="utf-8-sig", newline="") as f:
+        names = next(csv.reader(f), [])
+    prompt_col, answer_col = csv_columns(Path(data), names, columns)
+    return TemplateOptions(**{**opts.__dict__, "prompt_field": prompt_col, "label_field": answer_col})
+
+
+def finetune(opts: FinetuneOptions, log=print) -> dict:
+    from miniglm.hf import block_size_of, detect_family, read_hf_config
+    from miniglm.sft.data import prepare_sft
+    from miniglm.tokenizer import load_tokenizer
+    from miniglm.train import train
+
+    config = read_hf_config(opts.model)
+    family = detect_family(config, template=opts.template)  # remote code is refused before it runs
+    if family.remote_code and not opts.trust_remote_code:
+        from miniglm.hf import REMOTE_CODE_HINT
+
+        raise UserError(f"{opts.model}: a {family.name} model runs its own code from the model repository: pass "
+                        f"--trust-remote-code if you trust it. {REMOTE_CODE_HINT}")
+    tok = load_tokenizer(f"hf:{opts.model}", opts.trust_remote_code)
+    family = detect_family(config, tok, opts.template)
+    template = family.template if opts.template == "auto" else opts.template
+    # Records longer than the model's context would lose their answer in training's cut: cut the prompt here.
+    max_len = min(opts.max_len, block_size_of(config) + 1)
+    out = Path(opts.out)
+    template_opts = csv_fields(opts.data, opts.columns, opts.template_options)
+    meta = prepare_sft(opts.data, tok, out / "data", template, max_len, opts.val_fraction, opts.seed,
+                       template_opts, padding_side=family.train_padding, columns=opts.columns, values=opts.values)
+    log(f"{opts.model}: family {family.name}, template {template}, {family.train_padding} padding; "
+        f"{meta['train_records']} train / {meta['val_records']} val records, {meta['truncated']} truncated, "
+        f"{meta['dropped']} dropped -> {out / 'data'}")
+    defaults = {**COMMON_DEFAULTS, **(LORA_DEFAULTS if opts.lora_r > 0 else FULL_DEFAULTS),
+                "lora_r": opts.lora_r, "seed": opts.seed, "trust_remote_code": opts.trust_remote_code,
+                "init_from": opts.model, "data": str(out / "data"), "out_dir": str(out)}
+    # Strings as JSON: a TOML basic string; numbers and booleans as JSON are TOML too.
+    sets = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in defaults.items()]
+    cfg = load_config(None, sets + list(opts.overrides))
+    if not cfg.hf:
+        raise UserError("finetune trains a Hugging Face model as it is: hf cannot be set to false")
+    return train(cfg, log)

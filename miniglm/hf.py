@@ -1,0 +1,306 @@
+"""Hugging Face causal LMs trained by miniglm's own loop: the model families of seed 002, a thin wrapper
+that gives train.py what it uses of a MiniGLM, LoRA through PEFT, and HF-format checkpoints.
+
+A family says how its models expect SFT data (template, padding side), where LoRA goes, and what ends
+an answer. The run layout is MiniGLM's; inside RUN/ckpt and RUN/best the weights are the HF model's
+save_pretrained (full fine-tune) or the PEFT adapter (LoRA), beside state.json and optim.pt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from miniglm.fileio import UserError, atomic_dir, write_json
+from miniglm.sft.templates import IGNORE
+from miniglm.shards import load_meta
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    template: str  # the chat template of miniglm/sft/templates.py its SFT data is rendered with
+    train_padding: str  # "left" (seed 002: BLOOMZ, GPT, OPT) or "right"
+    lora_targets: tuple[str, ...]
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D keeps its weight as (in, out)
+    remote_code: bool = False  # the model ships its own modelling code (trust_remote_code)
+    end_tokens: tuple[str, ...] = ()  # tokens that also end an answer, beside the template's
+    # (generation pads left for every family: a decoder-only model continues the right end)
+
+
+FAMILIES = {f.name: f for f in [
+    Family("bloom", "plain", "left", ("query_key_value",)),
+    Family("gpt2", "plain", "left", ("c_attn",), fan_in_fan_out=True),
+    # uer/gpt2-chinese-*: GPT-2 weights with a BertTokenizer (no EOS: [SEP] ends a text; decoding
+    # puts spaces between characters, which HFTokenizer takes out again)
+    Family("gpt2-chinese", "plain", "left", ("c_attn",), fan_in_fan_out=True, end_tokens=("[SEP]",)),
+    Family("opt", "plain", "left", ("q_proj", "v_proj")),
+    Family("llama", "alpaca", "right", ("q_proj", "v_proj")),  # Chinese-LLaMA/Alpaca
+    Family("qwen2", "chatml", "right", ("q_proj", "v_proj"), end_tokens=("<|im_end|>", "<|endoftext|>")),
+    Family("chatglm", "chatglm", "right", ("query_key_value",), remote_code=True, end_tokens=("<eop>",)),
+    Family("chatglm2", "chatglm2", "right", ("query_key_value",), remote_code=True),
+    Family("glm4", "hf", "right", ("q_proj", "v_proj"), end_tokens=("<|user|>", "<|observation|>", "<|endoftext|>")),
+]}
+MODEL_TYPES = {"bloom": "bloom", "gpt2": "gpt2", "opt": "opt", "llama": "llama", "qwen2": "qwen2",
+               "glm": "glm4", "glm4": "glm4"}
+REMOTE_CODE_HINT = ("ChatGLM-6B's own modelling code was written for transformers 4.x and may not run on "
+                    "transformers 5; GLM-4 (THUDM/glm-4-9b-chat-hf) and Qwen run natively")
+
+
+def quiet() -> None:
+    """One clear line on failure and no progress bars: not the hub client's retries and bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+@contextmanager
+def peft_quiet():
+    """peft 0.21 asks transformers 5 a deprecated question (is_gradient_checkpointing): not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def read_hf_config(ref: str | Path) -> dict:
+    """config.json of a model name or folder, as a dict: no model class and no remote code needed."""
+    from transformers import PretrainedConfig
+
+    quiet()
+    if str(ref).startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().exists():
+        raise UserError(f"{ref}: no such model folder")
+    try:
+        config, _ = PretrainedConfig.get_config_dict(str(ref))
+    except Exception as e:
+        raise UserError(f"{ref}: cannot read a Hugging Face config.json ({type(e).__name__}); offline, "
+                        "give the path of a local model folder") from None
+    return config
+
+
+def _bert_tokenizer(tokenizer) -> bool:
+    inner = getattr(tokenizer, "tok", tokenizer)  # miniglm's HFTokenizer or a transformers tokenizer
+    return type(inner).__name__.startswith("Bert")
+
+
+def detect_family(config: dict, tokenizer=None, template: str = "auto") -> Family:
+    """The family of a model from config.model_type (+ a BertTokenizer: gpt2-chinese). An unknown
+    architecture fine-tunes with an explicit template and LoRA on all its linear layers."""
+    kind = config.get("model_type")
+    if kind == "gpt2" and (str(config.get("tokenizer_class", "")).startswith("Bert") or _bert_tokenizer(tokenizer)):
+        return FAMILIES["gpt2-chinese"]
+    if kind == "chatglm":  # ChatGLM-6B has 2D positions; ChatGLM2/3 share the model type
+        return FAMILIES["chatglm" if "position_encoding_2d" in config else "chatglm2"]
+    if kind in MODEL_TYPES:
+        return FAMILIES[MODEL_TYPES[kind]]
+    if template == "auto":
+        raise UserError(f"model type '{kind}' is none of the known families ({', '.join(FAMILIES)}); "
+                        "pass --template to fine-tune it anyway")
+    return Family(str(kind), template, "right", ("all-linear",), remote_code="auto_map" in config)
+
+
+def block_size_of(config: dict) -> int:
+    for key in ("n_positions", "max_position_embeddings", "seq_length", "max_sequence_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return 2048  # BLOOM (ALiBi) has no position limit; it was trained on 2048 tokens
+
+
+@dataclass
+class HFInfo:
+    """What train.py reads of model.config (a MiniGLM ModelConfig has the same fields)."""
+
+    vocab_size: int
+    block_size: int
+    family: str
+    model_type: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class HFCausalLM(torch.nn.Module):
+    """An AutoModelForCausalLM behind MiniGLM's forward: (idx, targets) -> (logits, loss), where targets
+    are already shifted (targets[:, t] is the token after idx[:, t]) and -100 is ignored."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, trust_remote_code: bool = False):
+        super().__init__()
+        self.model = model  # a PreTrainedModel, or a PeftModel around one after add_lora
+        self.family, self.trust_remote_code = family, trust_remote_code
+        config = model.config.to_dict()
+        head = model.get_output_embeddings()  # None in some remote-code models
+        vocab = head.weight.shape[0] if head is not None else config.get("padded_vocab_size", config["vocab_size"])
+        self.config = HFInfo(vocab, block_size_of(config), family.name, str(config.get("model_type")))
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if position_ids is not None:  # packed rows: HF attention would cross the records' borders
+            raise UserError("packed SFT data is for MiniGLM runs; prepare it without --pack for a Hugging Face model")
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+            if self.takes_positions:  # left padding: positions count real tokens, as in generate()
+                kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=idx, use_cache=False, **kwargs).logits
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE)
+        return logits, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def describe(self) -> dict:
+        """What state.json records, so a checkpoint loads without guessing."""
+        return {"family": self.family.name, "trust_remote_code": self.trust_remote_code,
+                "lora": self.is_lora()}
+
+    def is_lora(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    def add_lora(self, r: int, alpha: int, dropout: float, targets: str = "auto",
+                 resume_from: Path | None = None) -> None:
+        """Wrap the model in a PEFT LoRA model (only the adapters train); or load a checkpoint's adapter
+        to train on."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume_from is not None:
+            with peft_quiet():
+                self.model = PeftModel.from_pretrained(self.model, str(resume_from), is_trainable=True)
+            return
+        names = list(self.family.lora_targets) if targets in ("", "auto") else [t.strip() for t in targets.split(",")]
+        config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
+                            target_modules="all-linear" if names == ["all-linear"] else names,
+                            fan_in_fan_out=self.family.fan_in_fan_out)
+        try:
+            with peft_quiet():
+                self.model = get_peft_model(self.model, config)
+        except ValueError as e:  # target modules not found
+            raise UserError(f"LoRA on a {self.family.name} model: {e}; set lora_targets") from None
+
+    def merged(self) -> HFCausalLM:
+        """Fold a LoRA adapter into the weights (merge_and_unload): a plain transformers model again."""
+        if self.is_lora():
+            self.model = self.model.merge_and_unload()
+        return self
+
+
+# --- loading -------------------------------------------------------------------------------------
+def is_hf_checkpoint(ckpt: str | Path) -> bool:
+    state = Path(ckpt) / "state.json"
+    return state.exists() and "hf" in json.loads(state.read_text())
+
+
+def _from_pretrained(ref: str | Path, family: Family, trust_remote_code: bool, dtype: torch.dtype):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if family.remote_code and not trust_remote_code:
+        raise UserError(f"{ref}: a {family.name} model runs its own code from the model repository: pass "
+                        f"--trust-remote-code (or --set trust_remote_code=true) if you trust it. {REMOTE_CODE_HINT}")
+    quiet()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(ref), dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if trust_remote_code:  # ChatGLM-6B registers AutoModel only (the seed loads it with AutoModel)
+            try:
+                return AutoModel.from_pretrained(str(ref), dtype=dtype, trust_remote_code=True)
+            except Exception as e2:
+                raise UserError(f"{ref}: its remote modelling code failed on this transformers "
+                                f"({type(e2).__name__}: {str(e2).splitlines()[0][:200]}). {REMOTE_CODE_HINT}") from None
+        raise UserError(f"{ref}: cannot load it with AutoModelForCausalLM "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def load_model(ref: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               tokenizer=None, template: str = "auto") -> HFCausalLM:
+    """An HF model by name or folder; or an HF run / checkpoint folder, its LoRA adapter merged in."""
+    from miniglm.checkpoint import find_checkpoint, is_run, read_state
+
+    if is_run(ref) and is_hf_checkpoint(ckpt := find_checkpoint(ref)):
+        state = read_state(ckpt)
+        info = state["hf"]
+        family = FAMILIES.get(info["family"]) or detect_family(read_hf_config(state["base_model"]), None, "hf")
+        trust = info.get("trust_remote_code", False)
+        if not (ckpt / "adapter_config.json").exists():
+            return HFCausalLM(_from_pretrained(ckpt, family, trust, dtype), family, trust)
+        from peft import PeftModel
+
+        base = _from_pretrained(state["base_model"], family, trust, dtype)
+        with peft_quiet():
+            base = PeftModel.from_pretrained(base, str(ckpt))
+        return HFCausalLM(base, family, trust).merged()
+    family = detect_family(read_hf_config(ref), tokenizer, template)
+    return HFCausalLM(_from_pretrained(ref, family, trust_remote_code, dtype), family, trust_remote_code)
+
+
+def resolve_ref(ref: str) -> str:
+    """A local folder as an absolute path (a run resumes from anywhere); a hub name as it is."""
+    return str(Path(ref).resolve()) if Path(ref).exists() else ref
+
+
+def training_model(cfg, ckpt: Path | None, state: dict | None) -> tuple[HFCausalLM, str]:
+    """The model train.py trains when hf = true, and the base model state.json names. Resuming, a full
+    fine-tune reloads its checkpoint; a LoRA run reloads its base and then its adapter."""
+    if ckpt is None and cfg.init_from in ("", "scratch"):
+        raise UserError("hf = true needs init_from = a Hugging Face model name or folder")
+    base = state["base_model"] if state else resolve_ref(cfg.init_from)
+    # A big base model in bf16 on a GPU when only the adapters train; fp32 otherwise (the loop autocasts).
+    bf16 = cfg.lora_r > 0 and cfg.dtype != "float32" and cfg.device != "cpu" and torch.cuda.is_available()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    source = ckpt if ckpt is not None and cfg.lora_r == 0 else base
+    # An architecture outside FAMILIES is fine-tuned with the template its data was rendered with.
+    model = load_model(source, cfg.trust_remote_code, dtype, template=load_meta(cfg.data).get("template", "hf"))
+    if cfg.lora_r > 0:
+        torch.manual_seed(cfg.seed)
+        model.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, resume_from=ckpt)
+    return model, base
+
+
+def save_checkpoint(path: str | Path, model: HFCausalLM, state: dict,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
+    """The HF model's save_pretrained (full: config.json + model.safetensors; LoRA: adapter_config.json
+    + adapter_model.safetensors), state.json and optim.pt, written under a temporary name."""
+    with atomic_dir(path) as tmp:
+        model.model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+        write_json(tmp / "state.json", {**state, "hf": model.describe()})
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optim.pt")
+
+
+def merge_run(run: str | Path, out_dir: str | Path) -> Path:
+    """An HF run -> a plain transformers folder (adapter merged, tokenizer beside it) that is also a
+    run miniglm loads (state.json, chat.json)."""
+    import shutil
+
+    from miniglm.checkpoint import find_checkpoint, read_state
+    from miniglm.tokenizer import load_tokenizer
+
+    ckpt = find_checkpoint(run)
+    state = read_state(ckpt)
+    model = load_model(ckpt)
+    run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
+    tok_dir = run_dir / "tokenizer" if (run_dir / "tokenizer").exists() else ckpt
+    with atomic_dir(out_dir) as tmp:
+        model.model.save_pretrained(str(tmp), safe_serialization=True)
+        load_tokenizer(tok_dir, trust_remote_code=model.trust_remote_code).save(tmp)
+        write_json(tmp / "state.json", {"step": state.get("step", 0), "stage": state.get("stage"),
+                                        "base_model": state.get("base_model"), "merged_from": str(ckpt.resolve()),
+                                        "hf": model.describe()})
+        if (run_dir / "chat.json").exists():
+            shutil.copyfile(run_dir / "chat.json", tmp / "chat.json")
+    return Path(out_dir)
