@@ -27,6 +27,7 @@ VARIANTS: dict[str, tuple[dict, list[str], list[str]]] = {
     "3000 steps": ({}, ["max_steps=3000"], []),
     "width 192, 1500 steps": ({}, ["model.n_embd=192", "model.n_head=6", "model.n_kv_head=3", "max_steps=1500"], []),
     "250 characters x 8 bios": ({"characters": 250, "bios": 8}, [], []),
+    "Q&A mixed into pretraining, 3000 steps": ({"mix_qa": True}, ["max_steps=3000"], []),
 }
 
 

@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
                          vocab_size=args.vocab_size, seed=args.seed, questions=args.questions, overrides=args.set,
-                         pretrain_overrides=args.set_pretrain, sft_overrides=args.set_sft))
+                         pretrain_overrides=args.set_pretrain, sft_overrides=args.set_sft, mix_qa=args.mix_qa))
     return 0
 
 
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--questions", type=int, default=500, help="questions per split asked at the end")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key in both stages, e.g. --set max_steps=50")
+    d.add_argument("--mix-qa", action="store_true",
+                   help="also pretrain on the training characters' Q&A (mixed training)")
     d.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the pretraining stage only (configs/demo.toml)")
     d.add_argument("--set-sft", action="append", default=[], metavar="KEY=VALUE",

@@ -30,6 +30,7 @@ class DemoOptions:
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE for both training stages
     pretrain_overrides: list[str] = field(default_factory=list)
     sft_overrides: list[str] = field(default_factory=list)
+    mix_qa: bool = False  # also pretrain on the training characters' Q&A (held-out characters' never)
 
 
 def stage_config(name: str, run: Path, data: Path, extra: list[str]):
@@ -51,7 +52,15 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         f"{ws.sft_train} train Q&A, {ws.sft_test} held-out Q&A ({ws.test_characters} characters)")
 
     log(f"== 2/6 corpus prepare -> {run / 'corpus'}")
-    cs = corpus.prepare_corpus([str(run / "world" / "corpus.jsonl")], run / "corpus",
+    sources = [str(run / "world" / "corpus.jsonl")]
+    if opts.mix_qa:  # "mixed training": seeing Q&A beside biographies teaches how facts are asked for
+        from miniglm.fileio import read_jsonl, write_jsonl
+
+        write_jsonl(run / "world" / "qa_corpus.jsonl",
+                    [{"text": f"问：{r['question']}\n答：{r['answer']}"}
+                     for _, r in read_jsonl(run / "world" / "sft_train.jsonl")])
+        sources.append(str(run / "world" / "qa_corpus.jsonl"))
+    cs = corpus.prepare_corpus(sources, run / "corpus",
                                corpus.PrepareOptions(split="file", val_fraction=0.05, seed=opts.seed))
     log(f"   {cs.train_documents} train / {cs.val_documents} val documents")
 
