@@ -60,7 +60,7 @@ def tiny_gpt2_chinese(out: Path, texts: list[str], n_layer: int = 4, n_embd: int
 
     counts = Counter(ch for t in texts for ch in t.lower() if not ch.isspace())
     ascii_ = "abcdefghijklmnopqrstuvwxyz0123456789"
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "label", "review", *ascii_, *(f"##{c}" for c in ascii_),
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "label", "review", ":", *ascii_, *(f"##{c}" for c in ascii_),
              *sorted(c for c, n in counts.items() if n >= min_count)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.txt").write_text("\n".join(dict.fromkeys(words)) + "\n", encoding="utf-8")

@@ -65,18 +65,19 @@ def test_raft_fold_with_a_tiny_gpt2(tmp_path, tiny):
 
 
 def test_raft_long_tweets_lose_their_end_never_the_label(tmp_path, tiny):
-    """`sft prepare` on the real file (columns from its task.json): cut to 24 tokens, every record keeps
+    """`sft prepare` on the real file (columns from its task.json): cut to 40 tokens, every record keeps
     "Tweet text : " + the start of the tweet + " Label : " + the whole label."""
     assert main(["sft", "prepare", "--data", str(RAFT / "train.csv"), "--tokenizer", str(tiny), "--template",
-                 "plain", "--max-len", "24", "--val-fraction", "0", "--out", str(tmp_path / "d")]) == 0
+                 "plain", "--max-len", "40", "--val-fraction", "0", "--out", str(tmp_path / "d")]) == 0
     from miniglm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny)
     rows = [r for _, r in read_jsonl(tmp_path / "d" / "train.jsonl")]
-    assert len(rows) == 50
+    meta = raft_cv.read_json(tmp_path / "d" / "meta.json")
+    assert len(rows) == 50 and meta["truncated"] > 10 and meta["dropped"] == 0
     for row in rows:
         prompt, target = _prompt_and_target(row, tok)
-        assert len(row["ids"]) <= 24 and prompt.startswith("Tweet text : ") and prompt.endswith(" Label : ")
+        assert len(row["ids"]) <= 40 and prompt.startswith("Tweet text : ") and prompt.endswith(" Label : ")
         assert tok.decode(target[:-1]) in raft_cv.LABELS
 
 
