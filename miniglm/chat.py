@@ -79,7 +79,9 @@ def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, bat
         rendered = [run.prompt(([{"role": "system", "content": system}] if system else [])
                                + [{"role": "user", "content": t}]) for t in chunk]
         stop = sorted({s for _, stops in rendered for s in stops} | set(params.stop_ids))
-        batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop})
+        # Each batch reseeds: offset the seed so that repeated prompts in later batches sample anew.
+        seed = None if params.seed is None else params.seed + i
+        batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop, "seed": seed})
         for text, out in zip(chunk, run.engine.generate([ids for ids, _ in rendered], batch_params), strict=True):
             results.append({"prompt": text, "output": out.text, "finish_reason": out.finish_reason,
                             "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.ids)})

@@ -89,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sft_prepare(args: argparse.Namespace) -> int:
     from miniglm.fileio import read_jsonl
+    from miniglm.finetune import csv_fields, parse_values
     from miniglm.sft.data import prepare_sft, show
     from miniglm.sft.templates import TemplateOptions
     from miniglm.tokenizer import load_tokenizer
@@ -97,8 +98,9 @@ def cmd_sft_prepare(args: argparse.Namespace) -> int:
     opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
                            prompt_field=args.prompt_field, label_field=args.label_field, end_token=args.end_token,
                            max_source_len=args.max_source_len, max_target_len=args.max_target_len)
+    opts = csv_fields(args.data, args.columns, opts)  # plain on a .csv: "{prompt column} : … {answer column} : "
     meta = prepare_sft(args.data, tok, args.out, args.template, args.max_len, args.val_fraction, args.seed,
-                       opts, args.pack)
+                       opts, args.pack, columns=args.columns, values=parse_values(args.value))
     if args.show:
         print(show([r for _, r in read_jsonl(f"{args.out}/train.jsonl")], tok, args.show))
     eff = f"{meta['padding_efficiency']:.1%}"
@@ -210,6 +212,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_csv(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--columns", default=None, metavar="PROMPT,ANSWER",
+                   help=".csv: the prompt and answer columns (a RAFT task.json beside the file names them)")
+    p.add_argument("--value", action="append", default=[], metavar="CELL=TEXT",
+                   help=".csv: rename a cell value, e.g. --value 1=正面 --value 0=负面 (repeatable)")
+
+
 def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None:
     p.add_argument("--run", required=run_required, help="run or checkpoint folder")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -228,12 +237,14 @@ def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_generation
+    from miniglm.finetune import parse_values
 
     if not args.run or not args.data:
         raise UserError("miniglm eval needs --run DIR and --data FILE (or a subcommand: ppl, classify)")
     params = _sampling(args)
     evaluate_generation(args.run, args.data, args.out, args.template, params,
-                        None if args.embedder == "none" else args.embedder, args.limit, args.batch_size)
+                        None if args.embedder == "none" else args.embedder, args.limit, args.batch_size,
+                        columns=args.columns, values=parse_values(args.value))
     return 0
 
 
@@ -246,9 +257,11 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 def cmd_eval_classify(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_classification
+    from miniglm.finetune import parse_values
 
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size)
+    evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
+                            columns=args.columns, values=parse_values(args.value))
     return 0
 
 
@@ -359,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = ssub.add_parser("prepare", help="SFT records -> ids + labels for training",
                          description="Render each record with a chat template (labels on answers only), "
                                      "truncate, optionally pack. Records: alpaca, sharegpt, messages, "
-                                     "question/answer, instruct/query/answer, CMRC/SQuAD; .json or .jsonl.")
-    sp.add_argument("--data", required=True, help="a .json or .jsonl file of records")
+                                     "question/answer, instruct/query/answer, CMRC/SQuAD; .json or .jsonl; "
+                                     ".csv with --columns.")
+    sp.add_argument("--data", required=True, help="a .json, .jsonl or .csv file of records")
     sp.add_argument("--tokenizer", required=True, help="tokenizer folder, cl100k_base, FILE.tiktoken or HF name")
     sp.add_argument("--template", default="miniglm",
                     help="miniglm | chatglm | chatglm2 | alpaca | plain | chatml | llama2 | hf (default: miniglm)")
@@ -370,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--show", type=int, default=0, metavar="K", help="print K records as token | label columns")
     sp.add_argument("--system", default=None, help="system prompt for chats that have none")
     sp.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
-    sp.add_argument("--prompt-field", default="Question", help="plain template: the input's name")
-    sp.add_argument("--label-field", default="Answer", help="plain template: the target's name")
+    _add_csv(sp)
+    sp.add_argument("--prompt-field", default="Question", help="plain template: the input's name (csv: its column)")
+    sp.add_argument("--label-field", default="Answer", help="plain template: the target's name (csv: its column)")
     sp.add_argument("--end-token", choices=["eos", "pad"], default="eos", help="plain template: token after target")
     sp.add_argument("--max-source-len", type=int, default=0, help="chatglm: ChatGLM's max_source_length")
     sp.add_argument("--max-target-len", type=int, default=0, help="chatglm: ChatGLM's max_target_length")
@@ -396,9 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--trust-remote-code", action="store_true",
                     help="run the model repository's own code (ChatGLM-6B); only for repositories you trust")
     ft.add_argument("--max-len", type=int, default=256, help="tokens per record; the prompt is cut, never the answer")
-    ft.add_argument("--columns", default=None, metavar="PROMPT,ANSWER", help=".csv: the prompt and answer columns")
-    ft.add_argument("--value", action="append", default=[], metavar="CELL=TEXT",
-                    help=".csv: rename a cell value, e.g. --value 1=正面 --value 0=负面 (repeatable)")
+    _add_csv(ft)
     ft.add_argument("--system", default=None, help="system prompt for chats that have none")
     ft.add_argument("--prompt-field", default="Question", help="plain template: the input's name (csv: its column)")
     ft.add_argument("--label-field", default="Answer", help="plain template: the target's name (csv: its column)")
@@ -462,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "score: exact match, answer contained, ROUGE-1/2/L F1 on jieba words, BLEU-4 on "
                                     "characters, embedding similarity. Writes RUN/eval/predictions.jsonl, "
                                     "metrics.json, report.md and report.html.")
-    ev.add_argument("--data", help="test records (.jsonl/.json: question/answer, messages, alpaca, ...)")
+    ev.add_argument("--data", help="test records (.jsonl/.json: question/answer, messages, alpaca, ...; .csv)")
+    _add_csv(ev)
     ev.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
     ev.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     ev.add_argument("--embedder", default="use-multilingual",
@@ -484,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl = evsub.add_parser("classify", help="accuracy and per-class precision/recall, labels as text",
                           description="Generate a short answer per record, snap it to the closest label, score.")
     cl.add_argument("--run", required=True, help="run or checkpoint folder")
-    cl.add_argument("--data", required=True, help="records whose answer is the label")
+    cl.add_argument("--data", required=True, help="records whose answer is the label (.jsonl, .json, .csv)")
+    _add_csv(cl)
     cl.add_argument("--labels", default=None, help="comma-separated labels (default: those in the data)")
     cl.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
     cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")

@@ -35,24 +35,53 @@ class Example:
         return self.messages[-1]["content"]
 
 
-def load_examples(path: str | Path, limit: int = 0) -> list[Example]:
+def load_examples(path: str | Path, limit: int = 0, columns: str | None = None,
+                  values: dict[str, str] | None = None) -> list[Example]:
+    """columns, values: for a .csv, as in `sft prepare` (formats.csv_records)."""
     examples = []
-    for r in load_records(path):
+    for r in load_records(path, columns, values):
         refs = r.extra.get("answers") or [r.messages[-1]["content"]]
         extra = {k: v for k, v in r.extra.items() if k != "answers"}
         examples.append(Example(r.messages[:-1], [str(x) for x in refs], extra))
     return examples[:limit] if limit else examples
 
 
-def answer(run, examples: list[Example], params: SamplingParams, batch_size: int = 32) -> list[str]:
-    """The run's answer to each example's chat, batched through the generation engine."""
-    outs = []
+def fitted_prompt(run, messages: list[dict], max_len: int) -> tuple[list[int], list[int], bool]:
+    """The rendered prompt within max_len tokens: as `sft prepare` fits training records, the end of the
+    last user turn's text goes (the template's tail, e.g. " Label : ", stays). (ids, stop ids, cut?)"""
+    ids, stops = run.prompt(messages)
+    if len(ids) <= max_len:
+        return ids, stops, False
+    content = messages[-1]["content"]
+
+    def with_prompt(n: int) -> list[int]:
+        return run.prompt([*messages[:-1], {**messages[-1], "content": content[:n]}])[0]
+
+    lo, hi = 0, len(content)  # the longest prefix that fits (0 if none: the engine then says why)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(with_prompt(mid)) <= max_len:
+            lo = mid
+        else:
+            hi = mid - 1
+    return with_prompt(lo), stops, True
+
+
+def answer(run, examples: list[Example], params: SamplingParams, batch_size: int = 32, log=None) -> list[str]:
+    """The run's answer to each example's chat, batched through the generation engine. Prompts too long
+    for the context with max_new_tokens lose the end of their last user turn, as in training."""
+    outs, cut = [], 0
+    max_len = run.engine.model.config.block_size - params.max_new_tokens
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        rendered = [run.prompt(e.messages) for e in chunk]
+        fitted = [fitted_prompt(run, e.messages, max_len) for e in chunk]
+        cut += sum(c for _, _, c in fitted)
+        rendered = [(ids, stops) for ids, stops, _ in fitted]
         stops = sorted({s for _, ss in rendered for s in ss} | set(params.stop_ids))
         batch = SamplingParams(**{**params.__dict__, "stop_ids": stops})
         outs += [c.text.strip() for c in run.engine.generate([ids for ids, _ in rendered], batch)]
+    if cut and log:
+        log(f"{cut} of {len(examples)} prompts cut to fit the context ({max_len} tokens + {params.max_new_tokens} new)")
     return outs
 
 
@@ -103,18 +132,18 @@ def write_results(out: Path, examples: list[Example], predictions: list[str], sc
 def evaluate_generation(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
                         template: str | None = None, params: SamplingParams | None = None,
                         embedder: str | None = "use-multilingual", limit: int = 0, batch_size: int = 32,
-                        log=print) -> dict:
+                        log=print, columns: str | None = None, values: dict[str, str] | None = None) -> dict:
     from miniglm.chat import load_run
     from miniglm.report import write_report
 
-    examples = load_examples(data, limit)
+    examples = load_examples(data, limit, columns, values)
     run = load_run(run_dir)
     if template:
         run.template = template
     params = params or SamplingParams(max_new_tokens=128)
     out = Path(out) if out else Path(run_dir) / "eval"
     t0 = time.perf_counter()
-    predictions = answer(run, examples, params, batch_size)
+    predictions = answer(run, examples, params, batch_size, log)
     gen_s = time.perf_counter() - t0
     emb = metrics.Embedder(embedder) if embedder else None
     scores = score(predictions, examples, emb)
@@ -205,13 +234,13 @@ def evaluate_perplexity(run_dir: str | Path, text: str | Path, stride: int = 0, 
 # --- classification ------------------------------------------------------------------------------
 def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[str] | None = None,
                             out: str | Path | None = None, template: str | None = None, batch_size: int = 32,
-                            log=print) -> dict:
+                            log=print, columns: str | None = None, values: dict[str, str] | None = None) -> dict:
     """Generate a short answer per example (greedy), snap it to the closest label, and score accuracy and
     per-class precision/recall against the reference labels."""
     from miniglm.chat import load_run
     from miniglm.report import write_report
 
-    examples = load_examples(data)
+    examples = load_examples(data, columns=columns, values=values)
     refs = [ex.references[0].strip() for ex in examples]
     labels = labels or sorted(set(refs))
     unknown = sorted(set(refs) - set(labels))
@@ -221,7 +250,7 @@ def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[
     if template:
         run.template = template
     longest = max(len(run.engine.tokenizer.encode(label)) for label in labels)
-    raw = answer(run, examples, SamplingParams(max_new_tokens=longest + 4), batch_size)
+    raw = answer(run, examples, SamplingParams(max_new_tokens=longest + 4), batch_size, log)
     predictions = [metrics.snap_to_label(r, labels) for r in raw]
     report = metrics.classification_report(predictions, refs, labels)
     majority = Counter(refs).most_common(1)[0]

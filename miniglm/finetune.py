@@ -52,7 +52,8 @@ def parse_values(items: list[str]) -> dict[str, str]:
 def csv_fields(data: str, columns: str | None, opts: TemplateOptions) -> TemplateOptions:
     """The plain template names its two parts after the csv's columns ("Tweet text : … Label : "),
     unless they were named explicitly."""
-    if not data.lower().endswith(".csv") or (opts.prompt_field, opts.label_field) != ("Question", "Answer"):
+    if (not str(data).lower().endswith(".csv") or not Path(data).is_file()  # a missing file: load_records says so
+            or (opts.prompt_field, opts.label_field) != ("Question", "Answer")):
         return opts
     import csv
 
