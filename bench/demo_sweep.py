@@ -28,6 +28,8 @@ VARIANTS: dict[str, tuple[dict, list[str], list[str]]] = {
     "width 192, 1500 steps": ({}, ["model.n_embd=192", "model.n_head=6", "model.n_kv_head=3", "max_steps=1500"], []),
     "250 characters x 8 bios": ({"characters": 250, "bios": 8}, [], []),
     "Q&A mixed into pretraining, 3000 steps": ({"mix_qa": True}, ["max_steps=3000"], []),
+    "24 bios, 3000 steps": ({"bios": 24}, ["max_steps=3000"], []),
+    "24 bios, Q&A mixed, 3000 steps": ({"bios": 24, "mix_qa": True}, ["max_steps=3000"], []),
 }
 
 
@@ -35,15 +37,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
     ap.add_argument("--questions", type=int, default=500)
+    ap.add_argument("--keep", default=None, help="keep each variant's run folder under this folder")
     args = ap.parse_args()
     names = args.only or list(VARIANTS)
     rows = []
     for name in names:
         fields, pre, sft = VARIANTS[name]
         with tempfile.TemporaryDirectory(prefix="miniglm-demo-") as tmp:
-            opts = DemoOptions(out=str(Path(tmp) / "demo"), questions=args.questions, pretrain_overrides=pre,
+            out = Path(args.keep) / name.replace(" ", "_").replace(",", "") if args.keep else Path(tmp) / "demo"
+            opts = DemoOptions(out=str(out), questions=args.questions, pretrain_overrides=pre,
                                sft_overrides=sft, **fields)
-            r = run_demo(opts, log=lambda *a: None)
+            r = run_demo(opts)
         held, train = r["eval"]["sft_test"], r["eval"]["sft_train"]
         rows.append([name, f"{opts.characters} x {opts.bios}", f"{r['pretrain']['params'] / 1e6:.1f}M",
                      r["pretrain"]["steps"], f"{r['pretrain']['val_loss']:.3f}",
