@@ -19,17 +19,13 @@ from common import record, table  # noqa: E402
 
 from miniglm.demo import DemoOptions, run_demo  # noqa: E402
 
-# name -> (DemoOptions fields, pretrain overrides, sft overrides); "default" is configs/demo*.toml as shipped
+# name -> (DemoOptions fields, pretrain overrides, sft overrides) over configs/demo*.toml
 VARIANTS: dict[str, tuple[dict, list[str], list[str]]] = {
-    "default": ({}, [], []),
-    "600 steps": ({}, ["max_steps=600"], []),
-    "1500 steps": ({}, ["max_steps=1500"], []),
-    "3000 steps": ({}, ["max_steps=3000"], []),
-    "width 192, 1500 steps": ({}, ["model.n_embd=192", "model.n_head=6", "model.n_kv_head=3", "max_steps=1500"], []),
-    "250 characters x 8 bios": ({"characters": 250, "bios": 8}, [], []),
-    "Q&A mixed into pretraining, 3000 steps": ({"mix_qa": True}, ["max_steps=3000"], []),
-    "24 bios, 3000 steps": ({"bios": 24}, ["max_steps=3000"], []),
-    "24 bios, Q&A mixed, 3000 steps": ({"bios": 24, "mix_qa": True}, ["max_steps=3000"], []),
+    "6 bios, 600 steps (the first demo)": ({"bios": 6, "mix_qa": False}, ["max_steps=600"], []),
+    "6 bios, 3000 steps": ({"bios": 6, "mix_qa": False}, ["max_steps=3000"], []),
+    "24 bios, 3000 steps": ({"bios": 24, "mix_qa": False}, ["max_steps=3000"], []),
+    "24 bios, Q&A mixed, 1500 steps": ({"bios": 24, "mix_qa": True}, ["max_steps=1500"], []),
+    "24 bios, Q&A mixed, 3000 steps (default)": ({"bios": 24, "mix_qa": True}, ["max_steps=3000"], []),
 }
 
 

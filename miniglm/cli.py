@@ -346,14 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="world -> corpus -> tokenizer -> shards -> pretrain -> SFT, into one run folder.")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--characters", type=int, default=500)
-    d.add_argument("--bios", type=int, default=6)
+    d.add_argument("--bios", type=int, default=24, help="biographies per character")
     d.add_argument("--vocab-size", type=int, default=4096)
     d.add_argument("--seed", type=int, default=1337)
     d.add_argument("--questions", type=int, default=500, help="questions per split asked at the end")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key in both stages, e.g. --set max_steps=50")
-    d.add_argument("--mix-qa", action="store_true",
-                   help="also pretrain on the training characters' Q&A (mixed training)")
+    d.add_argument("--mix-qa", action=argparse.BooleanOptionalAction, default=True,
+                   help="also pretrain on the training characters' Q&A (mixed training; default on)")
     d.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the pretraining stage only (configs/demo.toml)")
     d.add_argument("--set-sft", action="append", default=[], metavar="KEY=VALUE",

@@ -23,14 +23,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 class DemoOptions:
     out: str = "runs/demo"
     characters: int = 500
-    bios: int = 6
+    bios: int = 24  # many phrasings of each fact: stored as knowledge, not memorised as text
     vocab_size: int = 4096
     seed: int = 1337
     questions: int = 500  # asked of the fine-tuned model at the end, per split
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE for both training stages
     pretrain_overrides: list[str] = field(default_factory=list)
     sft_overrides: list[str] = field(default_factory=list)
-    mix_qa: bool = False  # also pretrain on the training characters' Q&A (held-out characters' never)
+    mix_qa: bool = True  # also pretrain on the training characters' Q&A (held-out characters' never)
 
 
 def stage_config(name: str, run: Path, data: Path, extra: list[str]):
