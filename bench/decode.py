@@ -155,8 +155,8 @@ def main() -> None:
                      f"{eng1_int8:,.0f}",
                      f"{eng8:,.0f}", f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
                      f"{hf:,.0f}", f"{eng1 / hf:.2f}x ({eng1_int8 / hf:.2f}x int8)",
-                     *([f"{cpp[t]:,.0f}", f"{eng1 / cpp[t]:.2f}x"] if cpp else ["not installed", "-"]
-                       for t in ("f32", "q8_0"))])
+                     *(cell for t in ("f32", "q8_0")
+                       for cell in ([f"{cpp[t]:,.0f}", f"{eng1 / cpp[t]:.2f}x"] if cpp else ["not installed", "-"]))])
         print(" | ".join(rows[-1]), flush=True)
     body = table(["model", "params", "engine b=1 tok/s", "engine b=1, nn.Linear layout",
                   "engine b=1, matmul decode attention", "engine b=1 int8",
