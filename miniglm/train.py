@@ -70,6 +70,10 @@ class SFTData:
         self.val = [r for _, r in read_jsonl(d / "val.jsonl")] if (d / "val.jsonl").exists() else []
         if not self.train:
             raise UserError(f"{d / 'train.jsonl'}: no records")
+        longest = max(len(r["ids"]) for r in self.train + self.val)
+        if longest > block_size + 1:  # a row is cut from the right: its answer would be lost, silently
+            raise UserError(f"{d}: records of up to {longest} tokens, past the model's context of {block_size}; "
+                            f"prepare them again with `sft prepare --max-len {block_size + 1}`")
         self.block_size, self.seed, self.pad_id = block_size, seed, self.meta.get("pad_id", 0)
         self.left = self.meta.get("padding_side") == "left"
         self.epoch, self.cursor = 0, 0

@@ -156,6 +156,8 @@ def test_sft_trains_on_answers_from_a_pretrained_run(tmp_path, data_dir, world_d
     summary = train(cfg_for(sft_data, run, "stage=\"sft\"", f"init_from={base}", "max_steps=20", "eval_every=10"))
     ls = losses(run)
     assert ls[20] < ls[1] and summary["val_loss"] < 10
+    with pytest.raises(UserError, match="--max-len 17"):  # rows longer than the context: answers would be cut
+        SFTData(str(sft_data), 16, 0)
 
 
 def test_lora_adapter_and_merge(tmp_path, data_dir):
