@@ -55,12 +55,15 @@ def engine_tok_s(model: MiniGLM, prompts: list[list[int]], new: int, int8: bool 
 
 @torch.inference_mode()
 def no_cache_tok_s(model: MiniGLM, prompt: list[int], new: int) -> float:
-    idx = torch.tensor([prompt])
-    t0 = time.perf_counter()
-    for _ in range(new):
-        logits, _ = model(idx)
-        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return new / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(REPEATS):
+        idx = torch.tensor([prompt])
+        t0 = time.perf_counter()
+        for _ in range(new):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        best = max(best, new / (time.perf_counter() - t0))
+    return best
 
 
 def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
@@ -166,7 +169,7 @@ def main() -> None:
                  rows)
     body += (f"\n\n{args.new} new tokens after a 32-token prompt, greedy, fp32 unless int8, {args.threads} threads; "
              f"the no-cache loop timed over {args.no_cache_tokens or args.new} tokens; int8 = weight-only dynamic "
-             "quantization of the linear layers (not bit-exact with fp32); engine, transformers and llama.cpp: best of "
+             "quantization of the linear layers (not bit-exact with fp32); every figure the best of "
              f"{REPEATS} runs")
     record("Decoding speed (bench/decode.py)", body)
 
