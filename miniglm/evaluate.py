@@ -78,7 +78,8 @@ def answer(run, examples: list[Example], params: SamplingParams, batch_size: int
         cut += sum(c for _, _, c in fitted)
         rendered = [(ids, stops) for ids, stops, _ in fitted]
         stops = sorted({s for _, ss in rendered for s in ss} | set(params.stop_ids))
-        batch = SamplingParams(**{**params.__dict__, "stop_ids": stops})
+        seed = None if params.seed is None else params.seed + i  # as generate_texts: each batch samples anew
+        batch = SamplingParams(**{**params.__dict__, "stop_ids": stops, "seed": seed})
         outs += [c.text.strip() for c in run.engine.generate([ids for ids, _ in rendered], batch)]
     if cut and log:
         log(f"{cut} of {len(examples)} prompts cut to fit the context ({max_len} tokens + {params.max_new_tokens} new)")

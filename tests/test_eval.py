@@ -123,3 +123,15 @@ def test_majority_baseline_answers_the_most_frequent_value_per_group():
     test = [Example([], ["少林派"], {"fact": "门派"}), Example([], ["张三丰"], {"fact": "师父"}),
             Example([], ["1199"], {"fact": "出生年"})]
     assert majority_baseline(train, test, "fact") == ["华山派", "李龙鹏", "华山派"]  # unknown group: overall
+
+
+def test_sampled_eval_repeats_with_its_seed(run_dir, qa_file, tmp_path):
+    def predictions(seed: int, out: str) -> list[str]:
+        assert main(["eval", "--run", str(run_dir), "--data", str(qa_file), "--max-new-tokens", "8", "--embedder",
+                     "none", "--temperature", "1.0", "--seed", str(seed), "--out", str(tmp_path / out)]) == 0
+        lines = (tmp_path / out / "predictions.jsonl").read_text().splitlines()
+        return [json.loads(line)["prediction"] for line in lines]
+
+    first = predictions(3, "a")
+    assert predictions(3, "b") == first
+    assert predictions(4, "c") != first
