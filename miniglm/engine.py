@@ -172,22 +172,27 @@ class Engine:
         stop_ids = set(params.stop_ids)
         for _ in range(params.max_new_tokens):
             nxt = sample_next(logits[:, -1], params, history, generator)
-            new = []
-            for i, t in enumerate(nxt.tolist()):
-                r = rows[i]
-                if r.done:
-                    continue
-                if t in stop_ids:
-                    r.done, r.finish_reason = True, "stop"
-                    continue
-                r.ids.append(t)
-                new.append((i, t))
-            yield new
+            yield self._accept(rows, nxt.tolist(), stop_ids)
             if all(r.done for r in rows):
                 return
             if history is not None:
                 history = torch.cat([history, nxt[:, None]], dim=1)
             logits, _ = self.model(nxt[:, None], cache=cache)
+
+    @staticmethod
+    def _accept(rows: list[_Row], tokens: list[int], stop_ids: set[int]) -> list[tuple[int, int]]:
+        """One step's token per row: a stop token ends its row (and is not kept); done rows are skipped."""
+        new = []
+        for i, t in enumerate(tokens):
+            r = rows[i]
+            if r.done:
+                continue
+            if t in stop_ids:
+                r.done, r.finish_reason = True, "stop"
+                continue
+            r.ids.append(t)
+            new.append((i, t))
+        return new
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Completion]:
         """Complete a batch of tokenised prompts (left padding, per-sequence stopping)."""

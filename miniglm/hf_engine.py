@@ -88,17 +88,7 @@ class HFEngine(Engine):
         worker.start()
         try:
             while (tokens := hooks.tokens.get()) is not None:
-                new = []
-                for i, t in enumerate(tokens):
-                    r = rows[i]
-                    if r.done:
-                        continue
-                    if t in stop_ids:
-                        r.done, r.finish_reason = True, "stop"
-                        continue
-                    r.ids.append(t)
-                    new.append((i, t))
-                yield new
+                yield self._accept(rows, tokens, stop_ids)
                 if all(r.done for r in rows):
                     break
         finally:
