@@ -115,6 +115,18 @@ def for_decoding(model: MiniGLM) -> MiniGLM:
     return model
 
 
+def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one (B, L) batch padded on the left, so every row's next token is at the end; and
+    the attention mask (1 = a real token)."""
+    B, L = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    return idx, mask
+
+
 class Engine:
     def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", int8: bool = False,
                  transposed: bool = True):
@@ -154,12 +166,8 @@ class Engine:
     def steps(self, rows: list[_Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
         """Decode a batch; after each step yield the (row, token) pairs that are new and not stop tokens.
         A caller may mark a row done between steps (a stop string); decoding ends when all are."""
-        B, L = len(rows), max(len(r.prompt) for r in rows)
-        idx = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            idx[i, L - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, L - len(r.prompt):] = 1
+        idx, mask = left_pad([r.prompt for r in rows], self.tokenizer.pad_id)
+        B, L = idx.shape
         padded = bool((mask == 0).any())
         cache = KVCache(self.model.config, B, L + params.max_new_tokens, device=self.device,
                         dtype=self.model.embeddings.weight.dtype)

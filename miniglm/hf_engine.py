@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from miniglm.engine import Engine, SamplingParams, _Row
+from miniglm.engine import Engine, SamplingParams, _Row, left_pad
 from miniglm.fileio import UserError
 from miniglm.hf import HFCausalLM
 from miniglm.tokenizer import Tokenizer
@@ -62,12 +62,7 @@ class HFEngine(Engine):
     def steps(self, rows: list[_Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
         from transformers import StoppingCriteriaList
 
-        B, L = len(rows), max(len(r.prompt) for r in rows)
-        idx = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            idx[i, L - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, L - len(r.prompt):] = 1
+        idx, mask = left_pad([r.prompt for r in rows], self.tokenizer.pad_id)
         stop_ids = set(params.stop_ids) | self.end_ids
         hooks, errors = _Steps(), []
         kwargs = {"input_ids": idx.to(self.device), "attention_mask": mask.to(self.device), "streamer": hooks,

@@ -61,3 +61,14 @@ def make_chat_run(root: Path, bpe_dir: Path, block_size: int, n_layer: int) -> P
     load_tokenizer(bpe_dir).save(root / "run" / "tokenizer")
     write_json(root / "run" / "chat.json", {"template": "miniglm", "template_options": {}})
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is far faster than two fighting for it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

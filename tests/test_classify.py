@@ -21,12 +21,7 @@ import raft_cv  # noqa: E402
 RAFT = SHARED_DATA / "classify" / "raft_twitter_complaints"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ FAMILY_OF = {"bloom": "bloom", "gpt2": "gpt2", "opt": "opt", "llama": "llama", "
 CHINESE = "你好世界酒店房间很大早餐太差干净服务不错位置方便前台热情价格贵一般推荐下次还会来正面负面评论情感"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~50x faster than two fighting for it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf_config(arch: str, vocab: int, eos: int, pad: int | None):
