@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +71,11 @@ def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: boo
 
 
 def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, batch_size: int = 8,
-                   system: str | None = None) -> list[dict]:
-    """One completion per text (a user message, or raw text for a base model), batched."""
-    results = []
+                   system: str | None = None, warn: Callable[[str], None] | None = None) -> Iterator[dict]:
+    """One completion per text (a user message, or raw text for a base model), batched; each batch is
+    yielded as it finishes. With params.fit_new_tokens a prompt gets as many new tokens as its context
+    leaves (warn says so once, when that is fewer than asked)."""
+    warned = False
     for i in range(0, len(texts), batch_size):
         chunk = texts[i:i + batch_size]
         rendered = [run.prompt(([{"role": "system", "content": system}] if system else [])
@@ -82,10 +84,14 @@ def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, bat
         # Each batch reseeds: offset the seed so that repeated prompts in later batches sample anew.
         seed = None if params.seed is None else params.seed + i
         batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop, "seed": seed})
-        for text, out in zip(chunk, run.engine.generate([ids for ids, _ in rendered], batch_params), strict=True):
-            results.append({"prompt": text, "output": out.text, "finish_reason": out.finish_reason,
-                            "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.ids)})
-    return results
+        outs = run.engine.generate([ids for ids, _ in rendered], batch_params)
+        if warn and not warned and any(o.capped for o in outs):
+            warn(f"--max-new-tokens {params.max_new_tokens} is past the room the context of "
+                 f"{run.engine.model.config.block_size} tokens leaves; answers capped to fit")
+            warned = True
+        for text, out in zip(chunk, outs, strict=True):
+            yield {"prompt": text, "output": out.text, "finish_reason": out.finish_reason,
+                   "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.ids)}
 
 
 def chat_repl(run: LoadedRun, params: SamplingParams, read: Callable[[str], str] = input,
@@ -113,13 +119,16 @@ def chat_repl(run: LoadedRun, params: SamplingParams, read: Callable[[str], str]
             history = []
             write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
             continue
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        messages.append({"role": "user", "content": line})
-        ids, stops = run.prompt(messages)
-        if len(ids) + params.max_new_tokens > run.engine.model.config.block_size and history:
-            history = history[2:]  # forget the oldest exchange rather than refuse
+        block = run.engine.model.config.block_size
+        while True:  # forget the oldest exchanges before the room for an answer gets small
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            ids, stops = run.prompt([*messages, {"role": "user", "content": line}])
+            if not history or block - len(ids) >= min(params.max_new_tokens, block // 2):
+                break
+            history = history[2:]
+        # Past the context even alone, the message keeps its end; an answer fills what room is left.
         turn_params = SamplingParams(**{**params.__dict__, "stop_ids": sorted(set(stops) | set(params.stop_ids)),
-                                        "trim_prompt": True})
+                                        "trim_prompt": True, "fit_new_tokens": True})
         write("模型: ")
         answer = ""
         for chunk in run.engine.stream(ids, turn_params):

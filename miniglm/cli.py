@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from miniglm.corpus import CHAPTER_PATTERN
 from miniglm.fileio import UserError
 
+DEFAULT_NEW_TOKENS = 128
+
 
 def cmd_corpus_prepare(args: argparse.Namespace) -> int:
     from miniglm import corpus
@@ -182,9 +184,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _sampling(args: argparse.Namespace):
     from miniglm.engine import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+    # By default an answer gets up to 128 tokens, fewer where the context leaves less room; an explicit
+    # --max-new-tokens past the room is capped too, with a note on stderr.
+    max_new = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    return SamplingParams(max_new_tokens=max_new, fit_new_tokens=True, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           stop_strings=args.stop or [], seed=args.seed, trim_prompt=args.trim_prompt)
+
+
+def _note(args: argparse.Namespace):
+    """Where a note for the user goes: stderr, and only about what they asked for explicitly."""
+    if args.max_new_tokens is None:
+        return None
+    return lambda msg: print(f"miniglm: note: {msg}", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -200,7 +212,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         texts = [args.prompt]
     run = load_run(args.run, args.device, args.raw, args.int8)
-    for r in generate_texts(run, texts, _sampling(args), args.batch_size, args.system):
+    for r in generate_texts(run, texts, _sampling(args), args.batch_size, args.system, _note(args)):
         print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"], flush=True)
     return 0
 
@@ -221,7 +233,9 @@ def _add_csv(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None:
     p.add_argument("--run", required=run_required, help="run or checkpoint folder")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"at most this many tokens per answer (default {DEFAULT_NEW_TOKENS}, fewer where the "
+                        "context leaves less room)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -244,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     params = _sampling(args)
     evaluate_generation(args.run, args.data, args.out, args.template, params,
                         None if args.embedder == "none" else args.embedder, args.limit, args.batch_size,
-                        columns=args.columns, values=parse_values(args.value))
+                        columns=args.columns, values=parse_values(args.value), note=_note(args))
     return 0
 
 

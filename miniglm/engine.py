@@ -22,6 +22,7 @@ from miniglm.tokenizer import StreamDecoder, Tokenizer
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
+    fit_new_tokens: bool = False  # cap each row's new tokens at the room its prompt leaves (else refuse)
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0
@@ -38,6 +39,7 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (stop token or string) or "length"
     prompt_tokens: int = 0
+    capped: bool = False  # fewer new tokens allowed than asked, to fit the context
 
 
 @dataclass
@@ -45,6 +47,7 @@ class _Row:
     """Per-sequence decoding state."""
 
     prompt: list[int]
+    max_new: int = 0  # this row's limit: max_new_tokens, or less where the context leaves less room
     ids: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
@@ -147,20 +150,25 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
 
-    def _fit_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
-        limit = self.model.config.block_size - params.max_new_tokens
-        if len(ids) <= limit:
-            return ids
-        if params.trim_prompt and limit > 0:
-            return ids[-limit:]
-        raise UserError(f"prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens is past the context "
-                        f"of {self.model.config.block_size}; shorten it, lower max_new_tokens, or trim the prompt")
+    def _fit(self, ids: list[int], params: SamplingParams) -> _Row:
+        """A row for one prompt: its new tokens capped at the context's room (fit_new_tokens), or its
+        prompt's start dropped (trim_prompt), or an error. Depends on the prompt alone, never on its batch."""
+        block, new = self.model.config.block_size, params.max_new_tokens
+        room = block - len(ids)
+        if params.fit_new_tokens and 0 < room < new:
+            return _Row(ids, room)
+        if len(ids) + new <= block:
+            return _Row(ids, new)
+        if params.trim_prompt:
+            keep = block - min(new, block // 2)  # leave room for an answer, at most half the context
+            return _Row(ids[-keep:], min(new, block - keep))
+        raise UserError(f"prompt of {len(ids)} tokens + {new} new tokens is past the context "
+                        f"of {block}; shorten it, lower max_new_tokens, or trim the prompt")
 
     def start(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[_Row]:
-        rows = [_Row(self._fit_prompt(list(p), params)) for p in prompts]
-        if any(not r.prompt for r in rows):
+        if any(not p for p in prompts):
             raise UserError("an empty prompt: give at least one token")
-        return rows
+        return [self._fit(list(p), params) for p in prompts]
 
     @torch.inference_mode()
     def steps(self, rows: list[_Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
@@ -169,7 +177,8 @@ class Engine:
         idx, mask = left_pad([r.prompt for r in rows], self.tokenizer.pad_id)
         B, L = idx.shape
         padded = bool((mask == 0).any())
-        cache = KVCache(self.model.config, B, L + params.max_new_tokens, device=self.device,
+        steps = max(r.max_new for r in rows)
+        cache = KVCache(self.model.config, B, L + steps, device=self.device,
                         dtype=self.model.embeddings.weight.dtype)
         generator = None
         if params.seed is not None:
@@ -178,7 +187,7 @@ class Engine:
         logits, _ = self.model(idx, attention_mask=mask.to(self.device) if padded else None, cache=cache)
         history = idx if params.repetition_penalty != 1.0 else None
         stop_ids = set(params.stop_ids)
-        for _ in range(params.max_new_tokens):
+        for _ in range(steps):
             nxt = sample_next(logits[:, -1], params, history, generator)
             yield self._accept(rows, nxt.tolist(), stop_ids)
             if all(r.done for r in rows):
@@ -200,6 +209,8 @@ class Engine:
                 continue
             r.ids.append(t)
             new.append((i, t))
+            if len(r.ids) >= r.max_new:
+                r.done = True
         return new
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Completion]:
@@ -214,7 +225,8 @@ class Engine:
             if not r.cut:
                 r.text += dec.flush()
                 self._check_stop_string(r, params)
-        return [Completion(r.ids, r.text, r.finish_reason, len(r.prompt)) for r in rows]
+        return [Completion(r.ids, r.text, r.finish_reason, len(r.prompt), r.max_new < params.max_new_tokens)
+                for r in rows]
 
     @staticmethod
     def _check_stop_string(r: _Row, params: SamplingParams) -> None:

@@ -67,11 +67,15 @@ def fitted_prompt(run, messages: list[dict], max_len: int) -> tuple[list[int], l
     return with_prompt(lo), stops, True
 
 
-def answer(run, examples: list[Example], params: SamplingParams, batch_size: int = 32, log=None) -> list[str]:
-    """The run's answer to each example's chat, batched through the generation engine. Prompts too long
-    for the context with max_new_tokens lose the end of their last user turn, as in training."""
-    outs, cut = [], 0
-    max_len = run.engine.model.config.block_size - params.max_new_tokens
+def answer(run, examples: list[Example], params: SamplingParams, batch_size: int = 32, log=None,
+           note=None) -> list[str]:
+    """The run's answer to each example's chat, batched through the generation engine. A prompt too long
+    to leave room for an answer (max_new_tokens, or half the context if less) loses the end of its last
+    user turn, as in training; each answer gets the room its own prompt leaves, whatever its batch."""
+    outs, cut, capped = [], 0, False
+    block = run.engine.model.config.block_size
+    max_len = block - min(params.max_new_tokens, block // 2)
+    params = SamplingParams(**{**params.__dict__, "fit_new_tokens": True})
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         fitted = [fitted_prompt(run, e.messages, max_len) for e in chunk]
@@ -80,9 +84,14 @@ def answer(run, examples: list[Example], params: SamplingParams, batch_size: int
         stops = sorted({s for _, ss in rendered for s in ss} | set(params.stop_ids))
         seed = None if params.seed is None else params.seed + i  # as generate_texts: each batch samples anew
         batch = SamplingParams(**{**params.__dict__, "stop_ids": stops, "seed": seed})
-        outs += [c.text.strip() for c in run.engine.generate([ids for ids, _ in rendered], batch)]
+        completions = run.engine.generate([ids for ids, _ in rendered], batch)
+        capped = capped or any(c.capped for c in completions)
+        outs += [c.text.strip() for c in completions]
     if cut and log:
-        log(f"{cut} of {len(examples)} prompts cut to fit the context ({max_len} tokens + {params.max_new_tokens} new)")
+        log(f"{cut} of {len(examples)} prompts cut to fit the context ({max_len} of {block} tokens)")
+    if capped and note:
+        note(f"--max-new-tokens {params.max_new_tokens} is past the room the context of {block} tokens leaves; "
+             "answers capped to fit")
     return outs
 
 
@@ -133,20 +142,21 @@ def write_results(out: Path, examples: list[Example], predictions: list[str], sc
 def evaluate_generation(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
                         template: str | None = None, params: SamplingParams | None = None,
                         embedder: str | None = "use-multilingual", limit: int = 0, batch_size: int = 32,
-                        log=print, columns: str | None = None, values: dict[str, str] | None = None) -> dict:
+                        log=print, columns: str | None = None, values: dict[str, str] | None = None,
+                        note=None) -> dict:
     from miniglm.chat import load_run
     from miniglm.report import write_report
 
     examples = load_examples(data, limit, columns, values)
+    emb = metrics.Embedder(embedder) if embedder else None  # a bad name fails before the slow part
     run = load_run(run_dir)
     if template:
         run.template = template
     params = params or SamplingParams(max_new_tokens=128)
     out = Path(out) if out else Path(run_dir) / "eval"
     t0 = time.perf_counter()
-    predictions = answer(run, examples, params, batch_size, log)
+    predictions = answer(run, examples, params, batch_size, log, note)
     gen_s = time.perf_counter() - t0
-    emb = metrics.Embedder(embedder) if embedder else None
     scores = score(predictions, examples, emb)
     summary = {"kind": "generation", "run": str(run_dir), "data": str(data), "template": run.template,
                "sampling": {k: v for k, v in params.__dict__.items() if k != "stop_ids"}, "embedder": embedder,

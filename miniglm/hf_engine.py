@@ -49,11 +49,11 @@ class HFEngine(Engine):
         ends = [tokenizer.token_id(t) for t in model.family.end_tokens] + [tokenizer.eot_id]
         self.end_ids = {i for i in ends if i is not None}
 
-    def _generation_config(self, params: SamplingParams, stop_ids: set[int]):
+    def _generation_config(self, params: SamplingParams, stop_ids: set[int], max_new: int):
         from transformers import GenerationConfig
 
         sample = params.temperature > 0  # a fresh config: not the model's own sampling defaults
-        return GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=sample,
+        return GenerationConfig(max_new_tokens=max_new, do_sample=sample,
                                 temperature=params.temperature if sample else None,
                                 top_k=params.top_k if sample else None, top_p=params.top_p if sample else None,
                                 repetition_penalty=params.repetition_penalty, eos_token_id=sorted(stop_ids),
@@ -66,7 +66,7 @@ class HFEngine(Engine):
         stop_ids = set(params.stop_ids) | self.end_ids
         hooks, errors = _Steps(), []
         kwargs = {"input_ids": idx.to(self.device), "attention_mask": mask.to(self.device), "streamer": hooks,
-                  "generation_config": self._generation_config(params, stop_ids),
+                  "generation_config": self._generation_config(params, stop_ids, max(r.max_new for r in rows)),
                   "stopping_criteria": StoppingCriteriaList([hooks])}
         if params.seed is not None:  # generate() samples from torch's global generator
             torch.manual_seed(params.seed)

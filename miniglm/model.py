@@ -74,6 +74,7 @@ class KVCache:
         self.mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # left padding per row
         self.padded = False  # any masked position: decoding then needs an explicit attention mask
+        self.max_pad = 0  # the most left padding of any row
         self.pos = 0
         self.max_len = max_len
 
@@ -287,16 +288,19 @@ class MiniGLM(nn.Module):
         """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than the block size {self.config.block_size}")
         if cache is not None and attention_mask is not None:
             cache.mask[:, past:past + T] = attention_mask.bool()
             cache.n_pad += (attention_mask == 0).sum(-1)
             cache.padded = cache.padded or bool((attention_mask == 0).any())
+            cache.max_pad = int(cache.n_pad.max())
+        # Left padding takes cache slots but no positions: the shortest row must fit the block; a longer
+        # row reaching the end has finished (the engine's per-row limit), its positions are clamped below.
+        if past + T - (cache.max_pad if cache is not None else 0) > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the block size {self.config.block_size}")
         if position_ids is None:  # with left padding, positions count real tokens only
             position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
             if cache is not None:
-                position_ids = (position_ids - cache.n_pad[:, None]).clamp(min=0)
+                position_ids = (position_ids - cache.n_pad[:, None]).clamp(0, self.config.block_size - 1)
             elif attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         mask = self._attention_mask(position_ids, attention_mask, cache, T)

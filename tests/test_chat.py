@@ -57,3 +57,42 @@ def test_chat_repl_commands(run_dir):
 def test_generate_missing_file(run_dir, capsys):
     assert main(["generate", "--run", str(run_dir), "--file", "nope.txt"]) == 2
     assert "nope.txt: no such file" in capsys.readouterr().err
+
+
+def test_default_new_tokens_fit_the_context(run_dir, tmp_path, capsys):
+    """A 64-token context: the default (128) and an explicit 500 are capped at the room each prompt leaves;
+    only the explicit value gets a note on stderr."""
+    prompt = "司徒沧霄的师父是谁？"
+    assert main(["generate", "--run", str(run_dir), "--prompt", prompt, "--jsonl"]) == 0
+    out = capsys.readouterr()
+    row = json.loads(out.out)
+    assert row["completion_tokens"] > 0 and row["prompt_tokens"] + row["completion_tokens"] <= 64
+    assert "note" not in out.err
+    assert main(["generate", "--run", str(run_dir), "--prompt", prompt, "--jsonl", "--max-new-tokens", "500"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["output"] == row["output"]
+    assert out.err.count("miniglm: note: --max-new-tokens 500") == 1
+
+
+def test_chat_drops_oldest_turns_before_the_room_gets_small(run_dir):
+    run = load_run(run_dir)
+    lines = iter(["江湖", "天下", "谁？", "你好", "/exit"])
+    prompts: list[list[int]] = []
+    stream = run.engine.stream
+    run.engine.stream = lambda ids, params: (prompts.append(ids), stream(ids, params))[1]
+    out: list[str] = []
+    chat_repl(run, SamplingParams(max_new_tokens=128, fit_new_tokens=True), read=lambda _: next(lines),
+              write=out.append)
+    assert len(prompts) == 4  # every message answered, none refused
+    assert all(64 - len(p) >= 32 for p in prompts)  # room for half the context at least
+    assert run.engine.tokenizer.decode(prompts[-1]).count("<|user|>") < 4  # older turns were dropped
+
+
+def test_eval_answers_do_not_depend_on_the_batch(run_dir, tmp_path):
+    from miniglm.evaluate import Example, answer
+
+    run = load_run(run_dir)
+    questions = ["你好", "司徒沧霄的师父是谁？" * 3, "江湖", "天下大势，分久必合" * 4, "谁？", "一壶浊酒", "剑", "刀"]
+    examples = [Example([{"role": "user", "content": q}], ["x"]) for q in questions]
+    params = SamplingParams(max_new_tokens=128)
+    assert answer(run, examples, params, batch_size=1) == answer(run, examples, params, batch_size=8)

@@ -236,8 +236,8 @@ def test_batched_generation_equals_one_by_one(arch, runs):
     prompts = (["早餐太差服务服务", "房间干净", "前台热情价格贵一般推荐"] if arch == "gpt2-chinese"
                else ["tweet 1: the service is bad", "hi", "tweet 7: thanks, all good, all good"])
     params = SamplingParams(max_new_tokens=6)
-    batched = generate_texts(run, prompts, params, batch_size=3)
-    single = [generate_texts(run, [p], params, batch_size=1)[0] for p in prompts]
+    batched = list(generate_texts(run, prompts, params, batch_size=3))
+    single = [next(generate_texts(run, [p], params, batch_size=1)) for p in prompts]
     assert [r["output"] for r in batched] == [r["output"] for r in single]
     assert [r["completion_tokens"] for r in batched] == [r["completion_tokens"] for r in single]
     assert any(r["completion_tokens"] for r in batched)
@@ -267,7 +267,7 @@ def test_gpt2_chinese_decodes_without_spaces_and_stops_at_sep(models):
     run = LoadedRun(HFEngine(model, tok), "plain", TemplateOptions(), "t")
     from miniglm.chat import generate_texts
 
-    out = generate_texts(run, ["房间"], SamplingParams(max_new_tokens=5))[0]
+    out = next(generate_texts(run, ["房间"], SamplingParams(max_new_tokens=5)))
     assert out["finish_reason"] == "stop" and out["completion_tokens"] == 0 and out["output"] == ""
 
 
@@ -345,7 +345,7 @@ def test_an_architecture_outside_the_registry_needs_a_template(tmp_path, bpe_dir
     state = json.loads((tmp_path / "run" / "ckpt" / "state.json").read_text())
     assert state["hf"]["family"] == "mistral" and state["hf"]["lora"]
     run = load_run(tmp_path / "run")
-    assert len(generate_texts(run, ["tweet 1: bad"], SamplingParams(max_new_tokens=2))) == 1
+    assert len(list(generate_texts(run, ["tweet 1: bad"], SamplingParams(max_new_tokens=2)))) == 1
 
 
 def test_chatglm_needs_trust_remote_code(tmp_path, capsys):
