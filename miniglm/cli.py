@@ -22,6 +22,8 @@ def cmd_corpus_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, nfkc=args.nfkc, drop=args.drop,
         errors=args.errors, encoding=args.encoding)
     stats = corpus.prepare_corpus(args.inputs, args.out, opts)
+    for line in corpus.format_skipped(stats):
+        print(line, file=sys.stderr)
     print(corpus.format_stats(stats))
     print(f"wrote {args.out}/train.jsonl, val.jsonl, stats.json")
     return 0
