@@ -72,21 +72,21 @@ def test_broken_files_name_file_and_line(tmp_path):
 
 
 def test_columns_with_chatglm_history(tmp_path):
-    rows = [{"prompt": "第三问", "response": "第三答", "history": [["第一问", "第一答"], ["第二问", "第二答"]]},
-            {"prompt": "单问", "response": "单答", "history": []},
-            {"prompt": "没有答案", "response": ""}]  # unlabelled: skipped, as an empty csv cell
+    rows = [{"content": "第三问", "summary": "第三答", "history": [["第一问", "第一答"], ["第二问", "第二答"]]},
+            {"content": "单问", "summary": "单答", "history": []},
+            {"content": "没有答案", "summary": ""}]  # unlabelled: skipped, as an empty csv cell
     write_lines(tmp_path / "train.json", rows)
-    recs = load_records(tmp_path / "train.json", "prompt,response,history")
+    recs = load_records(tmp_path / "train.json", "content,summary,history")
     assert [m["content"] for m in recs[0].messages] == ["第一问", "第一答", "第二问", "第二答", "第三问", "第三答"]
     assert [m["role"] for m in recs[0].messages[:2]] == ["user", "assistant"]
     assert len(recs) == 2 and len(recs[1].messages) == 2
-    write_lines(tmp_path / "bad.json", [rows[0], {"prompt": "q", "response": "a", "history": [["只有问题"]]}])
+    write_lines(tmp_path / "bad.json", [rows[0], {"content": "q", "summary": "a", "history": [["只有问题"]]}])
     with pytest.raises(UserError, match=r"bad\.json:line 2: history\[0\] must be a \[question, answer\] pair"):
-        load_records(tmp_path / "bad.json", "prompt,response,history")
-    with pytest.raises(UserError, match=r"train\.json:line 1: no field 'answer' \(fields: prompt, response"):
-        load_records(tmp_path / "train.json", "prompt,answer")
+        load_records(tmp_path / "bad.json", "content,summary,history")
+    with pytest.raises(UserError, match=r"train\.json:line 1: no field 'answer' \(fields: content, summary"):
+        load_records(tmp_path / "train.json", "content,answer")
     with pytest.raises(UserError, match="--columns takes PROMPT,ANSWER"):
-        load_records(tmp_path / "train.json", "prompt")
+        load_records(tmp_path / "train.json", "content")
 
 
 def test_alpaca_history_must_be_pairs_of_strings(tmp_path):
