@@ -24,6 +24,8 @@ def cmd_corpus_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, nfkc=args.nfkc, drop=args.drop,
         errors=args.errors, encoding=args.encoding)
     stats = corpus.prepare_corpus(args.inputs, args.out, opts)
+    for line in corpus.format_skipped(stats):
+        print(line, file=sys.stderr)
     print(corpus.format_stats(stats))
     print(f"wrote {args.out}/train.jsonl, val.jsonl, stats.json")
     return 0
@@ -91,16 +93,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sft_prepare(args: argparse.Namespace) -> int:
     from miniglm.fileio import read_jsonl
-    from miniglm.finetune import csv_fields, parse_values
+    from miniglm.finetune import column_fields, parse_values
     from miniglm.sft.data import prepare_sft, show
     from miniglm.sft.templates import TemplateOptions
     from miniglm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
-                           prompt_field=args.prompt_field, label_field=args.label_field, end_token=args.end_token,
-                           max_source_len=args.max_source_len, max_target_len=args.max_target_len)
-    opts = csv_fields(args.data, args.columns, opts)  # plain on a .csv: "{prompt column} : … {answer column} : "
+                           end_token=args.end_token, max_source_len=args.max_source_len,
+                           max_target_len=args.max_target_len)
+    opts = column_fields(args.data, args.columns, opts)  # plain: "{prompt column} : … {answer column} : "
     meta = prepare_sft(args.data, tok, args.out, args.template, args.max_len, args.val_fraction, args.seed,
                        opts, args.pack, columns=args.columns, values=parse_values(args.value))
     if args.show:
@@ -120,8 +122,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.full and args.lora_r is not None:
         raise UserError("--full and --lora-r exclude each other: LoRA trains adapters, --full every weight")
-    topts = TemplateOptions(system=args.system, prompt_field=args.prompt_field, label_field=args.label_field,
-                            end_token=args.end_token)
+    topts = TemplateOptions(system=args.system, end_token=args.end_token)
     opts = FinetuneOptions(model=args.model, data=args.data, out=args.out, template=args.template,
                            lora_r=0 if args.full else (args.lora_r or 8), max_len=args.max_len,
                            val_fraction=args.val_fraction, seed=args.seed, trust_remote_code=args.trust_remote_code,
@@ -224,11 +225,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_csv(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--columns", default=None, metavar="PROMPT,ANSWER",
-                   help=".csv: the prompt and answer columns (a RAFT task.json beside the file names them)")
+def _add_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--columns", default=None, metavar="PROMPT,ANSWER[,HISTORY]",
+                   help="the prompt and answer fields of every record, and a history field of [question, answer] "
+                        "pairs (JSON only), e.g. content,summary; a .csv's RAFT task.json names them itself; the "
+                        "plain template names its parts after them")
     p.add_argument("--value", action="append", default=[], metavar="CELL=TEXT",
-                   help=".csv: rename a cell value, e.g. --value 1=正面 --value 0=负面 (repeatable)")
+                   help="rename a whole prompt or answer value, e.g. --value 1=正面 --value 0=负面 (repeatable)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None:
@@ -386,9 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = ssub.add_parser("prepare", help="SFT records -> ids + labels for training",
                          description="Render each record with a chat template (labels on answers only), "
                                      "truncate, optionally pack. Records: alpaca, sharegpt, messages, "
-                                     "question/answer, instruct/query/answer, CMRC/SQuAD; .json or .jsonl; "
-                                     ".csv with --columns.")
-    sp.add_argument("--data", required=True, help="a .json, .jsonl or .csv file of records")
+                                     "question/answer, instruct/query/answer, CMRC/SQuAD, or any with "
+                                     "--columns; JSON records (one array, or one object a line) in .json, "
+                                     ".jsonl or .txt; .csv with --columns.")
+    sp.add_argument("--data", required=True, help="a .json, .jsonl, .txt (JSON records) or .csv file of records")
     sp.add_argument("--tokenizer", required=True, help="tokenizer folder, cl100k_base, FILE.tiktoken or HF name")
     sp.add_argument("--template", default="miniglm",
                     help="miniglm | chatglm | chatglm2 | alpaca | plain | chatml | llama2 | hf (default: miniglm)")
@@ -398,9 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--show", type=int, default=0, metavar="K", help="print K records as token | label columns")
     sp.add_argument("--system", default=None, help="system prompt for chats that have none")
     sp.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
-    _add_csv(sp)
-    sp.add_argument("--prompt-field", default="Question", help="plain template: the input's name (csv: its column)")
-    sp.add_argument("--label-field", default="Answer", help="plain template: the target's name (csv: its column)")
+    _add_columns(sp)
     sp.add_argument("--end-token", choices=["eos", "pad"], default="eos", help="plain template: token after target")
     sp.add_argument("--max-source-len", type=int, default=0, help="chatglm: ChatGLM's max_source_length")
     sp.add_argument("--max-target-len", type=int, default=0, help="chatglm: ChatGLM's max_target_length")
@@ -417,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "command, into one run folder; rerun it to resume. Families: bloom, gpt2, "
                                     "gpt2-chinese, opt, llama (Chinese-LLaMA/Alpaca), qwen2, chatglm, glm4.")
     ft.add_argument("--model", required=True, help="HF model name (downloaded when online) or local folder")
-    ft.add_argument("--data", required=True, help="SFT records: .json, .jsonl or .csv")
+    ft.add_argument("--data", required=True, help="SFT records: .json, .jsonl, .txt (JSON records) or .csv")
     ft.add_argument("--out", required=True, help="run folder (RUN/data holds the prepared records)")
     ft.add_argument("--template", default="auto", help="auto (the family's) or a template name, as in sft prepare")
     ft.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8)")
@@ -425,10 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--trust-remote-code", action="store_true",
                     help="run the model repository's own code (ChatGLM-6B); only for repositories you trust")
     ft.add_argument("--max-len", type=int, default=256, help="tokens per record; the prompt is cut, never the answer")
-    _add_csv(ft)
+    _add_columns(ft)
     ft.add_argument("--system", default=None, help="system prompt for chats that have none")
-    ft.add_argument("--prompt-field", default="Question", help="plain template: the input's name (csv: its column)")
-    ft.add_argument("--label-field", default="Answer", help="plain template: the target's name (csv: its column)")
     ft.add_argument("--end-token", choices=["eos", "pad"], default="eos", help="plain template: token after target")
     ft.add_argument("--val-fraction", type=float, default=0.05)
     ft.add_argument("--seed", type=int, default=1337)
@@ -489,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "score: exact match, answer contained, ROUGE-1/2/L F1 on jieba words, BLEU-4 on "
                                     "characters, embedding similarity. Writes RUN/eval/predictions.jsonl, "
                                     "metrics.json, report.md and report.html.")
-    ev.add_argument("--data", help="test records (.jsonl/.json: question/answer, messages, alpaca, ...; .csv)")
-    _add_csv(ev)
+    ev.add_argument("--data", help="test records (JSON: question/answer, messages, alpaca, ..., or --columns; .csv)")
+    _add_columns(ev)
     ev.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
     ev.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     ev.add_argument("--embedder", default="use-multilingual",
@@ -512,8 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl = evsub.add_parser("classify", help="accuracy and per-class precision/recall, labels as text",
                           description="Generate a short answer per record, snap it to the closest label, score.")
     cl.add_argument("--run", required=True, help="run or checkpoint folder")
-    cl.add_argument("--data", required=True, help="records whose answer is the label (.jsonl, .json, .csv)")
-    _add_csv(cl)
+    cl.add_argument("--data", required=True, help="records whose answer is the label (JSON records, .csv)")
+    _add_columns(cl)
     cl.add_argument("--labels", default=None, help="comma-separated labels (default: those in the data)")
     cl.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
     cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")

@@ -12,7 +12,7 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from miniglm.fileio import UserError, read_json, read_jsonl, write_json, write_jsonl
+from miniglm.fileio import UserError, read_jsonl, read_records, write_json, write_jsonl
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -64,10 +64,23 @@ class Decoded:
     score: float
 
 
+class Skipped(UserError):
+    """A file that a folder may hold beside the text (a cover image, a metadata info.json): skipped with a
+    summary there, an error when named on the command line."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def looks_binary(data: bytes) -> bool:
+    return b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff"))
+
+
 def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str | None = None) -> Decoded:
     """Decode a file's bytes, detecting the encoding unless one is given."""
-    if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise UserError(f"{name}: looks like a binary file (NUL bytes); pass text, HTML or jsonl files")
+    if looks_binary(data):
+        raise Skipped(f"{name}: looks like a binary file (NUL bytes); pass text, HTML or jsonl files", "binary")
     if encoding:
         try:
             return Decoded(data.decode(encoding, errors=errors), encoding, 1.0)
@@ -168,31 +181,39 @@ class PrepareStats:
     train_characters: int = 0
     val_characters: int = 0
     seconds: float = 0.0
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # kind of skip -> files found in folders
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (searched recursively) and globs, in a stable order, without repeats."""
-    paths: list[Path] = []
+def natural_key(name: str) -> tuple:
+    """Sort key that orders numbers by value: 2.html before 10.html."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[Path, bool]]:
+    """Files, folders (searched recursively) and globs, in natural order, without repeats; each with
+    whether it was named on the command line (found in a folder or by a pattern: may be skipped)."""
+    paths: dict[Path, bool] = {}
     for spec in inputs:
         if any(c in spec for c in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
-            if not matches:
+            found = sorted((Path(p) for p in glob.glob(spec, recursive=True)), key=lambda p: natural_key(str(p)))
+            if not found:
                 raise UserError(f"{spec}: the pattern matches no file")
-            found = matches
+            named = False
         else:
-            p = Path(spec)
-            if not p.exists():
-                raise UserError(f"{p}: no such file or folder")
-            found = [p]
+            found, named = [Path(spec)], True
+            if not found[0].exists():
+                raise UserError(f"{spec}: no such file or folder")
         for p in found:
             if p.is_dir():
-                files = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f) is not None)
-                if not files:
-                    raise UserError(f"{p}: the folder holds no .txt, .html or .jsonl file")
-                paths.extend(files)
+                files = sorted((f for f in p.rglob("*") if f.is_file()),
+                               key=lambda f: natural_key(f.relative_to(p).as_posix()))
+                if not any(_kind(f) for f in files):
+                    raise UserError(f"{p}: the folder holds no .txt, .html or .json/.jsonl file")
+                for f in files:
+                    paths.setdefault(f, False)
             else:
-                paths.append(p)
-    return list(dict.fromkeys(paths))
+                paths[p] = paths.get(p, False) or named
+    return list(paths.items())
 
 
 def _kind(path: Path) -> str | None:
@@ -206,12 +227,18 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def read_units(path: Path, opts: PrepareOptions) -> tuple[list[str], dict]:
-    """Read one input file into raw text units (a file, or one per json record) and its file stats."""
+def read_units(path: Path, opts: PrepareOptions, named: bool = True) -> tuple[list[str], dict]:
+    """Read one input file into raw text units (a file, or one per json record) and its file stats.
+    named: given on the command line, where a file without a suffix is read as text (in a folder: skipped)."""
+    kind = _kind(path) or ("text" if named and not path.suffix else None)
+    if kind is None:
+        raise Skipped(f"{path}: unsupported file type '{path.suffix}'; pass .txt, .html or .json/.jsonl files",
+                      "unsupported")
     data = path.read_bytes()
     if not data.strip():
         raise UserError(f"{path}: the file is empty")
-    kind = _kind(path) or "text"
+    if kind == "json" and looks_binary(data):  # text and HTML: decode_bytes says so
+        raise Skipped(f"{path}: looks like a binary file (NUL bytes); pass text, HTML or jsonl files", "binary")
     if kind == "json":
         units = _read_json_texts(path, opts.text_field)
         return units, {"path": str(path), "kind": "json", "encoding": "utf-8", "records": len(units)}
@@ -226,23 +253,20 @@ def read_units(path: Path, opts: PrepareOptions) -> tuple[list[str], dict]:
 
 
 def _read_json_texts(path: Path, text_field: str) -> list[str]:
-    if path.suffix.lower() == ".jsonl":
-        rows = list(read_jsonl(path))
-    else:
-        obj = read_json(path)
-        if not isinstance(obj, list):
-            raise UserError(f"{path}: expected a JSON list of records (or use .jsonl, one record a line)")
-        rows = [(i, r) for i, r in enumerate(obj)]
-    texts = []
-    where = "line" if path.suffix.lower() == ".jsonl" else "record"
-    for n, row in rows:
-        if isinstance(row, str):
-            texts.append(row)
-            continue
-        value = row.get(text_field) if isinstance(row, dict) else None
-        if not isinstance(value, str):
-            raise UserError(f"{path}:{where} {n}: no string field '{text_field}' (choose it with --text-field)")
-        texts.append(value)
+    """The texts of JSON records (an array, one object, or one per line): strings, or their text_field.
+    A file where no record has one holds no text (metadata such as info.json); one missing is an error."""
+    texts, missing = [], None
+    for where, row in read_records(path):
+        value = row.get(text_field) if isinstance(row, dict) else row
+        if isinstance(value, str):
+            texts.append(value)
+        elif missing is None:
+            missing = where
+    if not texts:
+        detail = f"{missing}: no string field '{text_field}' in any record" if missing else f"{path}: no records"
+        raise Skipped(f"{detail} (choose the field with --text-field)", "no-text")
+    if missing is not None:
+        raise UserError(f"{missing}: no string field '{text_field}' (choose it with --text-field)")
     return texts
 
 
@@ -258,8 +282,14 @@ def prepare_corpus(inputs: list[str], out_dir: str | Path, opts: PrepareOptions)
         raise UserError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
     stats = PrepareStats()
     docs: list[dict] = []
-    for path in expand_inputs(inputs):
-        units, info = read_units(path, opts)
+    for path, named in expand_inputs(inputs):
+        try:
+            units, info = read_units(path, opts, named)
+        except Skipped as e:
+            if named:
+                raise
+            stats.skipped.setdefault(e.kind, []).append(str(path))
+            continue
         n_before = len(docs)
         for unit in units:
             for text in split_chapters(clean_text(unit, opts.nfkc, drop), chapter):
@@ -301,6 +331,20 @@ def load_documents(path: str | Path) -> list[str]:
     if not path.exists():
         raise UserError(f"{path}: no such file; run `miniglm corpus prepare` first")
     return [row["text"] for _, row in read_jsonl(path) if isinstance(row.get("text"), str)]
+
+
+SKIP_REASONS = {"unsupported": "of an unsupported type", "binary": "that look binary",
+                "no-text": "of JSON without text records"}
+
+
+def format_skipped(stats: PrepareStats, shown: int = 5) -> list[str]:
+    """One line per kind of skipped file, naming the first few."""
+    lines = []
+    for kind, paths in stats.skipped.items():
+        names = ", ".join(Path(p).name for p in paths[:shown]) + (f" and {len(paths) - shown} more"
+                                                                  if len(paths) > shown else "")
+        lines.append(f"skipped {len(paths)} file(s) {SKIP_REASONS[kind]}: {names}")
+    return lines
 
 
 def format_stats(stats: PrepareStats) -> str:

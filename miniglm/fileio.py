@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: user errors, atomic writes, jsonl reading."""
+"""Small file helpers shared by every stage: user errors, atomic writes, JSON and JSON Lines reading."""
 
 from __future__ import annotations
 
@@ -90,20 +90,61 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     return n
 
 
+def _json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-empty line; a bad line is a UserError naming it."""
     path = Path(path)
     with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+        yield from _json_lines(path, f)
+
+
+def _first_line_is_object(text: str) -> bool:
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def read_records(path: str | Path) -> list[tuple[str, Any]]:
+    """The records of a JSON file, recognised by its content whatever the extension (.json, .jsonl, .txt):
+    one array is a list of records, one object is one record, one object per line is JSON Lines
+    (ChatGLM's AdvertiseGen dev.json, Q&A sets saved as .txt). Each record comes with where it is,
+    "FILE:line N" or "FILE:record N", for error messages."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); JSON records must be UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        # Valid JSON Lines fails as one document at line 2 ("Extra data"): its first line stands alone.
+        if _first_line_is_object(text):
+            return [(f"{path}:line {n}", row) for n, row in _json_lines(path, text.split("\n"))]
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected one JSON array, "
+                        "one object, or one object per line") from None
+    if isinstance(obj, list):
+        return [(f"{path}:record {i}", row) for i, row in enumerate(obj)]
+    if isinstance(obj, dict):
+        start = text[:len(text) - len(text.lstrip())].count("\n") + 1
+        return [(f"{path}:line {start}", obj)]
+    raise UserError(f"{path}: expected JSON records (one array, one object, or one object per line), "
+                    f"got a JSON {type(obj).__name__}")
 
 
 def read_json(path: str | Path) -> Any:

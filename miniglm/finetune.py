@@ -24,7 +24,7 @@ COMMON_DEFAULTS = {"stage": "sft", "hf": True, "batch_size": 4, "grad_accum": 1,
 @dataclass
 class FinetuneOptions:
     model: str  # an HF model name (online) or folder
-    data: str  # SFT records (.json, .jsonl, .csv)
+    data: str  # SFT records (JSON records in .json, .jsonl or .txt; .csv)
     out: str  # the run folder
     template: str = "auto"  # auto: the family's
     lora_r: int = 8  # 0: full fine-tune
@@ -32,8 +32,8 @@ class FinetuneOptions:
     val_fraction: float = 0.05
     seed: int = 1337
     trust_remote_code: bool = False
-    columns: str | None = None  # .csv: "PROMPT,ANSWER"
-    values: dict[str, str] = field(default_factory=dict)  # .csv: cell renames, e.g. {"1": "正面"}
+    columns: str | None = None  # "PROMPT,ANSWER[,HISTORY]" fields (.csv: two columns)
+    values: dict[str, str] = field(default_factory=dict)  # renames of those values, e.g. {"1": "正面"}
     template_options: TemplateOptions = field(default_factory=TemplateOptions)
     overrides: list[str] = field(default_factory=list)  # --set key=value, over the defaults below
 
@@ -49,20 +49,26 @@ def parse_values(items: list[str]) -> dict[str, str]:
     return out
 
 
-def csv_fields(data: str, columns: str | None, opts: TemplateOptions) -> TemplateOptions:
-    """The plain template names its two parts after the csv's columns ("Tweet text : … Label : "),
-    unless they were named explicitly."""
-    if (not str(data).lower().endswith(".csv") or not Path(data).is_file()  # a missing file: load_records says so
-            or (opts.prompt_field, opts.label_field) != ("Question", "Answer")):
+def column_fields(data: str, columns: str | None, opts: TemplateOptions) -> TemplateOptions:
+    """The plain template names its two parts after the prompt and answer fields ("Tweet text : … Label : "):
+    those of --columns, or of a RAFT task.json beside a .csv; unless the options name them already."""
+    if (opts.prompt_field, opts.label_field) != ("Question", "Answer"):
         return opts
-    import csv
+    if columns:
+        from miniglm.sft.formats import parse_columns
 
-    from miniglm.sft.formats import csv_columns
+        picked = parse_columns(columns)[:2]
+    elif str(data).lower().endswith(".csv") and Path(data).is_file():  # a missing file: load_records says so
+        import csv
 
-    with open(data, encoding="utf-8-sig", newline="") as f:
-        names = next(csv.reader(f), [])
-    prompt_col, answer_col = csv_columns(Path(data), names, columns)
-    return TemplateOptions(**{**opts.__dict__, "prompt_field": prompt_col, "label_field": answer_col})
+        from miniglm.sft.formats import csv_columns
+
+        with open(data, encoding="utf-8-sig", newline="") as f:
+            names = next(csv.reader(f), [])
+        picked = list(csv_columns(Path(data), names, columns))
+    else:
+        return opts
+    return TemplateOptions(**{**opts.__dict__, "prompt_field": picked[0], "label_field": picked[1]})
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
@@ -84,7 +90,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     # Records longer than the model's context would lose their answer in training's cut: cut the prompt here.
     max_len = min(opts.max_len, block_size_of(config) + 1)
     out = Path(opts.out)
-    template_opts = csv_fields(opts.data, opts.columns, opts.template_options)
+    template_opts = column_fields(opts.data, opts.columns, opts.template_options)
     meta = prepare_sft(opts.data, tok, out / "data", template, max_len, opts.val_fraction, opts.seed,
                        template_opts, padding_side=family.train_padding, columns=opts.columns, values=opts.values)
     log(f"{opts.model}: family {family.name}, template {template}, {family.train_padding} padding; "

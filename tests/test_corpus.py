@@ -125,3 +125,45 @@ def test_prepare_glob_and_empty_val(tmp_path):
     assert not (tmp_path / "out" / "train.jsonl").exists()
     with pytest.raises(UserError, match="matches no file"):
         prepare_corpus([str(tmp_path / "*.md")], tmp_path / "out", PrepareOptions())
+
+
+def test_novel_folder_skips_what_is_not_text(tmp_path, capsys):
+    """A downloaded novel: HTML chapters beside a metadata info.json, a cover and a stray binary file."""
+    from miniglm.cli import main
+
+    book = tmp_path / "book"
+    book.mkdir()
+    for i in (1, 2, 10):
+        (book / f"{i}.html").write_text(f"<h1>第{i}回</h1><p>{SIMPLIFIED}{i}</p>", encoding="utf-8")
+    (book / "info.json").write_text(json.dumps({"title": "三国演义", "author": "罗贯中"}, ensure_ascii=False),
+                                    encoding="utf-8")
+    (book / "cover.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")
+    (book / "index.dat.txt").write_bytes(b"\x00\x01\x02" * 100)
+    out = tmp_path / "out"
+    assert main(["corpus", "prepare", str(book), "--out", str(out), "--split", "file", "--val-fraction", "0.3"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["skipped 1 file(s) of an unsupported type: cover.jpg",
+                   "skipped 1 file(s) that look binary: index.dat.txt",
+                   "skipped 1 file(s) of JSON without text records: info.json"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert [f["path"].split("/")[-1] for f in stats["files"]] == ["1.html", "2.html", "10.html"]  # natural order
+    assert sorted(stats["skipped"]) == ["binary", "no-text", "unsupported"]
+    # the same files named on the command line are errors
+    for name, message in [("cover.jpg", "unsupported file type '.jpg'"), ("index.dat.txt", "binary"),
+                          ("info.json", "info.json:line 1: no string field 'text'")]:
+        assert main(["corpus", "prepare", str(book / name), "--out", str(tmp_path / "o2")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_folder_still_refuses_a_broken_supported_file(tmp_path):
+    (tmp_path / "1.html").write_text(f"<p>{SIMPLIFIED}</p>", encoding="utf-8")
+    (tmp_path / "2.txt").write_bytes("正文".encode() + b"\xff\x80\xff\x80")
+    with pytest.raises(UserError, match=r"2\.txt: cannot decode"):
+        prepare_corpus([str(tmp_path)], tmp_path / "out", PrepareOptions(split="file", val_fraction=0.5))
+    (tmp_path / "2.txt").unlink()
+    (tmp_path / "docs.json").write_text('{"text": "一"}\n{"text": 二}\n', encoding="utf-8")  # JSON Lines in .json
+    with pytest.raises(UserError, match=r"docs\.json:2: not valid JSON"):
+        prepare_corpus([str(tmp_path)], tmp_path / "out", PrepareOptions(split="file", val_fraction=0.5))
+    (tmp_path / "docs.json").write_text('{"text": "一"}\n{"text": "二"}\n', encoding="utf-8")
+    stats = prepare_corpus([str(tmp_path)], tmp_path / "out", PrepareOptions(split="file", val_fraction=0.5))
+    assert stats.documents == 3 and not stats.skipped

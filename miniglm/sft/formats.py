@@ -1,23 +1,29 @@
-"""Load SFT records from json or jsonl into one shape: a list of chat messages.
+"""Load SFT records into one shape: a list of chat messages.
 
-Accepted record shapes (detected per record):
+Files: JSON records (one array, one object, or one object per line; .json, .jsonl or .txt, recognised
+by content, see fileio.read_records) or .csv. Accepted record shapes (detected per record):
   alpaca        {instruction, input, output, history: [[q, a], ...], system?}
   sharegpt      {conversations: [{from: human|gpt|system, value}]}
   openai        {messages: [{role: user|assistant|system, content}]}
   seed Q&A      {question, answer} or {Question, Answer}
   seed 002      {instruct, query, answer}
   CMRC / SQuAD  {version, data: [{paragraphs: [{context, qas: [{question, answers: [{text}]}]}]}]} (whole file)
+  --columns     any shape: PROMPT,ANSWER[,HISTORY] fields, as ChatGLM's --prompt_column/--response_column/
+                --history_column (AdvertiseGen: content,summary); HISTORY is a list of [question, answer]
   .csv          two columns as prompt and answer ("PROMPT,ANSWER"; a RAFT task.json beside the file names
-                them); rows with an empty cell are skipped (unlabelled rows, ChnSentiCorp's empty review)
-A bad record is reported with its file, line (jsonl) or index (json) and field.
+                them)
+With --columns (and in a .csv) a record with an empty prompt or answer is skipped (unlabelled rows,
+ChnSentiCorp's empty review). A bad record is reported with its file, line (JSON Lines) or index
+(array) and field.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miniglm.fileio import UserError, read_json, read_jsonl
+from miniglm.fileio import UserError, read_json, read_records
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
          "bot": "assistant", "model": "assistant"}
@@ -40,6 +46,31 @@ def _text(row: dict, key: str, where: str, required: bool = True) -> str:
     return value
 
 
+def history_messages(history: object, where: str, key: str = "history") -> list[dict]:
+    """ChatGLM/alpaca history, [[question, answer], ...], as user/assistant turns; anything else is an error."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise UserError(f"{where}: field '{key}' must be a list of [question, answer] pairs")
+    messages = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise UserError(f"{where}: {key}[{i}] must be a [question, answer] pair of strings, got "
+                            f"{json.dumps(pair, ensure_ascii=False)[:80]}")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
+def suggest_columns(row: dict) -> str:
+    """A --columns value for an unknown record: its first two text fields, and its history if any."""
+    texts = [k for k, v in row.items() if isinstance(v, str | int | float) and not isinstance(v, bool)]
+    picked = texts[:2] if len(texts) >= 2 else ["PROMPT", "ANSWER"]
+    if isinstance(row.get("history"), list):
+        picked.append("history")
+    value = ",".join(picked)
+    return f'"{value}"' if " " in value else value
+
+
 def to_messages(row: dict, where: str) -> list[dict]:
     """One record of any accepted shape -> [{role, content}, ...] ending with an assistant turn."""
     if "conversations" in row or "messages" in row:
@@ -60,12 +91,8 @@ def to_messages(row: dict, where: str) -> list[dict]:
     elif "instruction" in row:
         instruction = _text(row, "instruction", where)
         extra_input = _text(row, "input", where, required=False)
-        history = row.get("history") or []
-        if not isinstance(history, list) or not all(isinstance(h, list | tuple) and len(h) == 2 for h in history):
-            raise UserError(f"{where}: field 'history' must be a list of [question, answer] pairs")
         messages = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-        for q, a in history:
-            messages += [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]
+        messages += history_messages(row.get("history"), where)
         prompt = instruction + ("\n" + extra_input if extra_input else "")
         messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output", where)}]
     elif "instruct" in row:
@@ -76,9 +103,9 @@ def to_messages(row: dict, where: str) -> list[dict]:
         messages = [{"role": "user", "content": _text(row, q_key, where)},
                     {"role": "assistant", "content": _text(row, a_key, where)}]
     else:
-        raise UserError(f"{where}: unknown record shape (fields: {', '.join(list(row)[:6])}); expected alpaca "
-                        "(instruction/output), sharegpt (conversations), messages, question/answer "
-                        "or instruct/query/answer")
+        raise UserError(f"{where}: unknown record shape (fields: {', '.join(list(row)[:8])}); name the prompt and "
+                        f"answer with --columns {suggest_columns(row)}, or use alpaca (instruction/output), "
+                        "sharegpt (conversations), messages, question/answer or instruct/query/answer")
     if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
         raise UserError(f"{where}: a record must have a user turn and end with an assistant turn")
     return messages
@@ -100,6 +127,14 @@ def squad_records(obj: dict, path: Path) -> list[Record]:
     return records
 
 
+def parse_columns(columns: str) -> list[str]:
+    """"PROMPT,ANSWER[,HISTORY]" -> its two or three names."""
+    picked = [c.strip() for c in columns.split(",")]
+    if len(picked) not in (2, 3) or not all(picked):
+        raise UserError(f"--columns takes PROMPT,ANSWER or PROMPT,ANSWER,HISTORY, got '{columns}'")
+    return picked
+
+
 def csv_columns(path: Path, names: list[str], columns: str | None) -> tuple[str, str]:
     """(prompt column, answer column): as given, else from a RAFT task.json beside the csv."""
     task = path.parent / "task.json"
@@ -112,8 +147,8 @@ def csv_columns(path: Path, names: list[str], columns: str | None) -> tuple[str,
                         f"\"{','.join(names[:2])}\" (columns: {', '.join(names)})")
     picked = [c.strip() for c in columns.split(",")]
     if len(picked) != 2 or any(c not in names for c in picked):
-        raise UserError(f"{path}: --columns must name two of its columns as PROMPT,ANSWER, got '{columns}' "
-                        f"(columns: {', '.join(names)})")
+        raise UserError(f"{path}: --columns must name two of its columns as PROMPT,ANSWER (a history is for "
+                        f"JSON records), got '{columns}' (columns: {', '.join(names)})")
     return picked[0], picked[1]
 
 
@@ -144,27 +179,51 @@ def csv_records(path: Path, columns: str | None = None, values: dict[str, str] |
     return records
 
 
+def _cell(row: dict, name: str, where: str) -> str:
+    """A --columns field as text: numbers too (a label 1 or 0, renamed by --value); null is empty."""
+    if name not in row:
+        raise UserError(f"{where}: no field '{name}' (fields: {', '.join(list(row)[:8])}); check --columns")
+    value = row[name]
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise UserError(f"{where}: field '{name}' must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def column_messages(row: dict, picked: list[str], where: str, values: dict[str, str]) -> list[dict] | None:
+    """A record read with --columns PROMPT,ANSWER[,HISTORY]; None when its prompt or answer is empty."""
+    q, a = _cell(row, picked[0], where), _cell(row, picked[1], where)
+    if not q.strip() or not a.strip():
+        return None
+    history = history_messages(row.get(picked[2]), where, picked[2]) if len(picked) == 3 else []
+    return [*history, {"role": "user", "content": values.get(q, q)}, {"role": "assistant", "content": values.get(a, a)}]
+
+
 def load_records(path: str | Path, columns: str | None = None, values: dict[str, str] | None = None) -> list[Record]:
+    """columns: "PROMPT,ANSWER[,HISTORY]" fields of every record (else each record's shape is detected);
+    values: whole prompt/answer values renamed (e.g. {"1": "正面"}), with columns or a .csv."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.suffix.lower() == ".csv":
         return csv_records(path, columns, values)
-    if path.suffix.lower() == ".jsonl":
-        rows = [(f"{path}:line {n}", row) for n, row in read_jsonl(path)]
-    else:
-        obj = read_json(path)
-        if isinstance(obj, dict) and "data" in obj and "version" in obj:
-            return squad_records(obj, path)
-        if not isinstance(obj, list):
-            raise UserError(f"{path}: expected a JSON list of records, or a SQuAD/CMRC file")
-        rows = [(f"{path}:record {i}", row) for i, row in enumerate(obj)]
+    picked = parse_columns(columns) if columns else None
+    if values and not picked:
+        raise UserError("--value renames the values of --columns: name the prompt and answer fields too")
+    rows = read_records(path)
+    if len(rows) == 1 and isinstance(rows[0][1], dict) and {"data", "version"} <= rows[0][1].keys():
+        return squad_records(rows[0][1], path)
     records = []
     for where, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object")
+        messages = column_messages(row, picked, where, values or {}) if picked else to_messages(row, where)
+        if messages is None:
+            continue
         keep = {k: v for k, v in row.items() if k in ("character", "fact", "id", "label", "title")}
-        records.append(Record(to_messages(row, where), where, keep))
+        records.append(Record(messages, where, keep))
     if not records:
-        raise UserError(f"{path}: no records")
+        empty = f" with both '{picked[0]}' and '{picked[1]}'" if picked else ""
+        raise UserError(f"{path}: no records{empty}")
     return records
