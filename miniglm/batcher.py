@@ -84,7 +84,7 @@ class Batcher:
                 self.active, self.cache, self.logits = [], None, None
 
     def _join(self, r: Job) -> None:
-        r.decoder = StreamDecoder(self.tokenizer)
+        r.decoder = StreamDecoder(self.tokenizer, r.params.skip_special_tokens)
         if r.params.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
         if r.params.repetition_penalty != 1.0:

@@ -190,7 +190,8 @@ def _sampling(args: argparse.Namespace):
     max_new = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     return SamplingParams(max_new_tokens=max_new, fit_new_tokens=True, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          stop_strings=args.stop or [], seed=args.seed, trim_prompt=args.trim_prompt)
+                          stop_strings=args.stop or [], seed=args.seed, trim_prompt=args.trim_prompt,
+                          skip_special_tokens=not args.keep_special)
 
 
 def _note(args: argparse.Namespace):
@@ -247,6 +248,8 @@ def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--trim-prompt", action="store_true", help="keep the end of a prompt past the context")
     p.add_argument("--raw", action="store_true", help="ignore the run's chat template: continue raw text")
+    p.add_argument("--keep-special", action="store_true",
+                   help="keep special tokens such as <|end|> in the output text (left out by default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--int8", action="store_true",
                    help="int8 weights on CPU: ~2x faster decoding, slightly different logits")

@@ -31,6 +31,7 @@ class SamplingParams:
     stop_strings: Sequence[str] = ()
     seed: int | None = None
     trim_prompt: bool = False  # a prompt past the context: keep its end instead of refusing it
+    skip_special_tokens: bool = True  # leave control tokens (<|end|>, ...) out of the text, as vLLM does
 
 
 @dataclass
@@ -216,7 +217,7 @@ class Engine:
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Completion]:
         """Complete a batch of tokenised prompts (left padding, per-sequence stopping)."""
         rows = self.start(prompts, params)
-        decoders = [StreamDecoder(self.tokenizer) for _ in rows]
+        decoders = [StreamDecoder(self.tokenizer, params.skip_special_tokens) for _ in rows]
         for new in self.steps(rows, params):
             for i, t in new:
                 rows[i].text += decoders[i].push(t)
@@ -237,7 +238,7 @@ class Engine:
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         """Text chunks of one completion as they are decoded; never half a character, never a stop string."""
         rows = self.start([prompt], params)
-        r, decoder, sent = rows[0], StreamDecoder(self.tokenizer), 0
+        r, decoder, sent = rows[0], StreamDecoder(self.tokenizer, params.skip_special_tokens), 0
         hold = max((len(s) for s in params.stop_strings), default=1) - 1  # a stop string may still be forming
         for new in self.steps(rows, params):
             for _, t in new:

@@ -9,7 +9,7 @@ import torch
 from miniglm.checkpoint import save_checkpoint
 from miniglm.fileio import UserError
 from miniglm.model import MiniGLM, ModelConfig
-from miniglm.tokenizer import load_tokenizer
+from miniglm.tokenizer import Tokenizer, load_tokenizer
 
 # nanoGPT keeps a causal-mask buffer named attn.bias when flash attention is missing; it is no weight.
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -57,22 +57,26 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
 _GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def hf_config(config: ModelConfig, eos_id: int | None = None, pad_id: int | None = None):
+def hf_config(config: ModelConfig, eos_ids: list[int] | None = None, pad_id: int | None = None):
+    """The transformers config. eos_ids: end-of-text first, then the chat's end-of-turn tokens; a list
+    when there are several (as Llama 3 does), so generate() stops at the end of an answer."""
     from transformers import GPT2Config, LlamaConfig
 
+    eos_ids = eos_ids or [None]
+    bos_id, eos_id = eos_ids[0], eos_ids if len(eos_ids) > 1 else eos_ids[0]
     if config.style == "gpt2":
         return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                           n_layer=config.n_layer, n_head=config.n_head, n_inner=config.intermediate_size,
                           activation_function="gelu_new", layer_norm_epsilon=config.norm_eps,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=config.tie_embeddings,
-                          bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                          bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
                           architectures=["GPT2LMHeadModel"])
     return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd,
                        intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layer,
                        num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
                        max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
                        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
-                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                       bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
                        architectures=["LlamaForCausalLM"])
 
 
@@ -139,7 +143,7 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     model = merge_lora(load_model_from(ckpt)).eval()
     run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
     tok = load_tokenizer(run_dir / "tokenizer") if (run_dir / "tokenizer").exists() else None
-    cfg = hf_config(model.config, tok.eot_id if tok else None, tok.pad_id if tok else None)
+    cfg = hf_config(model.config, end_ids(run_dir, tok) if tok else None, tok.pad_id if tok else None)
     hf = AutoModelForCausalLM.from_config(cfg)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     missing = [k for k in missing if not k.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))]
@@ -155,19 +159,31 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
+def end_ids(run_dir: Path, tok: Tokenizer) -> list[int]:
+    """End-of-text, then the end-of-turn tokens of the template the run was fine-tuned with (chat.json)."""
+    from miniglm.sft.templates import end_of_turn_ids, read_chat_info
+
+    chat = read_chat_info(run_dir)
+    return [tok.eot_id, *(end_of_turn_ids(chat[0], tok, chat[1]) if chat else [])]
+
+
+def run_jinja_template(run_dir: Path) -> str | None:
+    """The run's chat layout (chat.json) as a Jinja chat_template, where one is known."""
+    from miniglm.sft.templates import jinja_template, read_chat_info
+
+    chat = read_chat_info(run_dir)
+    return jinja_template(*chat) if chat else None
+
+
 def add_chat_template(run_dir: Path, tok_dir: Path) -> None:
-    """Name the run's chat layout in tokenizer_config.json as a Jinja chat_template, where one is known."""
+    """Name the run's chat layout in tokenizer_config.json, so that apply_chat_template renders as we do."""
     import json
 
     from miniglm.fileio import write_json
-    from miniglm.sft.templates import JINJA
 
-    chat, config = run_dir / "chat.json", tok_dir / "tokenizer_config.json"
-    if not chat.exists() or not config.exists():
-        return
-    template = json.loads(chat.read_text()).get("template")
-    if template in JINJA:
-        write_json(config, {**json.loads(config.read_text()), "chat_template": JINJA[template]})
+    template, config = run_jinja_template(run_dir), tok_dir / "tokenizer_config.json"
+    if template is not None and config.exists():
+        write_json(config, {**json.loads(config.read_text()), "chat_template": template})
 
 
 # --- GGUF (llama.cpp) ---------------------------------------------------------------------------
@@ -244,8 +260,12 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         w.add_eos_token_id(tok.eot_id)
         w.add_pad_token_id(tok.pad_id)
         w.add_add_bos_token(False)
-        if tok.token_id("<|end|>") is not None:
-            w.add_eot_token_id(tok.token_id("<|end|>"))
+        turn_ends = end_ids(run_dir, tok)[1:]
+        if turn_ends:  # llama.cpp stops at EOS and EOT: the chat's end of turn
+            w.add_eot_token_id(turn_ends[0])
+        chat_template = run_jinja_template(run_dir)
+        if chat_template is not None:  # llama.cpp's server (--jinja) renders chats with it
+            w.add_chat_template(chat_template)
         sd = model.state_dict()
         names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
         if not c.tie_embeddings:

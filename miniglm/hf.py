@@ -295,12 +295,35 @@ def merge_run(run: str | Path, out_dir: str | Path) -> Path:
     model = load_model(ckpt)
     run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
     tok_dir = run_dir / "tokenizer" if (run_dir / "tokenizer").exists() else ckpt
+    tok = load_tokenizer(tok_dir, trust_remote_code=model.trust_remote_code)
+    set_eos_ids(model.model, answer_end_ids(model, tok, run_dir))
     with atomic_dir(out_dir) as tmp:
         model.model.save_pretrained(str(tmp), safe_serialization=True)
-        load_tokenizer(tok_dir, trust_remote_code=model.trust_remote_code).save(tmp)
+        tok.save(tmp)
         write_json(tmp / "state.json", {"step": state.get("step", 0), "stage": state.get("stage"),
                                         "base_model": state.get("base_model"), "merged_from": str(ckpt.resolve()),
                                         "hf": model.describe()})
         if (run_dir / "chat.json").exists():
             shutil.copyfile(run_dir / "chat.json", tmp / "chat.json")
     return Path(out_dir)
+
+
+def answer_end_ids(model: HFCausalLM, tok, run_dir: Path) -> list[int]:
+    """Every token that ends an answer: the model's own EOS ids, the family's end tokens (Qwen's
+    <|im_end|>) and the end of turn of the template the run was tuned with (chat.json)."""
+    from miniglm.sft.templates import end_of_turn_ids, read_chat_info
+
+    own = model.model.generation_config.eos_token_id
+    own = own if isinstance(own, list) else [own]
+    family = [tok.token_id(t) for t in model.family.end_tokens]
+    chat = read_chat_info(run_dir)
+    turn = end_of_turn_ids(chat[0], tok, chat[1]) if chat else []
+    return [i for i in dict.fromkeys([tok.eot_id, *own, *family, *turn]) if i is not None]
+
+
+def set_eos_ids(model: torch.nn.Module, ids: list[int]) -> None:
+    """EOS as a list in config.json and generation_config.json, so that transformers' generate and
+    vLLM stop at every one of them."""
+    eos = ids if len(ids) > 1 else ids[0]
+    model.config.eos_token_id = eos
+    model.generation_config.eos_token_id = eos

@@ -53,6 +53,15 @@ def _number(body: dict, key: str, kind: type, default, lo=None, hi=None):
     return kind(value)
 
 
+def _flag(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{key}' must be true or false", key)
+    return value
+
+
 def sampling_from(body: dict, prompt_len: int, block_size: int) -> SamplingParams:
     stop = body.get("stop")
     if stop is None:
@@ -76,7 +85,8 @@ def sampling_from(body: dict, prompt_len: int, block_size: int) -> SamplingParam
     return SamplingParams(max_new_tokens=max_tokens, temperature=_number(body, "temperature", float, 1.0, 0, 2),
                           top_p=_number(body, "top_p", float, 1.0, 0, 1), top_k=_number(body, "top_k", int, 0, 0),
                           repetition_penalty=_number(body, "repetition_penalty", float, 1.0, 0.01),
-                          stop_strings=stop, seed=_number(body, "seed", int, None))
+                          stop_strings=stop, seed=_number(body, "seed", int, None),
+                          skip_special_tokens=_flag(body, "skip_special_tokens", True))
 
 
 def parse_messages(body: dict) -> list[dict]:

@@ -52,6 +52,8 @@ class Tokenizer:
     eot_id: int
     pad_id: int
     special_ids: dict[str, int]
+    # Control tokens (end of text, chat roles, ...): left out of the text a person reads.
+    all_special_ids: frozenset[int] = frozenset()
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -108,7 +110,9 @@ class BPETokenizer(Tokenizer):
             raise UserError(f"{file}: the tokenizer has no {EOT} token")
         self.eot_id = self.special_ids[EOT]
         self.pad_id = self.special_ids.get(PAD, self.eot_id)
-        added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        added_tokens = self.tok.get_added_tokens_decoder()
+        added = {t.content for t in added_tokens.values()}
+        self.all_special_ids = frozenset(i for i, t in added_tokens.items() if t.special)
         self._bytes = [
             tok.encode() if tok in added else bytes(BYTE_DECODER[c] for c in tok)
             for tok in sorted(vocab, key=vocab.__getitem__)
@@ -184,6 +188,7 @@ class TiktokenTokenizer(Tokenizer):
         self.special_ids = {t: specials[t] for t in SPECIAL_TOKENS}
         self.eot_id, self.pad_id = specials[EOT], specials[PAD]
         self._specials = specials
+        self.all_special_ids = frozenset(specials.values())
 
     def token_id(self, token: str) -> int | None:
         return self._specials.get(token)
@@ -283,6 +288,8 @@ class HFTokenizer(Tokenizer):
         byte_level = backend is not None and "ByteLevel" in type(backend.decoder).__name__ + str(backend.decoder)
         self._id_to_token = {i: t for t, i in vocab.items()} if byte_level else None
         self._added = set(self.tok.all_special_tokens) | set(self.tok.get_added_vocab())
+        self.all_special_ids = frozenset(self.tok.all_special_ids) | frozenset(
+            i for i, t in self.tok.added_tokens_decoder.items() if t.special)
         # WordPiece (BertTokenizer) joins tokens with spaces: "酒 店 很 好"
         self._spaced = backend is not None and "WordPiece" in str(backend.decoder)
 
@@ -339,16 +346,20 @@ class StreamDecoder:
     holds an incomplete character back until its last byte arrives. The chunks join to exactly
     tokenizer.decode(all ids). Backends without token bytes fall back to decoding the ids so far
     and holding back a trailing '�'.
+
+    Special tokens (<|end|>, <|endoftext|>, ...) are left out of the text unless skip_special_tokens
+    is False, as vLLM does: they are control tokens, not words for a person.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self._skip = tokenizer.all_special_ids if skip_special_tokens else frozenset()
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._ids: list[int] = []
         self._sent = 0
 
     def push(self, ids: int | Iterable[int]) -> str:
-        ids = [ids] if isinstance(ids, int) else list(ids)
+        ids = [i for i in ([ids] if isinstance(ids, int) else ids) if i not in self._skip]
         parts = [self.tokenizer.token_bytes(i) for i in ids]
         if self._ids or any(p is None for p in parts):
             self._ids.extend(ids)

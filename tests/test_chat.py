@@ -29,6 +29,15 @@ def test_generate_cli(run_dir, tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)["output"] == r["output"]
 
 
+
+def test_keep_special_flag():
+    from miniglm.cli import _sampling, build_parser
+
+    for argv in (["generate", "--prompt", "x"], ["chat"], ["eval"]):
+        args = build_parser().parse_args([*argv, "--run", "r"])
+        assert _sampling(args).skip_special_tokens  # special tokens are left out by default
+        assert not _sampling(build_parser().parse_args([*argv, "--run", "r", "--keep-special"])).skip_special_tokens
+
 def test_generate_uses_the_run_template(run_dir):
     run = load_run(run_dir)
     ids, stops = run.prompt([{"role": "user", "content": "你好"}])

@@ -64,7 +64,8 @@ def test_stream_joins_to_the_whole_and_never_splits_characters(bpe_dir):
         prompt = eng.tokenizer.encode("龘")
         whole = eng.generate([prompt], params)[0]
         chunks = list(eng.stream(prompt, params))
-        assert "".join(chunks) == whole.text == eng.tokenizer.decode(whole.ids)
+        shown = [i for i in whole.ids if i not in eng.tokenizer.all_special_ids]
+        assert "".join(chunks) == whole.text == eng.tokenizer.decode(shown)
         if "\ufffd" not in whole.text:
             assert not any("\ufffd" in c for c in chunks)
 
@@ -96,3 +97,21 @@ def test_int8_engine_runs_and_stays_close(bpe_dir):
         quant = q.model(torch.tensor([prompt]))[0][0, -1]
     assert torch.allclose(full, quant, atol=0.05)  # weight-only int8: small logit changes
     assert len(q.generate([prompt], SamplingParams(max_new_tokens=10))[0].ids) == 10
+
+
+def test_special_tokens_stay_out_of_the_text(bpe_dir):
+    """A random model made to favour special tokens: generate and stream leave them out of the text by
+    default (as vLLM's skip_special_tokens), and keep them when asked."""
+    tok = load_tokenizer(bpe_dir)
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
+    with torch.no_grad():  # tied embeddings: larger rows, likelier tokens
+        model.embeddings.weight[sorted(tok.all_special_ids)] *= 4
+    eng = Engine(model, tok)
+    prompt = tok.encode("天下大势")
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0)
+    out = eng.generate([prompt], params)[0]
+    assert set(out.ids) & tok.all_special_ids  # the model did produce some
+    assert "<|" not in out.text and "".join(eng.stream(prompt, params)) == out.text
+    kept = eng.generate([prompt], SamplingParams(**{**params.__dict__, "skip_special_tokens": False}))[0]
+    assert kept.ids == out.ids and kept.text == tok.decode(out.ids) and "<|" in kept.text

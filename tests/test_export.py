@@ -133,3 +133,64 @@ def test_gguf_matches_llama_cpp(tmp_path, bpe_dir):
         if len(theirs) == 16:
             break
     assert theirs == ours
+
+
+def overfit_chat_run(root, bpe_dir):
+    """A tiny llama-style SFT run (native template) that has learnt one 2-turn chat by heart, after the
+    first answer's <|end|> too: an export that stops only at <|endoftext|> would run on into turn two.
+    Returns the run, the first question's prompt ids and the answer's ids."""
+    from miniglm.fileio import write_json
+    from miniglm.sft.templates import render
+    from miniglm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(bpe_dir)
+    chat = [{"role": "user", "content": "孙悟空的师父是谁？"}, {"role": "assistant", "content": "菩提祖师。"},
+            {"role": "user", "content": "他的兵器呢？"}, {"role": "assistant", "content": "金箍棒。"}]
+    ids = torch.tensor([render("miniglm", chat, tok).ids])
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(style="llama", vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                                n_kv_head=1, n_embd=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss = model(ids[:, :-1], targets=ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    run = root / "run"
+    save_checkpoint(run / "ckpt", model.eval(), model.config, {"step": 150})
+    tok.save(run / "tokenizer")
+    write_json(run / "chat.json", {"template": "miniglm", "template_options": {}})
+    prompt = render("miniglm", chat[:1], tok, add_generation_prompt=True).ids
+    return run, prompt, tok.encode("菩提祖师。")
+
+
+def test_exported_chat_model_stops_after_its_answer(tmp_path, bpe_dir, one_thread):
+    """transformers' generate on an exported SFT run stops at <|end|> (config and generation_config list
+    it beside <|endoftext|>); the GGUF names it as EOT and carries the chat template."""
+    import json
+
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from miniglm.sft.templates import jinja_template
+    from miniglm.tokenizer import load_tokenizer
+
+    run, prompt, answer = overfit_chat_run(tmp_path, bpe_dir)
+    tok = load_tokenizer(bpe_dir)
+    end, eot = tok.special("<|end|>"), tok.eot_id
+    assert main(["export", "--run", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == [eot, end], name
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0].tolist()
+    assert out[len(prompt):] == [*answer, end]  # the answer, its end of turn, and nothing after
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    chat = [{"role": "user", "content": "孙悟空的师父是谁？"}]
+    rendered = hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    assert list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered) == prompt
+
+    assert main(["export", "--run", str(run), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    eot_field = fields["tokenizer.ggml.eot_token_id"]
+    assert eot_field.parts[eot_field.data[0]][0] == end
+    assert bytes(fields["tokenizer.chat_template"].parts[-1]).decode() == jinja_template("miniglm")

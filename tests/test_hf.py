@@ -227,6 +227,18 @@ def test_adapter_save_load_and_merge_keep_logits(arch, tmp_path, models, runs):
     assert out.template == FAMILIES[arch].template and out.engine.tokenizer.eot_id is not None
 
 
+def test_merge_keeps_the_end_tokens(tmp_path, runs):
+    """A qwen2 base stops at <|endoftext|> only; tuned on chatml, the merged folder stops at <|im_end|> too,
+    in config.json and generation_config.json (what transformers' generate and vLLM read)."""
+    from transformers import AutoTokenizer
+
+    assert main(["merge", str(runs["qwen2"]), "--out", str(tmp_path / "merged")]) == 0
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    want = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    for name in ("config.json", "generation_config.json"):
+        assert set(json.loads((tmp_path / "merged" / name).read_text())["eos_token_id"]) == want, name
+
+
 @pytest.mark.parametrize("arch", list(FAMILY_OF))
 def test_batched_generation_equals_one_by_one(arch, runs):
     from miniglm.chat import generate_texts, load_run

@@ -196,3 +196,43 @@ def test_ignore_eos_runs_to_max_tokens(server):
     r = httpx.post(base + "/v1/completions", headers={"Authorization": "Bearer sekret"},
                    json={"prompt": "天下", "max_tokens": 25, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 25
+
+
+def test_skip_special_tokens_field(bpe_dir):
+    """The API's skip_special_tokens (vLLM's field): special tokens are left out of the text unless it is false."""
+    import torch
+
+    from miniglm.model import MiniGLM, ModelConfig
+    from miniglm.serve import APIError, sampling_from
+    from miniglm.tokenizer import load_tokenizer
+
+    assert sampling_from({}, 4, 64).skip_special_tokens
+    assert not sampling_from({"skip_special_tokens": False}, 4, 64).skip_special_tokens
+    with pytest.raises(APIError, match="skip_special_tokens"):
+        sampling_from({"skip_special_tokens": "no"}, 4, 64)
+
+    tok = load_tokenizer(bpe_dir)
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
+    with torch.no_grad():  # tied embeddings: larger rows, likelier tokens
+        model.embeddings.weight[sorted(tok.all_special_ids)] *= 4
+    batcher = Batcher(model, tok)
+    texts, finished = {}, threading.Event()
+
+    def on(name):
+        def handle(ev):
+            if ev.get("done"):
+                texts[name] = ev["text"]
+                if len(texts) == 2:
+                    finished.set()
+        return handle
+
+    prompt = tok.encode("天下大势")
+    skip = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0)
+    keep = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0, skip_special_tokens=False)
+    a = batcher.submit(Job(prompt, skip, on("skip")))
+    batcher.submit(Job(prompt, keep, on("keep")))
+    finished.wait(30)
+    batcher.stop()
+    assert set(a.ids) & tok.all_special_ids  # the model did produce some
+    assert "<|" not in texts["skip"] and texts["keep"] == tok.decode(a.ids)

@@ -23,7 +23,7 @@ def stream(tok, ids, chunk_sizes):
 
 
 def check(tok, ids, chunk_sizes):
-    whole = tok.decode(ids)
+    whole = tok.decode([i for i in ids if i not in tok.all_special_ids])  # special tokens are left out
     chunks = stream(tok, ids, chunk_sizes)
     assert "".join(chunks) == whole
     if "\ufffd" not in whole:
@@ -66,3 +66,27 @@ def _cl100k():
     if "tok" not in _CACHE:
         _CACHE["tok"] = load_tokenizer(shared_file(CL100K_FILE))
     return _CACHE["tok"]
+
+
+def test_special_tokens_are_left_out_unless_kept(bpe_dir):
+    """<|end|> and <|endoftext|> never reach the text by default, even between the bytes of one character;
+    skip_special_tokens=False keeps them. Either way the chunks join to the text, whole characters only."""
+    tok = load_tokenizer(bpe_dir)
+    end, eot = tok.special("<|end|>"), tok.eot_id
+    assert {end, eot, tok.special("<|user|>")} <= tok.all_special_ids and tok.encode("龘")[0] not in tok.all_special_ids
+    b1, b2, b3 = tok.encode("龘")  # three byte tokens
+    ids = [*tok.encode("你好"), b1, end, b2, b3, end, eot]
+    chunks = stream(tok, ids, [1] * len(ids))
+    assert "".join(chunks) == "你好龘" and not any("\ufffd" in c for c in chunks)
+
+    ids = [*tok.encode("你好"), end, b1, b2, b3, eot]
+    dec = StreamDecoder(tok, skip_special_tokens=False)
+    chunks = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(chunks) == "你好<|end|>龘<|endoftext|>" == tok.decode(ids)
+    assert not any("\ufffd" in c for c in chunks)
+
+
+def test_tiktoken_knows_its_special_tokens():
+    tok = _cl100k()
+    assert {tok.eot_id, tok.special("<|end|>"), tok.pad_id} <= tok.all_special_ids
+    assert not set(tok.encode("你好 <|end|>")) & tok.all_special_ids  # text is encoded as text

@@ -206,10 +206,29 @@ def test_shared_sft_sets_prepare(tmp_path, bpe_dir):
     assert len(recs) == 3219 and recs[0].messages[0]["content"].startswith("阅读下面的文章")
 
 
-def test_jinja_templates_render_the_same_text(hf_tok):
-    from miniglm.sft.templates import JINJA
+@pytest.mark.parametrize("template", ["miniglm", "chatml"])
+@pytest.mark.parametrize("default_system", [None, "你是侠客。"])
+def test_jinja_templates_render_the_same_ids(hf_tok, template, default_system):
+    """The exported Jinja chat_template renders a 2-turn chat (with a system prompt, or the run's default)
+    to the same text and, tokenized as a whole, the same ids as render()."""
+    import jinja2
 
-    for name, jinja in JINJA.items():
-        text = hf_tok.tok.apply_chat_template(CHAT[:-1], chat_template=jinja, tokenize=False,
-                                              add_generation_prompt=True)
-        assert text == hf_tok.decode(render(name, CHAT[:-1], hf_tok, add_generation_prompt=True).ids), name
+    from miniglm.sft.templates import jinja_template
+
+    opts = TemplateOptions(system=default_system)
+    jinja = jinja_template(template, opts)
+    chat = CHAT[:-1] if default_system is None else CHAT[1:-1]
+    text = jinja2.Environment().from_string(jinja).render(messages=chat, add_generation_prompt=True)
+    ours = render(template, chat, hf_tok, add_generation_prompt=True, opts=opts).ids
+    assert text == hf_tok.decode(ours)
+    assert hf_tok.tok(text, add_special_tokens=False)["input_ids"] == ours
+    assert jinja_template("chatglm") is None  # layouts Jinja does not express are left out
+
+
+def test_end_of_turn_ids_come_from_the_template(hf_tok):
+    from miniglm.sft.templates import end_of_turn_ids
+
+    assert end_of_turn_ids("miniglm", hf_tok) == [hf_tok.special("<|end|>")]
+    assert end_of_turn_ids("chatml", hf_tok) == [hf_tok.special("<|im_end|>")]
+    assert end_of_turn_ids("chatglm", hf_tok) == [hf_tok.special("<eop>")]
+    assert end_of_turn_ids("alpaca", hf_tok) == []  # </s> is the tokenizer's end-of-text already

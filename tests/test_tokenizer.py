@@ -12,6 +12,7 @@ def test_bpe_roundtrip_and_specials(bpe_dir):
     assert tok.vocab_size == 400
     assert [tok.special(t) for t in [EOT, PAD, *ROLE_TOKENS]] == list(range(6))
     assert tok.eot_id == 0 and tok.pad_id == 1
+    assert tok.all_special_ids == frozenset(range(6))  # the added special tokens, nothing else
     ids = tok.encode(SAMPLE_ZH)
     assert tok.decode(ids) == SAMPLE_ZH
     assert report(tok, [SAMPLE_ZH, "第二段。"])["roundtrip_failures"] == 0
@@ -69,6 +70,7 @@ def test_hf_tokenizer_by_path(tmp_path, bpe_dir):
     BertTokenizer(vocab=str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "bert"))
     tok = load_tokenizer(tmp_path / "bert")
     assert tok.eot_id == 3 and tok.pad_id == 0  # [SEP] ends, [PAD] pads
+    assert tok.all_special_ids == frozenset(range(5))  # BERT's [PAD] [UNK] [CLS] [SEP] [MASK]
     ids = tok.encode("话说天下大势")
     assert ids == [vocab.index(c) for c in "话说天下大势"]
     assert tok.decode(ids).replace(" ", "") == "话说天下大势"

@@ -18,8 +18,10 @@ padding; the answer and the token that ends it are trained.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from miniglm.fileio import UserError
 from miniglm.tokenizer import EOT, HFTokenizer, Tokenizer
@@ -242,16 +244,6 @@ def render_hf(messages, tok: Tokenizer, add_generation_prompt: bool, opts: Templ
     return Rendered(full, labels, stop)
 
 
-# The same layouts as Jinja chat templates, written into exported tokenizers so that transformers,
-# vLLM and llama.cpp render chats as training did (tests compare them with render()).
-JINJA = {
-    "miniglm": ("<|endoftext|>{% for m in messages %}{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"
-                "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|><|assistant|>"
-                "{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}"),
-    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
-}
-
 TEMPLATES: dict[str, Callable[..., Rendered]] = {
     "miniglm": render_miniglm, "chatglm": render_chatglm, "chatglm2": render_chatglm2, "alpaca": render_alpaca,
     "plain": render_plain, "chatml": render_chatml, "llama2": render_llama2, "hf": render_hf,
@@ -265,3 +257,52 @@ def render(template: str, messages: list[dict], tok: Tokenizer, add_generation_p
     if template not in TEMPLATES:
         raise UserError(f"unknown template '{template}' (known: {', '.join(TEMPLATES)})")
     return TEMPLATES[template](messages, tok, add_generation_prompt, opts or TemplateOptions())
+
+
+def read_chat_info(run_dir: str | Path) -> tuple[str, TemplateOptions] | None:
+    """The template a run was fine-tuned with and its options, from RUN/chat.json (None: a base run)."""
+    path = Path(run_dir) / "chat.json"
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    return info["template"], TemplateOptions(**info.get("template_options", {}))
+
+
+def end_of_turn_ids(template: str, tok: Tokenizer, opts: TemplateOptions | None = None) -> list[int]:
+    """The tokens that end an assistant turn in this template, besides end-of-text: render's own stop
+    ids, so exports stop where chat does. Empty when the tokenizer lacks the template's tokens."""
+    try:
+        stops = render(template, [{"role": "user", "content": "?"}], tok, True, opts).stop_ids
+    except UserError:
+        return []
+    return [i for i in dict.fromkeys(stops) if i != tok.eot_id]
+
+
+# Jinja chat templates for the layouts that Jinja expresses as they are, written into exported tokenizers
+# so that transformers, vLLM and llama.cpp render chats as training did (tests compare them with render()).
+# A system message is rendered where it stands (render moves it first), and "<|endoftext|>" in the text
+# becomes the special token again when the exported tokenizer encodes it. Left out: the GLM templates
+# (round numbers, [gMASK]), alpaca and llama2 (BOS per turn, strip()), plain (its field options); "hf"
+# runs keep their tokenizer's own chat_template.
+_JINJA = {
+    "miniglm": ("<|endoftext|>DEFAULT_SYSTEM{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{% if m['content'] %}<|system|>{{ m['content'] }}<|end|>{% endif %}"
+                "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|><|assistant|>"
+                "{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}"),
+    "chatml": ("DEFAULT_SYSTEM{% for m in messages %}{% if m['role'] != 'system' or m['content'] %}"
+               "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
+_JINJA_SYSTEM = {"miniglm": "<|system|>{{ TEXT }}<|end|>", "chatml": "<|im_start|>system\n{{ TEXT }}<|im_end|>\n"}
+
+
+def jinja_template(template: str, opts: TemplateOptions | None = None) -> str | None:
+    """The template as a Jinja chat_template (with the run's default system prompt), or None where there is none."""
+    if template not in _JINJA:
+        return None
+    default = ""
+    if opts is not None and opts.system:  # render adds it when the chat has no system message
+        literal = json.dumps(opts.system, ensure_ascii=False)  # a quoted, escaped Jinja string
+        default = ("{% if not messages or messages[0]['role'] != 'system' %}"
+                   + _JINJA_SYSTEM[template].replace("TEXT", literal) + "{% endif %}")
+    return _JINJA[template].replace("DEFAULT_SYSTEM", default)
