@@ -137,7 +137,9 @@ def workspace(tmp_path, monkeypatch):
 
 
 def test_readme_commands_run_in_order(workspace, capsys, monkeypatch, one_thread):
+    t0 = time.perf_counter()
     assert main(DEMO_ARGS) == 0
+    demo_s = time.perf_counter() - t0
     capsys.readouterr()
     variables: dict[str, str] = {}
     ran, skipped = [], []
@@ -153,6 +155,7 @@ def test_readme_commands_run_in_order(workspace, capsys, monkeypatch, one_thread
         if m := re.fullmatch(r"echo (\"[^\"]*\"|\S+) \| (miniglm .*)", command):
             stdin, command = shlex.split(m.group(1))[0] + "\n", m.group(2)
         argv = shlex.split(command, comments=True)
+        t0 = time.perf_counter()
         try:
             if argv[:2] == ["miniglm", "serve"]:
                 run_serve(argv[1:])
@@ -163,8 +166,10 @@ def test_readme_commands_run_in_order(workspace, capsys, monkeypatch, one_thread
                 assert done.returncode == 0, done.stderr
         except AssertionError as e:
             raise AssertionError(f"README command failed: {command}\n{e}") from None
-        ran.append(command)
+        ran.append((time.perf_counter() - t0, command))
     with capsys.disabled():
         print(f"\nREADME: {len(ran)} commands ran, {len(skipped)} skipped "
-              f"({', '.join(sorted({m for _, m in skipped}))})")
+              f"({', '.join(sorted({m for _, m in skipped}))}); the tiny demo {demo_s:.1f}s; slowest:")
+        for seconds, command in sorted(ran, reverse=True)[:5]:
+            print(f"  {seconds:5.1f}s  {command[:100]}")
     assert len(ran) >= 25
