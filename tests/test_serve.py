@@ -149,7 +149,7 @@ def test_joining_mid_decode_gives_the_same_tokens(run_dir):
     while len(done) < 2 and time.time() < deadline:
         time.sleep(0.01)
     batcher.stop()
-    assert a.ids == alone_a and b.ids == alone_b
+    assert a.row.ids == alone_a and b.row.ids == alone_b
 
 
 def test_sft_generate_against_the_server(server, tmp_path, monkeypatch):
@@ -187,8 +187,8 @@ def test_batch_compacts_when_positions_run_out(bpe_dir, tmp_path):
     while len(done) < 2 and time.time() < deadline:
         time.sleep(0.01)
     batcher.stop()
-    assert a.ids == alone_a and b.ids == alone_b
-    assert len(a_prompt) + 20 + len(b.ids) > 48  # B outlived the shared positions: a compaction happened
+    assert a.row.ids == alone_a and b.row.ids == alone_b
+    assert len(a_prompt) + 20 + len(b.row.ids) > 48  # B outlived the shared positions: a compaction happened
 
 
 def test_ignore_eos_runs_to_max_tokens(server):
