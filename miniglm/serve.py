@@ -155,6 +155,10 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
         return JSONResponse(error_body(APIError(e.status_code, str(e.detail))), status_code=e.status_code,
                             headers=e.headers)
 
+    @app.exception_handler(UserError)  # e.g. a chat template that cannot render these messages
+    async def _user_error(_, e: UserError):
+        return JSONResponse(error_body(APIError(400, str(e))), status_code=400)
+
     @app.exception_handler(Exception)  # a bug: still JSON in the same shape (the traceback goes to the log)
     async def _unexpected(_, e: Exception):
         return JSONResponse(error_body(APIError(500, f"internal error ({type(e).__name__})")), status_code=500)
