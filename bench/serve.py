@@ -3,19 +3,32 @@
 Reports aggregate tokens/s, time to first token and p50/p95 request latency. The server runs in this
 process (uvicorn in a thread) on a run folder, or on a random-weight model of the demo's shape.
 
+--soak: `miniglm serve` in its own process under hostile but realistic traffic for --duration seconds:
+64 streaming chat clients (over the default batch of 32, so some wait), a third of them disconnecting
+mid-stream, 1 request in 10 malformed, one 5 MB body a minute. Checks that every good request gets
+its whole answer (greedy answers identical each time), that no response is a 5xx, and records the
+server's RSS growth and /health latency (polled from another process).
+
     .venv/bin/python bench/serve.py [--run runs/demo/sft] [--tokens 96] [--requests 2]
+    .venv/bin/python bench/serve.py --soak --run runs/demo/sft [--duration 180] [--clients 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import multiprocessing
+import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx2 as httpx
@@ -65,14 +78,170 @@ def client(base: str, n_requests: int, tokens: int, out: list) -> None:
             out.append({"ttft": first or 0.0, "latency": time.perf_counter() - t0, "tokens": count})
 
 
+QUESTIONS = ["蔡义是哪个门派的？", "南宫静骏属于哪一派？", "司徒沧霄的师父是谁？", "谁是古墓派的掌门？"]
+MSGS = '"messages": [{"role": "user", "content": "你好"}]'
+MALFORMED = [  # each must get a 400 in OpenAI's shape, and nobody else may notice
+    f'{{{MSGS}, "temperature": NaN}}', f'{{{MSGS}, "seed": 100000000000000000000000}}',
+    f'{{{MSGS}, "top_p": 1.5}}', f'{{{MSGS}, "top_k": 100000000}}', f'{{{MSGS}, "temperature": -1}}',
+    f'{{{MSGS}, "max_tokens": "many"}}', f'{{{MSGS}, "stream_options": "yes", "stream": true}}',
+    f'{{{MSGS}, "stop": {json.dumps(["x"] * 50)}}}', '{"messages": "hi"}', "[" * 50_000, "{not json",
+]
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def poll_health(base: str, stop, out) -> None:
+    """In its own process, so that the 64 client threads' GIL does not count as server latency."""
+    lat, waiting = [], 0
+    with httpx.Client(timeout=30) as http:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            r = http.get(base + "/health")
+            lat.append(time.perf_counter() - t0)
+            waiting = max(waiting, r.json()["waiting"])
+            time.sleep(0.05)
+    out.put((lat, waiting))
+
+
+def soak_client(base: str, idx: int, deadline: float, tokens: int, counter, stats: Counter, greedy: dict,
+                lock: threading.Lock) -> None:
+    leaver = idx % 3 == 0  # a third of the clients leave mid-stream
+    with httpx.Client(timeout=300) as http:
+        while time.time() < deadline:
+            n = next(counter)
+            if n % 10 == 9:
+                r = http.post(base + "/v1/chat/completions", content=MALFORMED[n // 10 % len(MALFORMED)].encode())
+                ok = r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+                with lock:
+                    stats["malformed 400" if ok else f"malformed got {r.status_code}"] += 1
+                    stats["5xx"] += r.status_code >= 500
+                continue
+            q = QUESTIONS[n % len(QUESTIONS)]
+            temperature = 0.0 if n % 2 else 0.8
+            body = {"messages": [{"role": "user", "content": q}], "max_tokens": tokens, "stream": True,
+                    "temperature": temperature, "seed": n}
+            text, finish, done, error = "", None, False, None
+            with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    with lock:
+                        stats[f"good got {r.status_code}"] += 1
+                        stats["5xx"] += r.status_code >= 500
+                    continue
+                chunks = 0
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        ev = json.loads(line[6:])
+                        if "error" in ev:
+                            error = ev["error"]["message"]
+                            continue
+                        choice = ev["choices"][0]
+                        text += choice["delta"].get("content") or ""
+                        finish = choice["finish_reason"] or finish
+                        chunks += 1
+                        if leaver and chunks == 4:
+                            break
+            with lock:
+                if leaver and chunks >= 4 and not done:
+                    stats["left mid-stream"] += 1
+                elif done and finish in ("stop", "length") and error is None:
+                    stats["good complete"] += 1
+                    if temperature == 0:
+                        first = greedy.setdefault(q, text)
+                        stats["greedy same as the first" if text == first else "greedy DIFFERENT"] += 1
+                else:
+                    stats["good INCOMPLETE"] += 1
+                    print(f"incomplete: finish={finish} done={done} error={error}", flush=True)
+
+
+def big_bodies(base: str, deadline: float, stats: Counter, lock: threading.Lock) -> None:
+    """One 5 MB body a minute: refused with a 413 before it is read."""
+    while True:
+        r = httpx.post(base + "/v1/chat/completions", content=b" " * (5 << 20), timeout=60)
+        with lock:
+            stats["5 MB body 413" if r.status_code == 413 else f"5 MB body got {r.status_code}"] += 1
+            stats["5xx"] += r.status_code >= 500
+        if time.time() + 60 > deadline:
+            return
+        time.sleep(60)
+
+
+def soak(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run) if args.run else random_run(Path(tempfile.mkdtemp(prefix="miniglm-serve-")))
+    proc = subprocess.Popen([sys.executable, "-m", "miniglm.cli", "serve", "--run", str(run_dir), "--port", "0",
+                             "--device", "cpu"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = proc.stdout.readline()
+    if not line.startswith("serving"):
+        sys.exit(f"the server did not start: {line}")
+    base = line.split(" on ")[1].split()[0]
+    rss0 = rss_mb(proc.pid)
+    stop, out = multiprocessing.Event(), multiprocessing.Queue()
+    poller = multiprocessing.Process(target=poll_health, args=(base, stop, out))
+    poller.start()
+    stats, greedy, lock, counter = Counter(), {}, threading.Lock(), itertools.count()
+    deadline = time.time() + args.duration
+    threads = [threading.Thread(target=soak_client, args=(base, i, deadline, args.tokens, counter, stats, greedy,
+                                                          lock)) for i in range(args.clients)]
+    threads.append(threading.Thread(target=big_bodies, args=(base, deadline, stats, lock)))
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    peak = rss0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, rss_mb(proc.pid))
+        time.sleep(1)
+    wall = time.time() - t0
+    rss1 = rss_mb(proc.pid)
+    stop.set()
+    lat, waiting = out.get()
+    poller.join()
+    proc.send_signal(signal.SIGTERM)
+    t1 = time.time()
+    proc.wait(timeout=30)
+    exit_s = time.time() - t1
+    lat.sort()
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+    print(dict(stats), flush=True)
+    rows = [[f"{wall:.0f}", args.clients, stats["good complete"], stats["good INCOMPLETE"], stats["left mid-stream"],
+             stats["malformed 400"], stats["5 MB body 413"], stats["5xx"],
+             f"{stats['greedy same as the first']}/{stats['greedy same as the first'] + stats['greedy DIFFERENT']}",
+             waiting, f"{rss0:.0f} → {rss1:.0f} (peak {peak:.0f})", f"{rss1 - rss0:+.0f}",
+             f"{statistics.median(lat) * 1000:.1f}", f"{p99 * 1000:.1f}", f"{lat[-1] * 1000:.0f}", f"{exit_s:.1f}"]]
+    body = table(["s", "clients", "good complete", "good incomplete", "left mid-stream", "malformed → 400",
+                  "5 MB → 413", "5xx", "greedy identical", "max waiting", "server RSS MB", "RSS growth MB",
+                  "/health p50 ms", "/health p99 ms", "/health max ms", "SIGTERM exit s"], rows)
+    other = {k: v for k, v in stats.items() if "got" in k}
+    body += (f"\n\n`miniglm serve` (default --max-batch 32) in its own process; {args.clients} streaming chat clients "
+             f"(threads of one process, max_tokens {args.tokens}, greedy and sampled alternately), a third leaving "
+             f"after 4 chunks, 1 request in 10 malformed ({len(MALFORMED)} kinds), a 5 MB body a minute; "
+             f"/health polled every 50 ms from another process; model: {run_dir}"
+             + (f"; unexpected statuses: {other}" if other else ""))
+    record("Serving soak (bench/serve.py --soak)", body)
+
+
 def main() -> None:
     import uvicorn
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=None)
-    ap.add_argument("--tokens", type=int, default=96, help="new tokens per request (prompt + tokens <= context)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="new tokens per request (prompt + tokens <= context; default 96, --soak 48)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--soak", action="store_true", help="the robustness soak instead of the throughput table")
+    ap.add_argument("--duration", type=float, default=180, help="--soak: seconds of traffic")
+    ap.add_argument("--clients", type=int, default=64, help="--soak: streaming clients")
     args = ap.parse_args()
+    if args.soak:
+        args.tokens = args.tokens or 48
+        return soak(args)
+    args.tokens = args.tokens or 96
     run_dir = Path(args.run) if args.run else random_run(Path(tempfile.mkdtemp(prefix="miniglm-serve-")))
     app = create_app(load_run(run_dir, "cpu"))
     sock = socket.socket()

@@ -4,6 +4,11 @@ All rows share one KV cache whose positions are right-aligned: a row that joins 
 then its keys are copied in at the end of the filled positions with padding before them (masked out,
 and its position ids count only its own tokens), so it decodes exactly as it would alone. A row that
 finishes, or whose client went away, leaves at the next step.
+
+Each row's text goes through engine.Row, the same decode state Engine uses. A row that fails (its
+sampling, its prefill, its client's callback) ends alone with an error event; the others go on. A
+failure of the batch's forward pass ends every row in flight. Requests past max_batch wait, in order,
+until a row leaves.
 """
 
 from __future__ import annotations
@@ -15,25 +20,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from miniglm.engine import SamplingParams, find_stop, sample_next
+from miniglm.engine import Row, SamplingParams, sample_next
 from miniglm.model import KVCache, MiniGLM
-from miniglm.tokenizer import StreamDecoder, Tokenizer
+from miniglm.tokenizer import Tokenizer
 
 
 @dataclass
 class Job:
     prompt: list[int]
     params: SamplingParams
-    on_event: Callable[[dict], None]  # receives {"delta": text} ... then {"done": True, "finish_reason": ...}
+    # receives {"delta": text} ... then {"done": True, "finish_reason": ...}, or {"error": message, "status": ...}
+    on_event: Callable[[dict], None]
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     cancelled: bool = False
     # decoding state, owned by the batcher thread
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0
+    row: Row | None = None
     history: torch.Tensor | None = None
     generator: torch.Generator | None = None
-    decoder: StreamDecoder | None = None
 
 
 class Batcher:
@@ -51,15 +54,19 @@ class Batcher:
 
     def submit(self, job: Job) -> Job:
         with self.cond:
+            if not self.running:
+                _fail(job, "the server is shutting down", 503)
+                return job
             self.waiting.append(job)
             self.cond.notify()
         return job
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
+        """End the loop; every row in flight or waiting gets an error event (503)."""
         with self.cond:
             self.running = False
             self.cond.notify()
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=timeout)
 
     # --- the loop (batcher thread) ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -68,23 +75,30 @@ class Batcher:
                 while self.running and not self.waiting and not self.active:
                     self.cond.wait()
                 if not self.running:
+                    for r in self.active + self.waiting:
+                        _fail(r, "the server is shutting down", 503)
+                    self.active, self.waiting, self.cache, self.logits = [], [], None, None
                     return
                 joining = self.waiting[:max(0, self.max_batch - len(self.active))]
                 self.waiting = self.waiting[len(joining):]
-            try:
-                with torch.inference_mode():
-                    for r in joining:
-                        if not r.cancelled:
-                            self._join(r)
+            with torch.inference_mode():
+                for r in joining:
+                    if r.cancelled:
+                        continue
+                    try:
+                        self._join(r)
+                    except Exception as e:  # this request alone fails (the shared cache is not touched yet)
+                        _fail(r, f"{type(e).__name__}: {e}")
+                try:
                     if self.active:
                         self._step()
-            except Exception as e:  # never let one bad step kill the server: fail the rows in flight
-                for r in self.active:
-                    r.on_event({"error": f"{type(e).__name__}: {e}"})
-                self.active, self.cache, self.logits = [], None, None
+                except Exception as e:  # the batch's forward pass failed: fail the rows in flight, go on
+                    for r in self.active:
+                        _fail(r, f"{type(e).__name__}: {e}")
+                    self.active, self.cache, self.logits = [], None, None
 
     def _join(self, r: Job) -> None:
-        r.decoder = StreamDecoder(self.tokenizer, r.params.skip_special_tokens)
+        r.row = Row(r.prompt, r.params, self.tokenizer)
         if r.params.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
         if r.params.repetition_penalty != 1.0:
@@ -144,19 +158,16 @@ class Batcher:
         return self.model.embeddings.weight.dtype
 
     def _step(self) -> None:
-        next_ids = []
+        next_ids, keep = [], []
         for i, r in enumerate(self.active):
-            t = int(sample_next(self.logits[i:i + 1], r.params, r.history, r.generator)[0])
+            try:  # each row samples from its own logits: one row's failure leaves the others' tokens as they are
+                t = int(sample_next(self.logits[i:i + 1], r.params, r.history, r.generator)[0])
+                self._advance(r, t)
+            except Exception as e:
+                _fail(r, f"{type(e).__name__}: {e}")
+                r.row.done, t = True, 0
             next_ids.append(t)
-        keep = []
-        for r, t in zip(self.active, next_ids, strict=True):
-            reason = self._advance(r, t)
-            if reason is None:
-                keep.append(True)
-            else:
-                keep.append(False)
-                r.on_event({"done": True, "finish_reason": reason, "completion_tokens": len(r.ids),
-                            "prompt_tokens": len(r.prompt), "text": r.text})
+            keep.append(not r.row.done)
         self.steps += 1
         if not all(keep):
             rows = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
@@ -177,37 +188,26 @@ class Batcher:
             if r.history is not None:
                 r.history = torch.cat([r.history, torch.tensor([[t]], device=self.device)], 1)
 
-    def _advance(self, r: Job, t: int) -> str | None:
-        """Take one sampled token for a row: emit text, or say why the row ends."""
+    def _advance(self, r: Job, t: int) -> None:
+        """Take one sampled token for a row: send the text that is safe to send, and say when it ends."""
+        row = r.row
         if r.cancelled:
-            return "cancelled"
-        if t in r.params.stop_ids:
-            return "stop"
-        r.ids.append(t)
-        r.text += r.decoder.push(t)
-        cut = find_stop(r.text, r.params.stop_strings)
-        if cut is not None:
-            r.text = r.text[:cut]
-            self._emit(r, len(r.text))
-            return "stop"
-        hold = max((len(s) for s in r.params.stop_strings), default=1) - 1
-        finished = len(r.ids) >= r.params.max_new_tokens
-        real = len(r.prompt) + len(r.ids)
-        if real >= self.model.config.block_size:
-            finished = True
-        if finished:
-            r.text += r.decoder.flush()
-            cut = find_stop(r.text, r.params.stop_strings)
-            if cut is not None:
-                r.text = r.text[:cut]
-            self._emit(r, len(r.text))
-            return "stop" if cut is not None else "length"
-        self._emit(r, len(r.text) - hold)
-        return None
+            row.done, row.finish_reason = True, "cancelled"  # nobody reads this row any more
+        elif t in r.params.stop_ids:
+            row.finish("stop")
+        else:
+            row.push(t)
+            if len(row.prompt) + len(row.ids) >= self.model.config.block_size:
+                row.finish("length")
+        if chunk := row.pending():
+            r.on_event({"delta": chunk})
+        if row.done:
+            r.on_event({"done": True, "finish_reason": row.finish_reason, "completion_tokens": len(row.ids),
+                        "prompt_tokens": len(row.prompt), "text": row.text})
 
-    @staticmethod
-    def _emit(r: Job, upto: int) -> None:
-        if upto > r.sent:
-            r.on_event({"delta": r.text[r.sent:upto]})
-            r.sent = upto
 
+def _fail(r: Job, message: str, status: int = 500) -> None:
+    try:
+        r.on_event({"error": message, "status": status})
+    except Exception:  # the client's side is gone (its event loop closed): nothing left to tell
+        pass

@@ -183,15 +183,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _sampling(args: argparse.Namespace):
-    from miniglm.engine import SamplingParams
+    """The sampling flags, range-checked by SamplingParams.validate (the server's check too)."""
+    from miniglm.engine import SamplingError, SamplingParams
 
     # By default an answer gets up to 128 tokens, fewer where the context leaves less room; an explicit
     # --max-new-tokens past the room is capped too, with a note on stderr.
     max_new = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-    return SamplingParams(max_new_tokens=max_new, fit_new_tokens=True, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          stop_strings=args.stop or [], seed=args.seed, trim_prompt=args.trim_prompt,
-                          skip_special_tokens=not args.keep_special)
+    params = SamplingParams(max_new_tokens=max_new, fit_new_tokens=True, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            stop_strings=args.stop or [], seed=args.seed, trim_prompt=args.trim_prompt,
+                            skip_special_tokens=not args.keep_special)
+    try:
+        params.validate()
+    except SamplingError as e:
+        flag = "--stop" if e.field == "stop_strings" else "--" + e.field.replace("_", "-")
+        raise UserError(f"{flag} {e.rule}") from None
+    _check_batch_size(args)
+    return params
+
+
+def _check_batch_size(args: argparse.Namespace) -> None:
+    if getattr(args, "batch_size", 1) < 1:
+        raise UserError("--batch-size must be at least 1")
 
 
 def _note(args: argparse.Namespace):
@@ -213,8 +226,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         texts = [args.prompt]
+    params = _sampling(args)
     run = load_run(args.run, args.device, args.raw, args.int8)
-    for r in generate_texts(run, texts, _sampling(args), args.batch_size, args.system, _note(args)):
+    for r in generate_texts(run, texts, params, args.batch_size, args.system, _note(args)):
         print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"], flush=True)
     return 0
 
@@ -222,7 +236,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from miniglm.chat import chat_repl, load_run
 
-    chat_repl(load_run(args.run, args.device, args.raw, args.int8), _sampling(args))
+    params = _sampling(args)
+    chat_repl(load_run(args.run, args.device, args.raw, args.int8), params)
     return 0
 
 
@@ -279,6 +294,7 @@ def cmd_eval_classify(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_classification
     from miniglm.finetune import parse_values
 
+    _check_batch_size(args)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
                             columns=args.columns, values=parse_values(args.value))
@@ -303,7 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from miniglm.serve import serve
 
     key = args.api_key or os.environ.get(args.api_key_env) or None
-    serve(args.run, args.host, args.port, key, args.device, args.max_batch, args.int8)
+    serve(args.run, args.host, args.port, key, args.device, args.max_batch, args.int8, args.max_body)
     return 0
 
 
@@ -482,7 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     sv.add_argument("--api-key-env", default="MINIGLM_API_KEY", help="or read the key from this variable")
-    sv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    sv.add_argument("--max-batch", type=int, default=32,
+                    help="requests decoded together; more wait in order for a free row (default 32)")
+    sv.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+                    help="refuse request bodies over this size with a 413 (default 1 MiB)")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--int8", action="store_true", help="int8 weights on CPU: ~2x faster decoding")
     sv.set_defaults(func=cmd_serve)

@@ -8,8 +8,9 @@ Streaming goes through the StreamDecoder, so a chunk never holds half a characte
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,54 @@ class SamplingParams:
     trim_prompt: bool = False  # a prompt past the context: keep its end instead of refusing it
     skip_special_tokens: bool = True  # leave control tokens (<|end|>, ...) out of the text, as vLLM does
 
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        """Check every setting's type and range (the CLI and the server both call this); numbers become
+        float or int. Out of range is refused, never clamped. Raises SamplingError naming the field."""
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise SamplingError(name, rule)
+
+        need(_is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens", "must be an integer >= 0")
+        need(_is_finite(self.temperature) and 0 <= self.temperature <= 2, "temperature",
+             "must be a number from 0 (greedy) to 2")
+        top = vocab_size if vocab_size is not None else MAX_TOP_K
+        need(_is_int(self.top_k) and 0 <= self.top_k <= top, "top_k", f"must be an integer from 0 (off) to {top}")
+        need(_is_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number above 0 and at most 1")
+        need(_is_finite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
+             "must be a number above 0 and at most 10 (1 = off)")
+        need(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**63), "seed",
+             "must be an integer that fits in 64 bits")
+        stops = self.stop_strings
+        need(isinstance(stops, (list, tuple)) and all(isinstance(x, str) for x in stops), "stop_strings",
+             "must be a list of strings")
+        need(len(stops) <= MAX_STOP_STRINGS and all(len(x) <= MAX_STOP_CHARS for x in stops), "stop_strings",
+             f"may hold at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.repetition_penalty = float(self.repetition_penalty)
+        return self
+
+
+MAX_TOP_K = 1_000_000  # when the vocabulary is not known yet (the CLI before loading a run)
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
+
+class SamplingError(UserError):
+    """A sampling setting out of range. `field` is SamplingParams' name for it: the CLI reports it as
+    its flag, the server as its API parameter."""
+
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field} {rule}")
+        self.field, self.rule = field, rule
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    # a huge int is finite but float(v) would overflow: compare it as an int
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
 
 @dataclass
 class Completion:
@@ -44,16 +93,58 @@ class Completion:
 
 
 @dataclass
-class _Row:
-    """Per-sequence decoding state."""
+class Row:
+    """One sequence's decode state, shared by Engine (generate, stream) and the server's Batcher: the
+    new ids, their text (never half a character), whether and why the row ended, and how much of the
+    text has been handed out. A stop string ends the row and is cut from the text; while a row runs,
+    the last len(longest stop) - 1 characters are held back, as they may be the start of one."""
 
     prompt: list[int]
-    max_new: int = 0  # this row's limit: max_new_tokens, or less where the context leaves less room
+    params: SamplingParams
+    tokenizer: InitVar[Tokenizer]
+    max_new: int | None = None  # this row's limit: params.max_new_tokens, or less where the context has less room
     ids: list[int] = field(default_factory=list)
     text: str = ""
+    sent: int = 0  # text[:sent] has been handed out
     done: bool = False
-    finish_reason: str = "length"
+    finish_reason: str = "length"  # "stop" (a stop token or string), "length", or the caller's reason
     cut: bool = False  # ended by a stop string (the text after it is dropped)
+    decoder: StreamDecoder = field(init=False, repr=False)
+
+    def __post_init__(self, tokenizer: Tokenizer) -> None:
+        self.decoder = StreamDecoder(tokenizer, self.params.skip_special_tokens)
+        if self.max_new is None:
+            self.max_new = self.params.max_new_tokens
+
+    def push(self, token: int) -> None:
+        """Take one new token (not a stop token); the row ends at a stop string or at max_new_tokens."""
+        self.ids.append(token)
+        self.text += self.decoder.push(token)
+        self._cut_at_stop()
+        if len(self.ids) >= self.max_new:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        """End the row (a stop token, the length limit, ...): the decoder's held-back bytes become text."""
+        if self.done:
+            return
+        self.done, self.finish_reason = True, reason
+        self.text += self.decoder.flush()
+        self._cut_at_stop()
+
+    def _cut_at_stop(self) -> None:
+        cut = find_stop(self.text, self.params.stop_strings)
+        if cut is not None:
+            self.text, self.done, self.finish_reason, self.cut = self.text[:cut], True, "stop", True
+
+    def pending(self) -> str:
+        """The text not handed out yet that is safe to hand out (all of it once the row is done)."""
+        hold = 0 if self.done else max((len(s) for s in self.params.stop_strings), default=1) - 1
+        end = len(self.text) - hold
+        if end <= self.sent:
+            return ""
+        chunk, self.sent = self.text[self.sent:end], end
+        return chunk
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
@@ -151,30 +242,31 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
 
-    def _fit(self, ids: list[int], params: SamplingParams) -> _Row:
+    def _fit(self, ids: list[int], params: SamplingParams) -> Row:
         """A row for one prompt: its new tokens capped at the context's room (fit_new_tokens), or its
         prompt's start dropped (trim_prompt), or an error. Depends on the prompt alone, never on its batch."""
         block, new = self.model.config.block_size, params.max_new_tokens
         room = block - len(ids)
         if params.fit_new_tokens and 0 < room < new:
-            return _Row(ids, room)
+            return Row(ids, params, self.tokenizer, room)
         if len(ids) + new <= block:
-            return _Row(ids, new)
+            return Row(ids, params, self.tokenizer)
         if params.trim_prompt:
             keep = block - min(new, block // 2)  # leave room for an answer, at most half the context
-            return _Row(ids[-keep:], min(new, block - keep))
+            return Row(ids[-keep:], params, self.tokenizer, min(new, block - keep))
         raise UserError(f"prompt of {len(ids)} tokens + {new} new tokens is past the context "
                         f"of {block}; shorten it, lower max_new_tokens, or trim the prompt")
 
-    def start(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[_Row]:
+    def start(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Row]:
+        params.validate(self.tokenizer.vocab_size)
         if any(not p for p in prompts):
             raise UserError("an empty prompt: give at least one token")
         return [self._fit(list(p), params) for p in prompts]
 
     @torch.inference_mode()
-    def steps(self, rows: list[_Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
-        """Decode a batch; after each step yield the (row, token) pairs that are new and not stop tokens.
-        A caller may mark a row done between steps (a stop string); decoding ends when all are."""
+    def steps(self, rows: list[Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
+        """Decode a batch; after each step yield the (row, token) pairs that are new and not stop tokens
+        (each row has taken its token: Row.push). Decoding ends when every row is done."""
         idx, mask = left_pad([r.prompt for r in rows], self.tokenizer.pad_id)
         B, L = idx.shape
         padded = bool((mask == 0).any())
@@ -198,7 +290,7 @@ class Engine:
             logits, _ = self.model(nxt[:, None], cache=cache)
 
     @staticmethod
-    def _accept(rows: list[_Row], tokens: list[int], stop_ids: set[int]) -> list[tuple[int, int]]:
+    def _accept(rows: list[Row], tokens: list[int], stop_ids: set[int]) -> list[tuple[int, int]]:
         """One step's token per row: a stop token ends its row (and is not kept); done rows are skipped."""
         new = []
         for i, t in enumerate(tokens):
@@ -206,53 +298,32 @@ class Engine:
             if r.done:
                 continue
             if t in stop_ids:
-                r.done, r.finish_reason = True, "stop"
+                r.finish("stop")
                 continue
-            r.ids.append(t)
+            r.push(t)
             new.append((i, t))
-            if len(r.ids) >= r.max_new:
-                r.done = True
         return new
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Completion]:
         """Complete a batch of tokenised prompts (left padding, per-sequence stopping)."""
         rows = self.start(prompts, params)
-        decoders = [StreamDecoder(self.tokenizer, params.skip_special_tokens) for _ in rows]
-        for new in self.steps(rows, params):
-            for i, t in new:
-                rows[i].text += decoders[i].push(t)
-                self._check_stop_string(rows[i], params)
-        for r, dec in zip(rows, decoders, strict=True):
-            if not r.cut:
-                r.text += dec.flush()
-                self._check_stop_string(r, params)
+        for _ in self.steps(rows, params):
+            pass
+        for r in rows:
+            r.finish("length")
         return [Completion(r.ids, r.text, r.finish_reason, len(r.prompt), r.max_new < params.max_new_tokens)
                 for r in rows]
-
-    @staticmethod
-    def _check_stop_string(r: _Row, params: SamplingParams) -> None:
-        cut = find_stop(r.text, params.stop_strings)
-        if cut is not None:
-            r.text, r.done, r.finish_reason, r.cut = r.text[:cut], True, "stop", True
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         """Text chunks of one completion as they are decoded; never half a character, never a stop string."""
         rows = self.start([prompt], params)
-        r, decoder, sent = rows[0], StreamDecoder(self.tokenizer, params.skip_special_tokens), 0
-        hold = max((len(s) for s in params.stop_strings), default=1) - 1  # a stop string may still be forming
-        for new in self.steps(rows, params):
-            for _, t in new:
-                r.text += decoder.push(t)
-            self._check_stop_string(r, params)
-            end = len(r.text) if r.done else len(r.text) - hold
-            if end > sent:
-                yield r.text[sent:end]
-                sent = end
-        if not r.cut:
-            r.text += decoder.flush()
-            self._check_stop_string(r, params)
-            if len(r.text) > sent:
-                yield r.text[sent:]
+        r = rows[0]
+        for _ in self.steps(rows, params):
+            if chunk := r.pending():
+                yield chunk
+        r.finish("length")
+        if chunk := r.pending():
+            yield chunk
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:

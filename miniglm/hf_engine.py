@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from miniglm.engine import Engine, SamplingParams, _Row, left_pad
+from miniglm.engine import Engine, Row, SamplingParams, left_pad
 from miniglm.fileio import UserError
 from miniglm.hf import HFCausalLM
 from miniglm.tokenizer import Tokenizer
@@ -59,7 +59,7 @@ class HFEngine(Engine):
                                 repetition_penalty=params.repetition_penalty, eos_token_id=sorted(stop_ids),
                                 pad_token_id=self.tokenizer.pad_id)
 
-    def steps(self, rows: list[_Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
+    def steps(self, rows: list[Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
         from transformers import StoppingCriteriaList
 
         idx, mask = left_pad([r.prompt for r in rows], self.tokenizer.pad_id)

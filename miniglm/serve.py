@@ -7,28 +7,37 @@
   GET  /                     the chat page
 
 Concurrent requests are decoded together by the Batcher; a client that disconnects stops its row.
-Errors use OpenAI's error shape: 400 for malformed JSON or fields and prompts past the context,
-401 for a wrong API key.
+Requests past --max-batch wait in order for a free row (a stream is answered at once, its first chunk
+then comes when its row starts). Every error is OpenAI's JSON error shape: 400 for malformed JSON,
+fields out of range (engine.SamplingParams.validate) and prompts past the context, 401 for a wrong API
+key, 413 for a body over --max-body, 500/503 for a failed row or a shutdown. A failure in one row
+ends that row only; a shutdown (SIGTERM, Ctrl-C) ends every stream with an error event first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from miniglm.batcher import Batcher, Job
 from miniglm.chat import LoadedRun, load_run
-from miniglm.engine import SamplingParams
+from miniglm.engine import SamplingError, SamplingParams
 from miniglm.fileio import UserError
 from miniglm.model import MiniGLM
+from miniglm.tokenizer import Tokenizer
 
 PAGE = Path(__file__).with_name("chat_page.html")
+MAX_BODY = 1 << 20  # bytes; a chat request is a few kB
+API_NAMES = {"max_new_tokens": "max_tokens", "stop_strings": "stop"}  # SamplingParams' names -> the API's
 
 
 class APIError(Exception):
@@ -38,55 +47,66 @@ class APIError(Exception):
 
 
 def error_body(e: APIError) -> dict:
-    kind = "invalid_request_error" if e.status == 400 else "authentication_error" if e.status == 401 else "api_error"
+    kind = ("authentication_error" if e.status == 401 else "not_found_error" if e.status == 404
+            else "invalid_request_error" if e.status < 500 else "api_error")
     return {"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}
 
 
-def _number(body: dict, key: str, kind: type, default, lo=None, hi=None):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise APIError(400, f"'{key}' must be a{'n integer' if kind is int else ' number'}", key)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise APIError(400, f"'{key}' must be between {lo} and {hi}", key)
-    return kind(value)
+def _field(body: dict, key: str, default):
+    value = body.get(key)
+    return default if value is None else value
 
 
-def _flag(body: dict, key: str, default: bool) -> bool:
-    value = body.get(key, default)
-    if value is None:
-        return default
+def _flag(body: dict, key: str, default: bool = False) -> bool:
+    value = _field(body, key, default)
     if not isinstance(value, bool):
         raise APIError(400, f"'{key}' must be true or false", key)
     return value
 
 
-def sampling_from(body: dict, prompt_len: int, block_size: int) -> SamplingParams:
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+def sampling_from(body: dict, prompt_len: int, block_size: int, vocab_size: int) -> SamplingParams:
+    """The request's sampling settings, each checked for type and range, or a 400 naming the field."""
     room = block_size - prompt_len
     if room <= 0:
         raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {block_size}",
                        "messages", "context_length_exceeded")
-    max_tokens = _number(body, "max_tokens", int, None, 1) or _number(body, "max_completion_tokens", int, None, 1)
-    if max_tokens is None:
-        max_tokens = min(256, room)
-    if prompt_len + max_tokens > block_size:
-        raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) is past this model's "
-                            f"context of {block_size} tokens", "max_tokens", "context_length_exceeded")
-    if _number(body, "n", int, 1, 1, 1) != 1:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise APIError(400, "only n=1 is supported", "n")
-    return SamplingParams(max_new_tokens=max_tokens, temperature=_number(body, "temperature", float, 1.0, 0, 2),
-                          top_p=_number(body, "top_p", float, 1.0, 0, 1), top_k=_number(body, "top_k", int, 0, 0),
-                          repetition_penalty=_number(body, "repetition_penalty", float, 1.0, 0.01),
-                          stop_strings=stop, seed=_number(body, "seed", int, None),
-                          skip_special_tokens=_flag(body, "skip_special_tokens", True))
+    stop = _field(body, "stop", [])
+    max_tokens = _field(body, "max_tokens", _field(body, "max_completion_tokens", min(256, room)))
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=_field(body, "temperature", 1.0),
+                            top_p=_field(body, "top_p", 1.0), top_k=_field(body, "top_k", 0),
+                            repetition_penalty=_field(body, "repetition_penalty", 1.0),
+                            stop_strings=[stop] if isinstance(stop, str) else stop, seed=body.get("seed"),
+                            skip_special_tokens=_flag(body, "skip_special_tokens", True))
+    try:
+        params.validate(vocab_size)
+    except SamplingError as e:
+        name = API_NAMES.get(e.field, e.field)
+        raise APIError(400, f"'{name}' {e.rule}", name) from None
+    if params.max_new_tokens < 1:
+        raise APIError(400, "'max_tokens' must be an integer >= 1", "max_tokens")
+    if prompt_len + params.max_new_tokens > block_size:
+        raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) is past this "
+                            f"model's context of {block_size} tokens", "max_tokens", "context_length_exceeded")
+    return params
+
+
+def longest_token(tok: Tokenizer) -> int | None:
+    """The most bytes one token covers, or None if the tokenizer cannot say. A character is at least one
+    byte, so a text of more than block_size * this many characters is past the context for sure, and is
+    refused without tokenizing it."""
+    longest = 1
+    for i in range(tok.vocab_size):
+        try:
+            b = tok.token_bytes(i)
+        except Exception:  # tiktoken's vocabulary has unused ids
+            continue
+        if b is None:
+            return None
+        longest = max(longest, len(b))
+    return longest
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -108,7 +128,7 @@ def parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
+def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, max_body: int = MAX_BODY):
     from fastapi import Request as Request
 
     if not isinstance(run.engine.model, MiniGLM):  # continuous batching drives MiniGLM's own KV cache
@@ -125,21 +145,58 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
     app.state.batcher = batcher
     model_name = run.name
     block_size = run.engine.model.config.block_size
+    vocab_size = run.engine.tokenizer.vocab_size
+    per_token = longest_token(run.engine.tokenizer)
+    max_chars = block_size * per_token if per_token else max_body
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
         return JSONResponse(error_body(e), status_code=e.status)
 
-    async def read_body(request: Request) -> dict:
+    @app.exception_handler(HTTPException)  # Starlette's own: 404, 405
+    async def _http_error(_, e: HTTPException):
+        return JSONResponse(error_body(APIError(e.status_code, str(e.detail))), status_code=e.status_code,
+                            headers=e.headers)
+
+    @app.exception_handler(UserError)  # e.g. a chat template that cannot render these messages
+    async def _user_error(_, e: UserError):
+        return JSONResponse(error_body(APIError(400, str(e))), status_code=400)
+
+    @app.exception_handler(Exception)  # a bug: still JSON in the same shape (the traceback goes to the log)
+    async def _unexpected(_, e: Exception):
+        return JSONResponse(error_body(APIError(500, f"internal error ({type(e).__name__})")), status_code=500)
+
+    def check_key(request: Request) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        """The JSON body, refused past max_body bytes before it is held in memory: by its Content-Length,
+        or while it streams in (a chunked body)."""
+        check_key(request)
+        too_big = APIError(413, f"the request body is over the limit of {max_body:,} bytes", code="body_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and not length.isdigit():
+            raise APIError(400, "bad Content-Length")
+        if length is not None and int(length) > max_body:
+            raise too_big
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > max_body:
+                raise too_big
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(data)
+        except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         return body
+
+    def check_length(chars: int, param: str) -> None:
+        if chars > max_chars:
+            raise APIError(400, f"the prompt has {chars:,} characters, past this model's context of {block_size} "
+                                "tokens", param, "context_length_exceeded")
 
     def start(prompt: list[int], params: SamplingParams) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
@@ -153,10 +210,13 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
                 "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
 
     async def respond(request: Request, body: dict, prompt: list[int], stops: list[int], chat: bool):
-        params = sampling_from(body, len(prompt), block_size)
-        params.stop_ids = [] if body.get("ignore_eos") else sorted(set(stops))  # vLLM's extension, for benchmarks
-        stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        params = sampling_from(body, len(prompt), block_size, vocab_size)
+        params.stop_ids = [] if _flag(body, "ignore_eos") else sorted(set(stops))  # vLLM's extension, for benchmarks
+        stream = _flag(body, "stream")
+        options = _field(body, "stream_options", {})
+        if not isinstance(options, dict):
+            raise APIError(400, "'stream_options' must be an object", "stream_options")
+        include_usage = _flag(options, "include_usage")
         req, queue = start(prompt, params)
         cid = ("chatcmpl-" if chat else "cmpl-") + req.id
         created = int(time.time())
@@ -177,7 +237,7 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
                 while done is None:
                     ev = await queue.get()
                     if "error" in ev:
-                        raise APIError(500, ev["error"])
+                        raise APIError(ev.get("status", 500), ev["error"])
                     if "delta" in ev:
                         text += ev["delta"]
                     if ev.get("done"):
@@ -197,8 +257,8 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
                     yield f"data: {json.dumps(chunk(None, None, first=True), ensure_ascii=False)}\n\n"
                 while True:
                     ev = await queue.get()
-                    if "error" in ev:
-                        yield f"data: {json.dumps({'error': {'message': ev['error'], 'type': 'api_error'}})}\n\n"
+                    if "error" in ev:  # the row failed, or the server is shutting down
+                        yield f"data: {json.dumps(error_body(APIError(ev.get('status', 500), ev['error'])))}\n\n"
                         break
                     if "delta" in ev:
                         yield f"data: {json.dumps(chunk(ev['delta'], None), ensure_ascii=False)}\n\n"
@@ -223,15 +283,16 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
 
     @app.get("/v1/models")
     async def models(request: Request):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "invalid API key", code="invalid_api_key")
+        check_key(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                              "owned_by": "miniglm", "max_model_len": block_size}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        ids, stops = run.prompt(parse_messages(body))
+        messages = parse_messages(body)
+        check_length(sum(len(m["content"]) for m in messages), "messages")
+        ids, stops = run.prompt(messages)
         return await respond(request, body, ids, stops, chat=True)
 
     @app.post("/v1/completions")
@@ -242,6 +303,7 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", "prompt")
+        check_length(len(prompt), "prompt")
         tok = run.engine.tokenizer
         return await respond(request, body, tok.encode(prompt), [tok.eot_id], chat=False)
 
@@ -252,10 +314,37 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32):
     return app
 
 
-def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "auto", max_batch: int = 32, int8: bool = False) -> None:
-    import uvicorn
+class Server(uvicorn.Server):
+    """uvicorn's server, but a shutdown first ends every row in flight and waiting (a stream gets a final
+    error event, a plain request a 503), so open connections close at once instead of holding the exit."""
 
-    app = create_app(load_run(run_dir, device, int8=int8), api_key, max_batch)
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await asyncio.to_thread(self.config.app.state.batcher.stop, 2)
+        await super().shutdown(sockets)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or a UserError saying why not (a port out of range or in use, a bad host)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a port is a number from 0 to 65535")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          device: str = "auto", max_batch: int = 32, int8: bool = False, max_body: int = MAX_BODY) -> None:
+    if max_batch < 1 or max_body < 1:
+        raise UserError("--max-batch and --max-body must be at least 1")
+    sock = listen(host, port)  # before loading the model: a port in use fails at once
+    app = create_app(load_run(run_dir, device, int8=int8), api_key, max_batch, max_body)
+    port = sock.getsockname()[1]
     print(f"serving {run_dir} on http://{host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # the graceful timeout is a backstop: rows end at once on shutdown, but a client may not read its stream
+    Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[sock])

@@ -85,7 +85,7 @@ def test_default_new_tokens_fit_the_context(run_dir, tmp_path, capsys):
 
 def test_chat_drops_oldest_turns_before_the_room_gets_small(run_dir):
     run = load_run(run_dir)
-    lines = iter(["江湖", "天下", "谁？", "你好", "/exit"])
+    lines = iter(["天下大势，分久必合", "滚滚长江东逝水", "是非成败转头空", "青山依旧在", "/exit"])
     prompts: list[list[int]] = []
     stream = run.engine.stream
     run.engine.stream = lambda ids, params: (prompts.append(ids), stream(ids, params))[1]

@@ -117,3 +117,27 @@ def test_a_folder_killed_between_renames_is_recovered(tmp_path):
         (d / "state.json").write_text("1")
     (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # as if killed after the first of two renames
     assert (recover_dir(tmp_path / "ckpt") / "state.json").read_text() == "1"
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-new-tokens", "-5"], "--max-new-tokens"), (["--repetition-penalty", "0"], "--repetition-penalty"),
+    (["--seed", str(10**23)], "--seed"), (["--batch-size", "0"], "--batch-size"),
+    (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--top-p", "2"], "--top-p"), (["--top-p", "0"], "--top-p"), (["--top-k", "-3"], "--top-k"),
+])
+def test_sampling_flags_out_of_range(capsys, tmp_path, flags, says):
+    """Checked by SamplingParams.validate, the server's check too, before the run is loaded."""
+    err = run_error(capsys, ["generate", "--run", str(tmp_path / "no-run"), "--prompt", "x", *flags])
+    assert err.startswith(f"miniglm: error: {says} ")
+
+
+def test_serve_port_errors(capsys, tmp_path):
+    import socket
+
+    err = run_error(capsys, ["serve", "--run", str(tmp_path), "--port", "99999"])
+    assert "--port 99999" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        err = run_error(capsys, ["serve", "--run", str(tmp_path), "--port", str(busy.getsockname()[1])])
+    assert "in use" in err and "serving" not in capsys.readouterr().out

@@ -149,7 +149,7 @@ def test_joining_mid_decode_gives_the_same_tokens(run_dir):
     while len(done) < 2 and time.time() < deadline:
         time.sleep(0.01)
     batcher.stop()
-    assert a.ids == alone_a and b.ids == alone_b
+    assert a.row.ids == alone_a and b.row.ids == alone_b
 
 
 def test_sft_generate_against_the_server(server, tmp_path, monkeypatch):
@@ -187,8 +187,8 @@ def test_batch_compacts_when_positions_run_out(bpe_dir, tmp_path):
     while len(done) < 2 and time.time() < deadline:
         time.sleep(0.01)
     batcher.stop()
-    assert a.ids == alone_a and b.ids == alone_b
-    assert len(a_prompt) + 20 + len(b.ids) > 48  # B outlived the shared positions: a compaction happened
+    assert a.row.ids == alone_a and b.row.ids == alone_b
+    assert len(a_prompt) + 20 + len(b.row.ids) > 48  # B outlived the shared positions: a compaction happened
 
 
 def test_ignore_eos_runs_to_max_tokens(server):
@@ -206,10 +206,10 @@ def test_skip_special_tokens_field(bpe_dir):
     from miniglm.serve import APIError, sampling_from
     from miniglm.tokenizer import load_tokenizer
 
-    assert sampling_from({}, 4, 64).skip_special_tokens
-    assert not sampling_from({"skip_special_tokens": False}, 4, 64).skip_special_tokens
+    assert sampling_from({}, 4, 64, 400).skip_special_tokens
+    assert not sampling_from({"skip_special_tokens": False}, 4, 64, 400).skip_special_tokens
     with pytest.raises(APIError, match="skip_special_tokens"):
-        sampling_from({"skip_special_tokens": "no"}, 4, 64)
+        sampling_from({"skip_special_tokens": "no"}, 4, 64, 400)
 
     tok = load_tokenizer(bpe_dir)
     torch.manual_seed(0)
@@ -234,5 +234,144 @@ def test_skip_special_tokens_field(bpe_dir):
     batcher.submit(Job(prompt, keep, on("keep")))
     finished.wait(30)
     batcher.stop()
-    assert set(a.ids) & tok.all_special_ids  # the model did produce some
-    assert "<|" not in texts["skip"] and texts["keep"] == tok.decode(a.ids)
+    assert set(a.row.ids) & tok.all_special_ids  # the model did produce some
+    assert "<|" not in texts["skip"] and texts["keep"] == tok.decode(a.row.ids)
+
+
+AUTH = {"Authorization": "Bearer sekret"}
+STREAM_PROMPTS = ["天下大势，分久必合", "司徒沧霄与蔡尘淑是至交好友。", "话说天下", "江湖"]
+
+
+def stream_text(base: str, prompt: str, tokens: int, out: dict) -> None:
+    """Stream one greedy completion; out[prompt] = (its text, its events)."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    text, events = "", []
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                ev = json.loads(line[6:])
+                events.append(ev)
+                if "choices" in ev:
+                    text += ev["choices"][0]["text"]
+    out[prompt] = (text, events)
+
+
+def test_bad_requests_hurt_no_one(server, run_dir, one_thread):
+    """4 greedy streams decode while bad requests arrive: each bad one gets its own 4xx in OpenAI's
+    shape, the 4 streams end with the text they give alone, and /health stays responsive."""
+    base, _ = server
+    eng = load_run(run_dir, "cpu").engine
+    alone = {p: eng.generate([eng.tokenizer.encode(p)], SamplingParams(max_new_tokens=60))[0].text
+             for p in STREAM_PROMPTS}
+    msgs = '"messages": [{"role": "user", "content": "hi"}]'
+    bad = {  # raw bodies: NaN and Infinity are not JSON, but Python's json reads them
+        "temperature": f'{{{msgs}, "temperature": NaN}}',
+        "top_p": f'{{{msgs}, "top_p": Infinity}}',
+        "seed": f'{{{msgs}, "seed": 100000000000000000000000}}',
+        "top_k": f'{{{msgs}, "top_k": 100000000}}',
+        "max_tokens": f'{{{msgs}, "max_tokens": "10"}}',
+        "stop": f'{{{msgs}, "stop": {json.dumps(["x"] * 100)}}}',
+        "stream_options": f'{{{msgs}, "stream_options": "yes"}}',
+        None: "[" * 100_000,
+    }
+    results: dict = {}
+    health: list[float] = []
+    streaming = threading.Event()
+    streaming.set()
+
+    def poll_health() -> None:
+        with httpx.Client() as http:  # one connection: time the server, not the client's setup
+            while streaming.is_set():
+                t0 = time.perf_counter()
+                assert http.get(base + "/health").status_code == 200
+                health.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=stream_text, args=(base, p, 60, results)) for p in STREAM_PROMPTS]
+    threads.append(threading.Thread(target=poll_health))
+    for t in threads:
+        t.start()
+    while not app_active(server):
+        time.sleep(0.01)
+    for param, body in bad.items():
+        r = httpx.post(base + "/v1/chat/completions", content=body.encode(), headers=AUTH)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["type"] == "invalid_request_error" and err["param"] == param, r.text
+    for body in (b" " * (5 << 20), iter([b" " * (1 << 16)] * 80)):  # by Content-Length; chunked, as it arrives
+        r = httpx.post(base + "/v1/chat/completions", content=body, headers=AUTH)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = httpx.get(base + "/no-such-page")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    for t in threads[:-1]:
+        t.join()
+    streaming.clear()
+    threads[-1].join()
+    assert {p: text for p, (text, _) in results.items()} == alone
+    assert all(events[-1]["choices"][0]["finish_reason"] == "length" for _, events in results.values())
+    assert max(health) < 0.1, f"/health took {max(health):.3f}s ({len(health)} calls: {sorted(health)[-5:]})"
+
+
+def app_active(server) -> bool:
+    return bool(server[1].state.batcher.active)
+
+
+def test_a_failing_row_ends_alone(run_dir, one_thread):
+    """A row whose sampling fails (NaN temperature, past the server's check) or whose seed cannot seed
+    ends with an error event; the greedy rows beside it give the tokens they give alone."""
+    eng = load_run(run_dir, "cpu").engine
+    tok = eng.tokenizer
+    prompts = [tok.encode(p) for p in STREAM_PROMPTS[:2]]
+    alone = [eng.generate([p], SamplingParams(max_new_tokens=30))[0].ids for p in prompts]
+    batcher = Batcher(eng.model, tok)
+    events: dict = {}
+
+    def on(name):
+        return lambda ev: events.setdefault(name, []).append(ev)
+
+    good = [batcher.submit(Job(p, SamplingParams(max_new_tokens=30), on(i))) for i, p in enumerate(prompts)]
+    while batcher.steps < 3:
+        time.sleep(0.001)
+    batcher.submit(Job(prompts[0], SamplingParams(temperature=float("nan")), on("nan")))
+    batcher.submit(Job(prompts[1], SamplingParams(temperature=1.0, seed=10**23), on("seed")))
+    deadline = time.time() + 30
+    while not all(events.get(k) and ("done" in events[k][-1] or "error" in events[k][-1])
+                  for k in (0, 1, "nan", "seed")) and time.time() < deadline:
+        time.sleep(0.01)
+    batcher.stop()
+    assert [j.row.ids for j in good] == alone
+    assert "probability tensor" in events["nan"][-1]["error"] and "error" in events["seed"][-1]
+
+
+def test_sigterm_with_streams_in_flight_exits_quickly(run_dir):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "miniglm.cli", "serve", "--run", str(run_dir), "--port", "0",
+                             "--device", "cpu"], stdout=subprocess.PIPE, text=True, cwd=root,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving"), line
+        base = line.split(" on ")[1].split()[0]
+        results: dict = {}
+        threads = [threading.Thread(target=stream_text, args=(base, p, 250, results), daemon=True)
+                   for p in STREAM_PROMPTS]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while time.time() < deadline and httpx.get(base + "/health").json()["active"] < len(threads):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        proc.wait(timeout=10)
+        assert time.time() - t0 < 5
+        for t in threads:
+            t.join(timeout=5)
+        # every stream ended with an error event saying why (or was closed before it could get one)
+        ends = [events[-1] for _, events in results.values()]
+        assert all("error" in e for e in ends), ends
+    finally:
+        proc.kill()
