@@ -66,6 +66,11 @@ def _meta(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def _decimal(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(x)))
+
+
 def gguf_config(reader, path: Path, max_context: int = DEFAULT_CONTEXT) -> tuple[ModelConfig, int]:
     """The MiniGLM config a llama GGUF describes, and the context it was trained with."""
     arch = _meta(reader, "general.architecture")
@@ -90,8 +95,8 @@ def gguf_config(reader, path: Path, max_context: int = DEFAULT_CONTEXT) -> tuple
                          n_kv_head=int(_meta(reader, "llama.attention.head_count_kv", n_head)), n_embd=n_embd,
                          intermediate_size=int(need("feed_forward_length")), dropout=0.0,
                          tie_embeddings="output.weight" not in names,
-                         rope_theta=float(_meta(reader, "llama.rope.freq_base", 10000.0)),
-                         norm_eps=float(need("attention.layer_norm_rms_epsilon")))
+                         rope_theta=_decimal(_meta(reader, "llama.rope.freq_base", 10000.0)),
+                         norm_eps=_decimal(need("attention.layer_norm_rms_epsilon")))
     rope_dims = int(_meta(reader, "llama.rope.dimension_count", config.head_dim))
     if rope_dims != config.head_dim:
         raise UserError(f"{path}: partial RoPE ({rope_dims} of {config.head_dim} head dimensions) is not supported")

@@ -32,6 +32,15 @@ REGEX_PRE = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _L
              "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 
 
+def recorded_pre_tokenizer(tok_dir: Path) -> str:
+    """The llama.cpp pre-tokenizer name an imported tokenizer recorded; `gpt-2` (ours) otherwise."""
+    import json
+
+    config = tok_dir / "tokenizer_config.json"
+    recorded = json.loads(config.read_text()).get(PRE_TOKENIZER_KEY) if config.exists() else None
+    return recorded or "gpt-2"
+
+
 def pre_tokenizer_for(name: str):
     """The HF pre-tokenizer that splits text as llama.cpp's pre-tokenizer `name` does."""
     from tokenizers import Regex, pre_tokenizers
