@@ -165,9 +165,29 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_import_ckpt(args: argparse.Namespace) -> int:
     from miniglm.export import import_nanogpt
+    from miniglm.gguf_import import is_gguf
 
+    if is_gguf(args.ckpt):
+        return _import_gguf(args)
+    if args.max_context is not None:
+        raise UserError("--max-context is for GGUF files (a ckpt.pt keeps its block size)")
     model = import_nanogpt(args.ckpt, args.out, args.tokenizer)
     print(f"imported a gpt2-style MiniGLM ({model.num_params():,} parameters) -> {args.out}/ckpt")
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from miniglm.gguf_import import DEFAULT_CONTEXT, import_gguf
+
+    if args.tokenizer:
+        raise UserError("a GGUF file carries its own tokenizer; drop --tokenizer")
+    model, info = import_gguf(args.ckpt, args.out, args.max_context or DEFAULT_CONTEXT,
+                              note=lambda msg: print(f"miniglm: note: {msg}", file=sys.stderr))
+    c = model.config
+    template = "its own chat template (hf)" if info["chat_template"] else "no chat template (raw text)"
+    print(f"imported a llama-style MiniGLM ({model.num_params():,} parameters, {c.n_layer} layers, "
+          f"context {c.block_size} of {info['trained_context']}) -> {args.out}/ckpt; "
+          f"tokenizer byte-level BPE ({info['pre_tokenizer']} pre-tokenizer), {template}")
     return 0
 
 
@@ -467,11 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="default: RUN/loss.png")
     pl.set_defaults(func=cmd_plot)
 
-    ic = sub.add_parser("import-ckpt", help="import a seed (nanoGPT-style) ckpt.pt",
-                        description="Read a nanoGPT/MiniGLM ckpt.pt (weights_only) into a gpt2-style run.")
-    ic.add_argument("ckpt")
+    ic = sub.add_parser("import-ckpt", help="import a seed (nanoGPT-style) ckpt.pt or a llama GGUF",
+                        description="Read a nanoGPT/MiniGLM ckpt.pt (weights_only) into a gpt2-style run, or a "
+                                    "llama-architecture .gguf (weights dequantized to fp32, its tokenizer and chat "
+                                    "template) into a llama-style run.")
+    ic.add_argument("ckpt", help="ckpt.pt or FILE.gguf")
     ic.add_argument("--out", required=True)
     ic.add_argument("--tokenizer", default=None, help="tokenizer to store with the run (the seed used cl100k_base)")
+    ic.add_argument("--max-context", type=int, default=None,
+                    help="GGUF: the run's context (default 2048, or the model's own if shorter)")
     ic.set_defaults(func=cmd_import_ckpt)
 
     g = sub.add_parser("generate", help="complete prompts with a run's model",

@@ -197,7 +197,8 @@ GGUF_TYPES = ("f32", "f16", "q8_0")
 
 
 def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> Path:
-    """A llama-style run -> one .gguf file, tokenizer model `gpt2` with llama.cpp's `gpt-2` pre-tokenizer.
+    """A llama-style run -> one .gguf file, tokenizer model `gpt2` with llama.cpp's `gpt-2` pre-tokenizer
+    (or the one an imported GGUF tokenizer recorded).
     outtype f16 / q8_0 stores the weight matrices so (norm weights stay F32, as llama.cpp's converter does)."""
     import json
 
@@ -205,6 +206,7 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
 
     from miniglm.checkpoint import find_checkpoint, load_model_from
     from miniglm.fileio import atomic_path
+    from miniglm.gguf_tokenizer import recorded_pre_tokenizer
     from miniglm.lora import merge_lora
 
     ckpt = find_checkpoint(run)
@@ -252,7 +254,7 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         w.add_vocab_size(c.vocab_size)
         w.add_file_type(file_type)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
+        w.add_tokenizer_pre(recorded_pre_tokenizer(run_dir / "tokenizer"))
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)

@@ -10,6 +10,7 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"
 CL100K_FILE = SHARED_DATA / "tokenizers" / "cl100k_base.tiktoken"
+SMOLLM2_GGUF = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SAMPLE_ZH = (
     "话说天下大势，分久必合，合久必分。周末七国分争，并入于秦。及秦灭之后，楚、汉分争，又并入于汉。"
@@ -23,6 +24,16 @@ def shared_file(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) imported once per session: a real pretrained llama-style run."""
+    from miniglm.gguf_import import import_gguf
+
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    import_gguf(shared_file(SMOLLM2_GGUF), out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -584,3 +584,41 @@ def test_cli(api, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 failed" in out and "tokens:" in out
     assert [r["source"] for r in read(p)] == ["novel.txt"] * 3  # 4 chunks, the last one failed
+
+
+def test_cli_prompt_templates(api, tmp_path, capsys):
+    """--question-prompt / --answer-prompt (text or @FILE) replace the Chinese defaults; bad ones fail up front."""
+    parser = argparse.ArgumentParser(prog="miniglm")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    common = ["--base-url", api.url, "--model", "fake", "--api-key-env", KEY_ENV, "--system-prompt", "",
+              "--max-retries", "1", "--retry-base-delay", "0.01"]
+    prompts: list[str] = []
+
+    def reply_en(prompt: str) -> str:
+        prompts.append(prompt)
+        if prompt.startswith("Ask"):
+            return "Sure:\n1. What is the capital of France?\n2. Who wrote Hamlet?"
+        return f"Answer to: {prompt.removeprefix('Answer briefly: ')}"
+
+    api.reply_fn = reply_en
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(["generate", *argv, *common])
+        return args.func(args)
+
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    assert run("questions", "--titles", "Europe", "--per-title", "2", "--aspects", "facts",
+               "--question-prompt", "Ask {n} questions about {title} ({aspect}){hint}.", "--out", str(q)) == 0
+    assert prompts == ["Ask 2 questions about Europe (facts)."]
+    assert [r["question"] for r in read(q)] == ["What is the capital of France?", "Who wrote Hamlet?"]
+    (tmp_path / "answer.txt").write_text("Answer briefly: {question}", encoding="utf-8")
+    assert run("answers", "--questions", str(q), "--answer-prompt", f"@{tmp_path / 'answer.txt'}", "--out", str(a)) == 0
+    assert sorted(r["answer"] for r in read(a)) == ["Answer to: What is the capital of France?",
+                                                     "Answer to: Who wrote Hamlet?"]
+    for argv, message in [(["questions", "--titles", "x", "--question-prompt", "About {title}"], "needs {n}"),
+                          (["questions", "--titles", "x", "--question-prompt", "{n} on {topic}"],
+                           "unknown placeholder {topic}"),
+                          (["answers", "--questions", str(q), "--answer-prompt", "Say {"], "not a valid template")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            run(*argv, "--out", str(tmp_path / "x.jsonl"))
+    assert len(prompts) == 3 and not (tmp_path / "x.jsonl").exists()

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import string
 import threading
 import unicodedata
 from collections import defaultdict
@@ -711,15 +712,44 @@ def _options(args: argparse.Namespace) -> ClientOptions:
                          base_delay=args.retry_base_delay, max_delay=args.retry_max_delay)
 
 
+QUESTION_FIELDS = ("title", "aspect", "hint", "n")
+ANSWER_FIELDS = ("question",)
+
+
+def prompt_template(value: str | None, default: str, fields: Sequence[str], required: Sequence[str],
+                    option: str) -> str:
+    """A prompt given on the command line (or @FILE): a str.format template over `fields`, checked up front
+    so that a typo fails before any request is sent."""
+    if value is None:
+        return default
+    if value.startswith("@"):
+        value = require_file(value[1:], f"{option} file").read_text(encoding="utf-8-sig")
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as e:
+        raise UserError(f"{option}: not a valid template ({e}); write literal braces as {{{{ and }}}}") from None
+    unknown, missing = names - set(fields), set(required) - names
+    if unknown or missing:
+        raise UserError(f"{option}: " + "; ".join(
+            ([f"unknown placeholder {{{sorted(unknown)[0]}}}"] if unknown else [])
+            + ([f"needs {{{sorted(missing)[0]}}}"] if missing else []))
+            + f" (placeholders: {', '.join('{' + f + '}' for f in fields)})")
+    return value
+
+
 def cmd_generate_questions(args: argparse.Namespace) -> int:
     titles = args.titles or read_titles(args.titles_file)
+    prompt = prompt_template(args.question_prompt, QUESTION_PROMPT, QUESTION_FIELDS, ("title", "n"),
+                             "--question-prompt")
     s = generate_questions(titles, args.out, args.per_title, aspects=args.aspects, options=_options(args),
-                           dedup_threshold=args.dedup_threshold)
+                           dedup_threshold=args.dedup_threshold, prompt=prompt)
     return 1 if s.failed else 0
 
 
 def cmd_generate_answers(args: argparse.Namespace) -> int:
-    s = generate_answers(args.questions, args.out, options=_options(args), dedup_threshold=args.dedup_threshold)
+    prompt = prompt_template(args.answer_prompt, ANSWER_PROMPT, ANSWER_FIELDS, ANSWER_FIELDS, "--answer-prompt")
+    s = generate_answers(args.questions, args.out, options=_options(args), dedup_threshold=args.dedup_threshold,
+                         prompt=prompt)
     return 1 if s.failed else 0
 
 
@@ -767,12 +797,17 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--per-title", type=int, default=60, help="questions per title (default: 60)")
     q.add_argument("--aspects", nargs="+", default=list(ASPECTS), metavar="ASPECT",
                    help="aspects to split the questions over (default: %(default)s)")
+    q.add_argument("--question-prompt", metavar="TEXT|@FILE",
+                   help="the request, a template over {title} {aspect} {hint} {n} (default: the Chinese Jin Yong "
+                        "prompt; {hint} is empty for aspects outside the defaults)")
     _add_common(q)
     q.set_defaults(func=cmd_generate_questions)
 
     a = gsub.add_parser("answers", help="questions jsonl -> question/answer jsonl",
                         description="Answer each question record; other fields of the record are kept.")
     a.add_argument("--questions", required=True, metavar="FILE", help="jsonl with a 'question' field")
+    a.add_argument("--answer-prompt", metavar="TEXT|@FILE",
+                   help="the request, a template over {question} (default: the Chinese prompt)")
     _add_common(a)
     a.set_defaults(func=cmd_generate_answers)
 
