@@ -221,7 +221,12 @@ def _from_pretrained(ref: str | Path, family: Family, trust_remote_code: bool, d
 
 def load_model(ref: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                tokenizer=None, template: str = "auto") -> HFCausalLM:
-    """An HF model by name or folder (an HF run folder opens through miniglm.runs.load_model)."""
+    """An HF model by name or folder; or an HF run / checkpoint folder (opened by miniglm.runs), its LoRA
+    adapter merged in."""
+    from miniglm import runs
+
+    if runs.is_run(ref) and (run := runs.open_run(ref)).hf:
+        return runs.load_model(run, dtype=dtype)
     family = detect_family(read_hf_config(ref), tokenizer, template)
     return HFCausalLM(_from_pretrained(ref, family, trust_remote_code, dtype), family, trust_remote_code)
 
@@ -246,16 +251,6 @@ def load_run_model(ckpt: Path, state: dict, dtype: torch.dtype = torch.float32) 
     return HFCausalLM(base, family, trust).merged()
 
 
-def _load_ref(ref: str | Path, trust_remote_code: bool, dtype: torch.dtype, template: str = "auto") -> HFCausalLM:
-    """A model name or folder, or an HF run to fine-tune further."""
-    from miniglm.runs import is_run
-    from miniglm.runs import load_model as load_run
-
-    if is_run(ref):
-        return load_run(ref, dtype=dtype)
-    return load_model(ref, trust_remote_code, dtype, template=template)
-
-
 def resolve_ref(ref: str) -> str:
     """A local folder as an absolute path (a run resumes from anywhere); a hub name as it is."""
     return str(Path(ref).resolve()) if Path(ref).exists() else ref
@@ -274,7 +269,7 @@ def training_model(cfg, ckpt: Path | None, state: dict | None) -> tuple[HFCausal
     if ckpt is not None and cfg.lora_r == 0:
         model = load_run_model(ckpt, state, dtype)
     else:
-        model = _load_ref(base, cfg.trust_remote_code, dtype, load_meta(cfg.data).get("template", "hf"))
+        model = load_model(base, cfg.trust_remote_code, dtype, template=load_meta(cfg.data).get("template", "hf"))
     if cfg.lora_r > 0:
         torch.manual_seed(cfg.seed)
         model.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, resume_from=ckpt)
