@@ -67,8 +67,8 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
         raise UserError(f"{ckpt_path}: weights do not match a gpt2-style MiniGLM "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     tok = load_tokenizer(tokenizer) if tokenizer else None
-    if tok is not None and tok.vocab_size > config.vocab_size:
-        raise UserError(f"--tokenizer {tokenizer} has {tok.vocab_size} token ids, past the {config.vocab_size} of "
+    if tok is not None and tok.text_vocab_size > config.vocab_size:
+        raise UserError(f"--tokenizer {tokenizer} has {tok.text_vocab_size} token ids, past the {config.vocab_size} of "
                         f"{ckpt_path}; give the tokenizer the checkpoint was trained with")
     save_run(out_dir, model, {"step": int(ckpt.get("iter_num", 0)),
                               "best_val_loss": float(ckpt.get("best_val_loss", float("inf"))),

@@ -316,8 +316,8 @@ def load_run_tokenizer(run: str | Path | Run, vocab_size: int | None = None) -> 
     recorded = run.state.get("tokenizer_identity")
     if recorded:
         check_same_tokenizer(identity(tok), str(tok_dir), recorded, f"this run ({run.ckpt / 'state.json'})")
-    if vocab_size is not None and not run.hf and tok.vocab_size > vocab_size:
-        raise UserError(f"{tok_dir} has {tok.vocab_size} token ids, past the {vocab_size} of the model "
+    if vocab_size is not None and not run.hf and tok.text_vocab_size > vocab_size:
+        raise UserError(f"{tok_dir} has {tok.text_vocab_size} token ids, past the {vocab_size} of the model "
                         f"({run.ckpt / 'config.json'}); this is not the run's tokenizer: put its own back")
     return tok
 

@@ -56,6 +56,11 @@ class Tokenizer:
     # Control tokens (end of text, chat roles, ...): left out of the text a person reads.
     all_special_ids: frozenset[int] = frozenset()
 
+    @property
+    def text_vocab_size(self) -> int:
+        """The ids plain text encodes to fit below this; a model's embedding must cover at least these."""
+        return self.vocab_size
+
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
@@ -199,6 +204,7 @@ class TiktokenTokenizer(Tokenizer):
         self.enc = tiktoken.Encoding(name=f"{base.name}+miniglm", pat_str=base._pat_str,
                                      mergeable_ranks=base._mergeable_ranks, special_tokens=specials)
         self.vocab_size = self.enc.n_vocab
+        self._base_vocab_size = base.n_vocab  # a seed model on cl100k_base has no pad and role tokens
         self.special_ids = {t: specials[t] for t in SPECIAL_TOKENS}
         self.eot_id, self.pad_id = specials[EOT], specials[PAD]
         self._specials = specials
@@ -206,6 +212,10 @@ class TiktokenTokenizer(Tokenizer):
 
     def token_id(self, token: str) -> int | None:
         return self._specials.get(token)
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self._base_vocab_size
 
     @staticmethod
     def _load_base(name: str):

@@ -16,6 +16,8 @@ from miniglm.fileio import write_json
 from miniglm.shards import tokenize_corpus
 from miniglm.tokenizer import load_tokenizer, train_bpe
 
+from .conftest import CL100K_FILE, shared_file
+
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.vocab_size=400",
         "batch_size=2", "warmup_steps=1", "eval_batches=1", "eval_every=2", "max_steps=2", "log_every=1"]
 
@@ -226,3 +228,17 @@ def test_plot_names_a_damaged_metrics_line_and_skips_a_torn_last_one(made, tmp_p
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     code, err = run_cli(["plot", str(run)], capsys)
     assert_one_line(code, err, str(run / "metrics.jsonl"), "line 2")
+
+
+def test_a_seed_checkpoint_on_cl100k_base_imports_and_generates(tmp_path, capsys):
+    """The seed's models embed cl100k_base's 100,277 ids; our tiktoken tokenizer adds pad and chat-role ids
+    after them, which plain text never encodes to: such a run opens."""
+    from miniglm.model import MiniGLM, ModelConfig
+
+    model = MiniGLM(ModelConfig(style="gpt2", vocab_size=100277, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    args = {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 16, "bias": True, "vocab_size": 100277}
+    torch.save({"model": model.state_dict(), "model_args": args}, tmp_path / "ckpt.pt")
+    tok = str(shared_file(CL100K_FILE))
+    assert main(["import-ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "seed"), "--tokenizer", tok]) == 0
+    assert main(["generate", "--run", str(tmp_path / "seed"), "--prompt", "你好", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
