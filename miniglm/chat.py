@@ -6,7 +6,6 @@ template function. A run without one (pretraining only) continues raw text.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from miniglm.checkpoint import find_checkpoint, load_model_from
+from miniglm import runs
 from miniglm.engine import Engine, SamplingParams
 from miniglm.fileio import UserError
-from miniglm.lora import merge_lora
+from miniglm.model import MiniGLM
 from miniglm.sft.templates import TemplateOptions, render
-from miniglm.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -38,36 +36,35 @@ class LoadedRun:
 
 
 def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: bool = False) -> LoadedRun:
-    """A MiniGLM run decodes with Engine; a Hugging Face run (`miniglm finetune`) with HFEngine, the same
-    interface over transformers' generate()."""
-    from miniglm.hf import is_hf_checkpoint
-
-    ckpt = find_checkpoint(run)
-    run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
-    hf = is_hf_checkpoint(ckpt)
-    tok_dir = run_dir / "tokenizer"
-    if hf and not tok_dir.exists():
-        tok_dir = ckpt  # a merged HF run keeps its tokenizer beside the weights, as transformers does
-    if not tok_dir.exists():
-        raise UserError(f"{run_dir}: no tokenizer/ folder in the run")
+    """A run opened by miniglm.runs (files checked), ready to decode: a MiniGLM with Engine, a Hugging
+    Face run (`miniglm finetune`) with HFEngine, the same interface over transformers' generate()."""
+    opened = runs.open_run(run)
+    chat = None if raw else runs.read_chat(opened.dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if hf:
-        from miniglm.hf import load_model
+    if opened.hf:
         from miniglm.hf_engine import HFEngine
 
         if int8:
             raise UserError("--int8 is for MiniGLM runs; this run is a Hugging Face model")
-        model = load_model(ckpt)  # an adapter run decodes with merged weights
-        engine = HFEngine(model, load_tokenizer(tok_dir, model.trust_remote_code), device)
+        model = runs.load_model(opened)
+        engine = HFEngine(model, runs.load_run_tokenizer(opened), device)
     else:
-        model = merge_lora(load_model_from(ckpt, device))  # an adapter run decodes with merged weights
-        engine = Engine(model, load_tokenizer(tok_dir), device, int8)
-    template, options = None, TemplateOptions()
-    if (run_dir / "chat.json").exists() and not raw:
-        info = json.loads((run_dir / "chat.json").read_text())
-        template, options = info["template"], TemplateOptions(**info.get("template_options", {}))
-    return LoadedRun(engine, template, options, run_dir.name)
+        tok = runs.load_run_tokenizer(opened, runs.read_model_config(opened.ckpt).vocab_size)  # before the weights
+        engine = Engine(head_over(runs.load_model(opened, device), tok.vocab_size), tok, device, int8)
+    template, options = chat if chat is not None else (None, TemplateOptions())
+    return LoadedRun(engine, template, options, opened.name)
+
+
+def head_over(model: MiniGLM, n_ids: int) -> MiniGLM:
+    """A model whose vocab is padded past its tokenizer's ids gets an output layer over those ids only, so
+    it never samples an id the tokenizer cannot decode. The weight is a view of the old one: no copy."""
+    if n_ids >= model.config.vocab_size:
+        return model
+    head = torch.nn.Linear(model.config.n_embd, n_ids, bias=False)
+    head.weight = torch.nn.Parameter(model.lm_head.weight[:n_ids], requires_grad=False)
+    model.lm_head = head
+    return model
 
 
 def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, batch_size: int = 8,

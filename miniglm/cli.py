@@ -134,24 +134,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from miniglm.checkpoint import find_checkpoint, load_model_from, read_state, save_checkpoint
-    from miniglm.hf import is_hf_checkpoint, merge_run
-    from miniglm.lora import merge_lora
+    from miniglm import runs
+    from miniglm.checkpoint import save_run
 
-    ckpt = find_checkpoint(args.run)
-    if is_hf_checkpoint(ckpt):  # a transformers folder (from_pretrained loads it) that is also a run
-        print(f"merged the adapter into the weights -> {merge_run(ckpt, args.out)} (a transformers model folder)")
+    run = runs.open_run(args.run)
+    chat = runs.read_chat(run.dir)  # the merged model chats with the template it was tuned with
+    if run.hf:  # a transformers folder (from_pretrained loads it) that is also a run
+        from miniglm.hf import merge_run
+
+        tok = runs.load_run_tokenizer(run)
+        out = merge_run(runs.load_model(run), tok, run.state, run.ckpt, chat, args.out)
+        print(f"merged the adapter into the weights -> {out} (a transformers model folder)")
         return 0
-    model = merge_lora(load_model_from(ckpt))
-    save_checkpoint(f"{args.out}/ckpt", model, model.config, {**read_state(ckpt), "merged_from": str(ckpt)})
-    import shutil
-    from pathlib import Path
-
-    run = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
-    if (run / "tokenizer").exists():
-        shutil.copytree(run / "tokenizer", Path(args.out) / "tokenizer", dirs_exist_ok=True)
-    if (run / "chat.json").exists():  # the merged model chats with the template it was tuned with
-        shutil.copyfile(run / "chat.json", Path(args.out) / "chat.json")
+    vocab = runs.read_model_config(run.ckpt).vocab_size
+    tok = runs.load_run_tokenizer(run, vocab) if (run.dir / "tokenizer").exists() else None
+    save_run(args.out, runs.load_model(run), {**run.state, "merged_from": str(run.ckpt)}, tok, chat)
     print(f"merged the adapter into the weights -> {args.out}/ckpt")
     return 0
 

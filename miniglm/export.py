@@ -1,4 +1,5 @@
-"""Moving weights in and out: import the seed's nanoGPT-style MiniGLM checkpoints (ckpt.pt)."""
+"""Moving weights in and out: import the seed's nanoGPT-style MiniGLM checkpoints (ckpt.pt); export a
+run to Hugging Face transformers or to GGUF (llama.cpp). Runs are opened by miniglm.runs."""
 
 from __future__ import annotations
 
@@ -6,13 +7,34 @@ from pathlib import Path
 
 import torch
 
-from miniglm.checkpoint import save_checkpoint
+from miniglm import runs
+from miniglm.checkpoint import save_run
 from miniglm.fileio import UserError
+from miniglm.hf_weights import BUFFERS, GPT2_CONV1D
 from miniglm.model import MiniGLM, ModelConfig
+from miniglm.sft.templates import TemplateOptions
 from miniglm.tokenizer import Tokenizer, load_tokenizer
 
-# nanoGPT keeps a causal-mask buffer named attn.bias when flash attention is missing; it is no weight.
-_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# What a file that is no PyTorch checkpoint usually is, by its first bytes.
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF",
+          b"RIFF": "a RIFF file (WebP, WAV)", b"\x1f\x8b": "a gzip file", b"GGUF": "a GGUF model"}
+
+
+def _not_a_checkpoint(path: Path, e: Exception | None) -> UserError:
+    """One line instead of torch's paragraph (which suggests weights_only=False: not for a file one did not make)."""
+    head = path.read_bytes()[:8]
+    kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    if not head:
+        why = "the file is empty"
+    elif kind:
+        why = f"it is {kind}"
+    elif not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip; old files a pickle
+        why = f"it starts with {head!r}"
+    else:  # a real torch file that holds more than tensors and plain values, or a torn one
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        detail = next((x for x in lines if "WeightsUnpickler error" in x), lines[-1] if lines else "")
+        why = f"{type(e).__name__}: {detail[:160]}"
+    return UserError(f"{path}: not a PyTorch checkpoint that loads with weights_only=True ({why})")
 
 
 def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | None = None) -> MiniGLM:
@@ -21,15 +43,17 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.exists():
         raise UserError(f"{ckpt_path}: no such checkpoint")
+    if ckpt_path.is_dir():
+        raise UserError(f"{ckpt_path}: a folder; give the ckpt.pt file")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{ckpt_path}: cannot read it as a PyTorch checkpoint with weights_only=True ({e})") from None
+    except Exception as e:  # torch raises many kinds for a file that is not its own
+        raise _not_a_checkpoint(ckpt_path, e) from None
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise UserError(f"{ckpt_path}: expected a nanoGPT/MiniGLM checkpoint with 'model_args' and 'model'")
     args = ckpt["model_args"]
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    state = {k: v for k, v in state.items() if not k.endswith(_BUFFERS)}
+    state = {k: v for k, v in state.items() if not k.endswith(BUFFERS)}
     tied = "lm_head.weight" not in state or torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
     config = ModelConfig(style="gpt2", vocab_size=args["vocab_size"], block_size=args["block_size"],
                          n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"],
@@ -42,19 +66,17 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
     if missing or unexpected:
         raise UserError(f"{ckpt_path}: weights do not match a gpt2-style MiniGLM "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    out = Path(out_dir)
-    save_checkpoint(out / "ckpt", model, config, {"step": int(ckpt.get("iter_num", 0)),
-                                                  "best_val_loss": float(ckpt.get("best_val_loss", float("inf"))),
-                                                  "imported_from": str(ckpt_path)})
-    if tokenizer:
-        load_tokenizer(tokenizer).save(out / "tokenizer")
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    if tok is not None and tok.text_vocab_size > config.vocab_size:
+        raise UserError(f"--tokenizer {tokenizer} has {tok.text_vocab_size} token ids, past the {config.vocab_size} of "
+                        f"{ckpt_path}; give the tokenizer the checkpoint was trained with")
+    save_run(out_dir, model, {"step": int(ckpt.get("iter_num", 0)),
+                              "best_val_loss": float(ckpt.get("best_val_loss", float("inf"))),
+                              "imported_from": str(ckpt_path)}, tok)
     return model
 
 
 # --- Hugging Face transformers ------------------------------------------------------------------
-# The names are the same on both sides. GPT-2's Conv1D stores its weight as (in, out), the transpose
-# of nn.Linear; those four matrices are transposed on the way in and out. Nothing else changes.
-_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def hf_config(config: ModelConfig, eos_ids: list[int] | None = None, pad_id: int | None = None):
@@ -85,7 +107,7 @@ def to_hf_state_dict(model: MiniGLM) -> dict[str, torch.Tensor]:
     for k, v in model.state_dict().items():
         if model.config.tie_embeddings and k == "lm_head.weight":
             continue
-        sd[k] = v.t().contiguous() if model.config.style == "gpt2" and k.endswith(_GPT2_CONV1D) else v
+        sd[k] = v.t().contiguous() if model.config.style == "gpt2" and k.endswith(GPT2_CONV1D) else v
     if model.config.style == "gpt2" and not model.config.bias:  # HF GPT-2 always has biases: zeros
         for name, p in list(sd.items()):
             if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
@@ -96,54 +118,15 @@ def to_hf_state_dict(model: MiniGLM) -> dict[str, torch.Tensor]:
     return sd
 
 
-def from_hf(path: str | Path) -> MiniGLM:
-    """A GPT2LMHeadModel or LlamaForCausalLM (name or folder) as a MiniGLM with the same logits."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        hf_cfg = AutoConfig.from_pretrained(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: not a MiniGLM run nor a loadable Hugging Face model ({type(e).__name__})") from None
-    kind = hf_cfg.model_type
-    if kind == "gpt2":
-        config = ModelConfig(style="gpt2", vocab_size=hf_cfg.vocab_size, block_size=hf_cfg.n_positions,
-                             n_layer=hf_cfg.n_layer, n_head=hf_cfg.n_head, n_embd=hf_cfg.n_embd,
-                             intermediate_size=hf_cfg.n_inner or 4 * hf_cfg.n_embd, norm_eps=hf_cfg.layer_norm_epsilon,
-                             tie_embeddings=hf_cfg.tie_word_embeddings)
-    elif kind == "llama":
-        rope = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(hf_cfg, "rope_theta", 1e4))
-        config = ModelConfig(style="llama", vocab_size=hf_cfg.vocab_size, block_size=hf_cfg.max_position_embeddings,
-                             n_layer=hf_cfg.num_hidden_layers, n_head=hf_cfg.num_attention_heads,
-                             n_kv_head=hf_cfg.num_key_value_heads, n_embd=hf_cfg.hidden_size,
-                             intermediate_size=hf_cfg.intermediate_size, norm_eps=hf_cfg.rms_norm_eps,
-                             rope_theta=float(rope), tie_embeddings=hf_cfg.tie_word_embeddings)
-    else:
-        raise UserError(f"{path}: a '{kind}' model is not a MiniGLM architecture (gpt2 or llama); "
-                        "fine-tune it with `miniglm finetune` instead")
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    sd = {k: (v.t() if kind == "gpt2" and k.endswith(_GPT2_CONV1D) else v) for k, v in hf.state_dict().items()}
-    model = MiniGLM(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    unexpected = [k for k in unexpected if not k.endswith(_BUFFERS)]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not map onto MiniGLM (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model
-
-
 def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     """A run folder -> a transformers model folder (config.json, model.safetensors, tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    from miniglm.checkpoint import find_checkpoint, load_model_from
     from miniglm.fileio import atomic_dir
-    from miniglm.lora import merge_lora
 
-    ckpt = find_checkpoint(run)
-    model = merge_lora(load_model_from(ckpt)).eval()
-    run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
-    tok = load_tokenizer(run_dir / "tokenizer") if (run_dir / "tokenizer").exists() else None
-    cfg = hf_config(model.config, end_ids(run_dir, tok) if tok else None, tok.pad_id if tok else None)
+    opened, chat, tok = _open_for_export(run)
+    model = runs.load_model(opened).eval()
+    cfg = hf_config(model.config, end_ids(tok, chat) if tok else None, tok.pad_id if tok else None)
     hf = AutoModelForCausalLM.from_config(cfg)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     missing = [k for k in missing if not k.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))]
@@ -155,33 +138,46 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
         hf.save_pretrained(str(tmp))
         if tok is not None:
             tok.save(tmp)
-            add_chat_template(run_dir, tmp)
+            add_chat_template(chat, tmp)
     return Path(out_dir)
 
 
-def end_ids(run_dir: Path, tok: Tokenizer) -> list[int]:
-    """End-of-text, then the end-of-turn tokens of the template the run was fine-tuned with (chat.json)."""
-    from miniglm.sft.templates import end_of_turn_ids, read_chat_info
+Chat = tuple[str, TemplateOptions] | None  # the template a run was fine-tuned with (runs.read_chat)
 
-    chat = read_chat_info(run_dir)
+
+def _open_for_export(run: str | Path) -> tuple[runs.Run, Chat, Tokenizer | None]:
+    """The run, its chat.json and its tokenizer (when it has one), checked before the weights load."""
+    opened = runs.open_run(run)
+    if opened.hf:
+        raise UserError(f"{opened.ckpt}: a Hugging Face model fine-tuned by `miniglm finetune`; `miniglm merge "
+                        "RUN --out DIR` makes a transformers folder of it")
+    chat = runs.read_chat(opened.dir)
+    vocab = runs.read_model_config(opened.ckpt).vocab_size
+    tok = runs.load_run_tokenizer(opened, vocab) if (opened.dir / "tokenizer").exists() else None
+    return opened, chat, tok
+
+
+def end_ids(tok: Tokenizer, chat: Chat) -> list[int]:
+    """End-of-text, then the end-of-turn tokens of the template the run was fine-tuned with (chat.json)."""
+    from miniglm.sft.templates import end_of_turn_ids
+
     return [tok.eot_id, *(end_of_turn_ids(chat[0], tok, chat[1]) if chat else [])]
 
 
-def run_jinja_template(run_dir: Path) -> str | None:
+def run_jinja_template(chat: Chat) -> str | None:
     """The run's chat layout (chat.json) as a Jinja chat_template, where one is known."""
-    from miniglm.sft.templates import jinja_template, read_chat_info
+    from miniglm.sft.templates import jinja_template
 
-    chat = read_chat_info(run_dir)
     return jinja_template(*chat) if chat else None
 
 
-def add_chat_template(run_dir: Path, tok_dir: Path) -> None:
+def add_chat_template(chat: Chat, tok_dir: Path) -> None:
     """Name the run's chat layout in tokenizer_config.json, so that apply_chat_template renders as we do."""
     import json
 
     from miniglm.fileio import write_json
 
-    template, config = run_jinja_template(run_dir), tok_dir / "tokenizer_config.json"
+    template, config = run_jinja_template(chat), tok_dir / "tokenizer_config.json"
     if template is not None and config.exists():
         write_json(config, {**json.loads(config.read_text()), "chat_template": template})
 
@@ -204,25 +200,23 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
 
     import gguf
 
-    from miniglm.checkpoint import find_checkpoint, load_model_from
     from miniglm.fileio import atomic_path
     from miniglm.gguf_tokenizer import recorded_pre_tokenizer
-    from miniglm.lora import merge_lora
 
-    ckpt = find_checkpoint(run)
-    model = merge_lora(load_model_from(ckpt)).eval()
-    c = model.config
-    if c.style != "llama":
+    opened, chat, tok = _open_for_export(run)
+    if runs.read_model_config(opened.ckpt).style != "llama":
         raise UserError("GGUF export needs a llama-style model (style = \"llama\"); export gpt2 style with --to hf")
-    run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
+    run_dir = opened.dir
     tok_file = run_dir / "tokenizer" / "tokenizer.json"
-    if not tok_file.exists():
+    if tok is None or not tok_file.exists():
         raise UserError(f"{run_dir}: GGUF export needs the byte-level BPE trained by miniglm (tokenizer.json)")
     spec = json.loads(tok_file.read_text(encoding="utf-8"))
     if spec.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise UserError(f"{tok_file}: GGUF export supports byte-level BPE tokenizers only")
     vocab = spec["model"]["vocab"]
     added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    model = runs.load_model(opened).eval()
+    c = model.config
     tokens = [""] * c.vocab_size
     types = [gguf.TokenType.UNUSED] * c.vocab_size
     for text, i in {**vocab, **added}.items():
@@ -233,7 +227,6 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         if not t:
             tokens[i] = f"[PAD{i}]"
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    tok = load_tokenizer(run_dir / "tokenizer")
     if outtype not in GGUF_TYPES:
         raise UserError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got '{outtype}'")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -262,10 +255,10 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         w.add_eos_token_id(tok.eot_id)
         w.add_pad_token_id(tok.pad_id)
         w.add_add_bos_token(False)
-        turn_ends = end_ids(run_dir, tok)[1:]
+        turn_ends = end_ids(tok, chat)[1:]
         if turn_ends:  # llama.cpp stops at EOS and EOT: the chat's end of turn
             w.add_eot_token_id(turn_ends[0])
-        chat_template = run_jinja_template(run_dir)
+        chat_template = run_jinja_template(chat)
         if chat_template is not None:  # llama.cpp's server (--jinja) renders chats with it
             w.add_chat_template(chat_template)
         sd = model.state_dict()

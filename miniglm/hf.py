@@ -9,7 +9,6 @@ save_pretrained (full fine-tune) or the PEFT adapter (LoRA), beside state.json a
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import warnings
 from contextlib import contextmanager
@@ -200,11 +199,6 @@ class HFCausalLM(torch.nn.Module):
 
 
 # --- loading -------------------------------------------------------------------------------------
-def is_hf_checkpoint(ckpt: str | Path) -> bool:
-    state = Path(ckpt) / "state.json"
-    return state.exists() and "hf" in json.loads(state.read_text())
-
-
 def _from_pretrained(ref: str | Path, family: Family, trust_remote_code: bool, dtype: torch.dtype):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -227,24 +221,34 @@ def _from_pretrained(ref: str | Path, family: Family, trust_remote_code: bool, d
 
 def load_model(ref: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                tokenizer=None, template: str = "auto") -> HFCausalLM:
-    """An HF model by name or folder; or an HF run / checkpoint folder, its LoRA adapter merged in."""
-    from miniglm.checkpoint import find_checkpoint, is_run, read_state
+    """An HF model by name or folder; or an HF run / checkpoint folder (opened by miniglm.runs), its LoRA
+    adapter merged in."""
+    from miniglm import runs
 
-    if is_run(ref) and is_hf_checkpoint(ckpt := find_checkpoint(ref)):
-        state = read_state(ckpt)
-        info = state["hf"]
-        family = FAMILIES.get(info["family"]) or detect_family(read_hf_config(state["base_model"]), None, "hf")
-        trust = info.get("trust_remote_code", False)
-        if not (ckpt / "adapter_config.json").exists():
-            return HFCausalLM(_from_pretrained(ckpt, family, trust, dtype), family, trust)
-        from peft import PeftModel
-
-        base = _from_pretrained(state["base_model"], family, trust, dtype)
-        with peft_quiet():
-            base = PeftModel.from_pretrained(base, str(ckpt))
-        return HFCausalLM(base, family, trust).merged()
+    if runs.is_run(ref) and (run := runs.open_run(ref)).hf:
+        return runs.load_model(run, dtype=dtype)
     family = detect_family(read_hf_config(ref), tokenizer, template)
     return HFCausalLM(_from_pretrained(ref, family, trust_remote_code, dtype), family, trust_remote_code)
+
+
+def load_run_model(ckpt: Path, state: dict, dtype: torch.dtype = torch.float32) -> HFCausalLM:
+    """The model of an HF run's checkpoint (state.json read by miniglm.runs), its LoRA adapter merged in."""
+    info = state["hf"]
+    family = FAMILIES.get(info.get("family")) or detect_family(read_hf_config(state["base_model"]), None, "hf")
+    trust = bool(info.get("trust_remote_code", False))
+    if not (ckpt / "adapter_config.json").exists():
+        return HFCausalLM(_from_pretrained(ckpt, family, trust, dtype), family, trust)
+    from peft import PeftModel
+
+    base = _from_pretrained(state["base_model"], family, trust, dtype)
+    try:
+        with peft_quiet():
+            base = PeftModel.from_pretrained(base, str(ckpt))
+    except Exception as e:  # PEFT raises what safetensors and torch raise for a torn adapter
+        detail = str(e).splitlines()[0][:160] if str(e) else ""
+        raise UserError(f"{ckpt}: the LoRA adapter is damaged ({type(e).__name__}: {detail}); "
+                        "restore it, or train the run again") from None
+    return HFCausalLM(base, family, trust).merged()
 
 
 def resolve_ref(ref: str) -> str:
@@ -261,9 +265,11 @@ def training_model(cfg, ckpt: Path | None, state: dict | None) -> tuple[HFCausal
     # A big base model in bf16 on a GPU when only the adapters train; fp32 otherwise (the loop autocasts).
     bf16 = cfg.lora_r > 0 and cfg.dtype != "float32" and cfg.device != "cpu" and torch.cuda.is_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    source = ckpt if ckpt is not None and cfg.lora_r == 0 else base
     # An architecture outside FAMILIES is fine-tuned with the template its data was rendered with.
-    model = load_model(source, cfg.trust_remote_code, dtype, template=load_meta(cfg.data).get("template", "hf"))
+    if ckpt is not None and cfg.lora_r == 0:
+        model = load_run_model(ckpt, state, dtype)
+    else:
+        model = load_model(base, cfg.trust_remote_code, dtype, template=load_meta(cfg.data).get("template", "hf"))
     if cfg.lora_r > 0:
         torch.manual_seed(cfg.seed)
         model.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, resume_from=ckpt)
@@ -282,41 +288,29 @@ def save_checkpoint(path: str | Path, model: HFCausalLM, state: dict,
             torch.save(optimizer.state_dict(), tmp / "optim.pt")
 
 
-def merge_run(run: str | Path, out_dir: str | Path) -> Path:
-    """An HF run -> a plain transformers folder (adapter merged, tokenizer beside it) that is also a
-    run miniglm loads (state.json, chat.json)."""
-    import shutil
-
-    from miniglm.checkpoint import find_checkpoint, read_state
-    from miniglm.tokenizer import load_tokenizer
-
-    ckpt = find_checkpoint(run)
-    state = read_state(ckpt)
-    model = load_model(ckpt)
-    run_dir = ckpt.parent if ckpt.name in ("ckpt", "best") else ckpt
-    tok_dir = run_dir / "tokenizer" if (run_dir / "tokenizer").exists() else ckpt
-    tok = load_tokenizer(tok_dir, trust_remote_code=model.trust_remote_code)
-    set_eos_ids(model.model, answer_end_ids(model, tok, run_dir))
+def merge_run(model: HFCausalLM, tok, state: dict, ckpt: Path, chat: tuple | None, out_dir: str | Path) -> Path:
+    """An HF run's merged model (miniglm.runs.load_model) -> a plain transformers folder, tokenizer beside
+    it, that is also a run miniglm loads (state.json, chat.json)."""
+    set_eos_ids(model.model, answer_end_ids(model, tok, chat))
     with atomic_dir(out_dir) as tmp:
         model.model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save(tmp)
         write_json(tmp / "state.json", {"step": state.get("step", 0), "stage": state.get("stage"),
                                         "base_model": state.get("base_model"), "merged_from": str(ckpt.resolve()),
                                         "hf": model.describe()})
-        if (run_dir / "chat.json").exists():
-            shutil.copyfile(run_dir / "chat.json", tmp / "chat.json")
+        if chat is not None:
+            write_json(tmp / "chat.json", {"template": chat[0], "template_options": asdict(chat[1])})
     return Path(out_dir)
 
 
-def answer_end_ids(model: HFCausalLM, tok, run_dir: Path) -> list[int]:
+def answer_end_ids(model: HFCausalLM, tok, chat: tuple | None) -> list[int]:
     """Every token that ends an answer: the model's own EOS ids, the family's end tokens (Qwen's
     <|im_end|>) and the end of turn of the template the run was tuned with (chat.json)."""
-    from miniglm.sft.templates import end_of_turn_ids, read_chat_info
+    from miniglm.sft.templates import end_of_turn_ids
 
     own = model.model.generation_config.eos_token_id
     own = own if isinstance(own, list) else [own]
     family = [tok.token_id(t) for t in model.family.end_tokens]
-    chat = read_chat_info(run_dir)
     turn = end_of_turn_ids(chat[0], tok, chat[1]) if chat else []
     return [i for i in dict.fromkeys([tok.eot_id, *own, *family, *turn]) if i is not None]
 

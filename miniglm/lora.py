@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -44,11 +43,12 @@ def adapter_state(model: MiniGLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def load_adapter_weights(model: MiniGLM, ckpt: str | Path) -> None:
+def load_adapter_weights(model: MiniGLM, path: str | Path) -> None:
+    """adapter.safetensors into a model that has the adapter layers (miniglm.runs checks the file)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(ckpt) / "adapter.safetensors"))
+    state = load_file(str(path))
     set_peft_model_state_dict(model, {k: v for k, v in state.items() if "lora_" in k})
     full = {k: v for k, v in state.items() if "lora_" not in k}
     if full:
@@ -56,15 +56,6 @@ def load_adapter_weights(model: MiniGLM, ckpt: str | Path) -> None:
             params = dict(model.named_parameters())
             for k, v in full.items():
                 params[k].copy_(v)
-
-
-def load_adapter(model: MiniGLM, ckpt: str | Path) -> MiniGLM:
-    """Add the adapter layers a checkpoint describes and load their weights."""
-    config = json.loads((Path(ckpt) / "adapter_config.json").read_text())
-    add_lora(model, config["r"], config["lora_alpha"], config["lora_dropout"], ",".join(config["target_modules"]),
-             train_embeddings=config.get("train_embeddings", False))
-    load_adapter_weights(model, ckpt)
-    return model
 
 
 def merge_lora(model: MiniGLM) -> MiniGLM:

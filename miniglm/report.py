@@ -110,10 +110,11 @@ def loss_figure(runs: list[tuple[str, Path]]):
     fig, ax = plt.subplots(figsize=(7, 3.6))
     drawn = False
     for label, run in runs:
-        path = run / "metrics.jsonl"
-        if not path.exists():
+        if not (run / "metrics.jsonl").exists():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        from miniglm.runs import read_metrics
+
+        rows = read_metrics(run)
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if train:

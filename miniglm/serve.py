@@ -343,7 +343,11 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     if max_batch < 1 or max_body < 1:
         raise UserError("--max-batch and --max-body must be at least 1")
     sock = listen(host, port)  # before loading the model: a port in use fails at once
-    app = create_app(load_run(run_dir, device, int8=int8), api_key, max_batch, max_body)
+    try:
+        app = create_app(load_run(run_dir, device, int8=int8), api_key, max_batch, max_body)
+    except BaseException:  # a damaged run: let the port go with the error
+        sock.close()
+        raise
     port = sock.getsockname()[1]
     print(f"serving {run_dir} on http://{host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
     # the graceful timeout is a backstop: rows end at once on shutdown, but a client may not read its stream

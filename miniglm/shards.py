@@ -11,7 +11,7 @@ import numpy as np
 
 from miniglm.corpus import load_documents
 from miniglm.fileio import UserError, atomic_path, read_json, write_json
-from miniglm.tokenizer import Tokenizer
+from miniglm.tokenizer import Tokenizer, identity
 
 BATCH_DOCS = 256  # documents per encode_batch call: enough to keep both cores busy
 
@@ -37,7 +37,8 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizer: Tokenizer, out_dir: str |
     """corpus_dir/{train,val}.jsonl -> out_dir/{train,val}.bin + meta.json."""
     t0 = time.perf_counter()
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    meta: dict = {"tokenizer": tokenizer_ref(tokenizer, out_dir), "vocab_size": tokenizer.vocab_size,
+    meta: dict = {"tokenizer": tokenizer_ref(tokenizer, out_dir), "tokenizer_identity": identity(tokenizer),
+                  "vocab_size": tokenizer.vocab_size,
                   "dtype": token_dtype(tokenizer.vocab_size).name, "eot_id": tokenizer.eot_id,
                   "pad_id": tokenizer.pad_id}
     total_bytes = 0

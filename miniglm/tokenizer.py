@@ -8,6 +8,7 @@ Backends:
 
 from __future__ import annotations
 
+import base64
 import codecs
 import hashlib
 import json
@@ -55,6 +56,11 @@ class Tokenizer:
     # Control tokens (end of text, chat roles, ...): left out of the text a person reads.
     all_special_ids: frozenset[int] = frozenset()
 
+    @property
+    def text_vocab_size(self) -> int:
+        """The ids plain text encodes to fit below this; a model's embedding must cover at least these."""
+        return self.vocab_size
+
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
@@ -92,6 +98,10 @@ class Tokenizer:
         """Write the tokenizer into a folder that load_tokenizer() reads back."""
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """A sha256 of what maps text to ids (tokenizer.json, the tiktoken ranks, the vocabulary)."""
+        raise NotImplementedError
+
 
 # --- byte-level BPE trained here ---------------------------------------------------------------
 class BPETokenizer(Tokenizer):
@@ -100,8 +110,14 @@ class BPETokenizer(Tokenizer):
 
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
-        self.dir = file.parent
-        self.tok = HFTok.from_file(str(file))
+        self.dir, self.file = file.parent, file
+        if not file.exists():
+            raise UserError(f"{file} is missing; copy the tokenizer folder again (or train it again)")
+        try:
+            self.tok = HFTok.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise UserError(f"{file} is damaged ({str(e).splitlines()[0][:120] or type(e).__name__}); "
+                            "copy the tokenizer folder again (or train it again)") from None
         self.name = str(path)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         vocab = self.tok.get_vocab(with_added_tokens=True)
@@ -120,6 +136,9 @@ class BPETokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.file.read_bytes()).hexdigest()
 
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -185,6 +204,7 @@ class TiktokenTokenizer(Tokenizer):
         self.enc = tiktoken.Encoding(name=f"{base.name}+miniglm", pat_str=base._pat_str,
                                      mergeable_ranks=base._mergeable_ranks, special_tokens=specials)
         self.vocab_size = self.enc.n_vocab
+        self._base_vocab_size = base.n_vocab  # a seed model on cl100k_base has no pad and role tokens
         self.special_ids = {t: specials[t] for t in SPECIAL_TOKENS}
         self.eot_id, self.pad_id = specials[EOT], specials[PAD]
         self._specials = specials
@@ -192,6 +212,10 @@ class TiktokenTokenizer(Tokenizer):
 
     def token_id(self, token: str) -> int | None:
         return self._specials.get(token)
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self._base_vocab_size
 
     @staticmethod
     def _load_base(name: str):
@@ -229,6 +253,14 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
+
+    def fingerprint(self) -> str:
+        """The ranks as a .tiktoken file has them (so cl100k_base by name and by file agree), then the specials."""
+        h = hashlib.sha256()
+        for token, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(base64.b64encode(token) + b" %d\n" % rank)
+        h.update(json.dumps(sorted(self._specials.items())).encode())
+        return h.hexdigest()
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.enc.decode_single_token_bytes(token_id)
@@ -271,6 +303,9 @@ class HFTokenizer(Tokenizer):
             if "trust_remote_code" in str(e):
                 raise UserError(f"tokenizer '{name_or_path}' runs its own code: pass --trust-remote-code "
                                 "(or --set trust_remote_code=true) if you trust it") from None
+            if Path(name_or_path).is_dir():  # a folder that should hold a tokenizer: say what failed
+                raise UserError(f"{name_or_path}: cannot load the tokenizer in this folder ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120] if str(e) else ''}); copy it again") from None
             raise UserError(f"unknown tokenizer '{name_or_path}': expected cl100k_base, a .tiktoken file, "
                             f"a tokenizer folder, or an HF tokenizer name or path ({type(e).__name__})") from None
         self.name = name_or_path
@@ -299,6 +334,9 @@ class HFTokenizer(Tokenizer):
     def token_id(self, token: str) -> int | None:
         return self._vocab.get(token)
 
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(sorted(self._vocab.items()), ensure_ascii=False).encode()).hexdigest()
+
     def token_bytes(self, token_id: int) -> bytes | None:
         if self._id_to_token is None:
             return None
@@ -316,6 +354,24 @@ class HFTokenizer(Tokenizer):
 
 
 # --- loading -------------------------------------------------------------------------------------
+def _read_config(path: Path) -> dict:
+    """A small JSON file of a tokenizer folder; a broken one is named, not a traceback."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"not valid JSON: {e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise UserError(f"{path} is damaged ({why}); copy the tokenizer folder again") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object); "
+                        "copy the tokenizer folder again")
+    return obj
+
+
+def identity(tokenizer: Tokenizer) -> dict:
+    """What meta.json and state.json record of a tokenizer, so that data, runs and tokenizers are matched."""
+    return {"vocab_size": tokenizer.vocab_size, "sha256": tokenizer.fingerprint()}
+
+
 def load_tokenizer(spec: str | Path, trust_remote_code: bool = False) -> Tokenizer:
     """cl100k_base | tiktoken:NAME | FILE.tiktoken | folder or tokenizer.json trained here | HF name/path.
     trust_remote_code: an HF tokenizer whose code lives in its repository (ChatGLM)."""
@@ -324,13 +380,14 @@ def load_tokenizer(spec: str | Path, trust_remote_code: bool = False) -> Tokeniz
     if spec.endswith(".tiktoken") or spec.startswith("tiktoken:") or spec in ("cl100k_base", "o200k_base"):
         return TiktokenTokenizer(spec)
     if (path / TIKTOKEN_REF).exists():
-        ref = json.loads((path / TIKTOKEN_REF).read_text())
-        name = ref["name"]
+        name = _read_config(path / TIKTOKEN_REF).get("name")
+        if not isinstance(name, str) or not name:
+            raise UserError(f"{path / TIKTOKEN_REF} is damaged (no tiktoken 'name'); copy the tokenizer folder again")
         return TiktokenTokenizer(str(path / name) if name.endswith(".tiktoken") else name)
     if path.is_file() and path.name == "tokenizer.json":
         return BPETokenizer(path)
     config = path / "tokenizer_config.json"
-    if config.exists() and json.loads(config.read_text()).get("trained_by") == "miniglm":
+    if config.exists() and _read_config(config).get("trained_by") == "miniglm":
         return BPETokenizer(path)
     if spec.startswith("hf:"):
         spec = spec[3:]

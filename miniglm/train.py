@@ -13,19 +13,20 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from miniglm import checkpoint
+from miniglm import checkpoint, runs
 from miniglm.config import TrainConfig, save_config
 from miniglm.fileio import UserError, read_jsonl, recover_dir, write_json
 from miniglm.model import MiniGLM
 from miniglm.sft.templates import IGNORE
 from miniglm.shards import load_meta, open_shards, tokenizer_of
-from miniglm.tokenizer import load_tokenizer
+from miniglm.tokenizer import identity, load_tokenizer
 
 EVAL_SEED = 20240607  # eval batches are the same at every eval, and independent of training's RNG
 
@@ -209,8 +210,9 @@ def write_chat_info(cfg: TrainConfig, out: Path) -> None:
     if cfg.stage == "sft":
         meta = load_meta(cfg.data)
         info = {"template": meta.get("template", "miniglm"), "template_options": meta.get("template_options", {})}
-    elif cfg.init_from != "scratch" and (Path(cfg.init_from) / "chat.json").exists():
-        info = json.loads((Path(cfg.init_from) / "chat.json").read_text())
+    elif cfg.init_from != "scratch" and runs.is_run(cfg.init_from):
+        chat = runs.read_chat(runs.run_dir_of(runs.find_checkpoint(cfg.init_from)))
+        info = {"template": chat[0], "template_options": asdict(chat[1])} if chat else None
     if info is not None:
         write_json(out / "chat.json", info)
 
@@ -228,20 +230,26 @@ def train(cfg: TrainConfig, log=print) -> dict:
     # The model: resume from our own last checkpoint, else init_from a run, else from scratch.
     resume = (recover_dir(out / "ckpt") / "state.json").exists()
     base_model_ref = None
+    # The tokenizer's identity goes into state.json; data, run and init_from must agree on it.
+    data_tok = load_meta(cfg.data).get("tokenizer_identity")
     if resume:
-        ckpt = checkpoint.find_checkpoint(out)
-        state = checkpoint.read_state(ckpt)
+        ckpt = runs.find_checkpoint(out)
+        state = runs.read_resume_state(ckpt)
+        runs.check_same_tokenizer(data_tok, cfg.data, state.get("tokenizer_identity"), f"the run {out} it resumes")
+    elif cfg.init_from != "scratch" and runs.is_run(cfg.init_from):
+        runs.check_same_tokenizer(data_tok, cfg.data, runs.tokenizer_identity(cfg.init_from),
+                                  f"init_from {cfg.init_from}")
     if cfg.hf:  # a Hugging Face model trained as it is, LoRA included (miniglm.hf)
         from miniglm import hf
 
         model, base_model_ref = hf.training_model(cfg, ckpt if resume else None, state if resume else None)
     elif resume:
-        model = checkpoint.load_base_model(ckpt)
+        model = runs.load_base_model(ckpt)
         base_model_ref = state.get("base_model")
     elif cfg.init_from != "scratch":  # a run folder, or a Hugging Face GPT-2 / Llama model
-        model = checkpoint.load_any(cfg.init_from)
-        is_run = checkpoint.is_run(cfg.init_from)
-        base_model_ref = str(checkpoint.find_checkpoint(cfg.init_from).resolve()) if is_run else cfg.init_from
+        model = runs.load_any(cfg.init_from)
+        is_run = runs.is_run(cfg.init_from)
+        base_model_ref = str(runs.find_checkpoint(cfg.init_from).resolve()) if is_run else cfg.init_from
     else:
         torch.manual_seed(cfg.seed)
         model = MiniGLM(cfg.model)
@@ -258,18 +266,23 @@ def train(cfg: TrainConfig, log=print) -> dict:
         lora = lora_mod.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                                  train_embeddings=cfg.lora_embeddings)
         if resume:
-            lora_mod.load_adapter_weights(model, ckpt)
+            runs.load_adapter_weights(model, ckpt)
     model.to(device)
     data_cls = PretrainData if cfg.stage == "pretrain" else SFTData
     data = data_cls(cfg.data, model.config.block_size, cfg.seed)
     optimizer = make_optimizer(model, cfg, device_type)
 
     step, best_val = 0, float("inf")
+    tok_identity = state.get("tokenizer_identity", data_tok) if resume else data_tok
     if resume:
-        checkpoint.load_optimizer_state(ckpt, optimizer)
+        runs.load_optimizer_state(ckpt, optimizer)
         step, best_val = state["step"], state["best_val_loss"]
-        data.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        try:
+            data.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise runs.damaged(ckpt / "state.json", f"the sampler or RNG state: {type(e).__name__} {e}",
+                               "delete the run's ckpt/ to start over, or restore it") from None
         if master:
             log(f"resuming {out} at step {step}")
             trim_metrics(out / "metrics.jsonl", step)
@@ -277,8 +290,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         tok_dir = out / "tokenizer"
+        tok = load_tokenizer(tok_dir if tok_dir.exists() else cfg.tokenizer or tokenizer_of(cfg.data),
+                             cfg.trust_remote_code)
+        tok_identity = identity(tok)
+        runs.check_same_tokenizer(data_tok, cfg.data, tok_identity, f"the tokenizer {tok.name}")
         if not tok_dir.exists():
-            load_tokenizer(cfg.tokenizer or tokenizer_of(cfg.data), cfg.trust_remote_code).save(tok_dir)
+            tok.save(tok_dir)
         torch.manual_seed(cfg.seed + 1)  # the training RNG (dropout), the same on every process
     if master:
         save_config(cfg, out / "config.toml")
@@ -292,7 +309,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     def save(path: Path, with_optimizer: bool) -> None:
         st = {"step": step, "best_val_loss": best_val, "sampler": data.state_dict(), "rng": rng_state(),
-              "stage": cfg.stage, "base_model": base_model_ref}
+              "stage": cfg.stage, "base_model": base_model_ref, "tokenizer_identity": tok_identity}
         if cfg.hf:
             hf.save_checkpoint(path, model, st, optimizer if with_optimizer else None)
             return

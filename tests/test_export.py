@@ -3,13 +3,13 @@ import torch
 
 from miniglm.checkpoint import save_checkpoint
 from miniglm.cli import main
-from miniglm.export import from_hf
+from miniglm.hf_weights import from_hf
 from miniglm.model import MiniGLM, ModelConfig
 
 
-def tiny(style: str, **kw) -> MiniGLM:
+def tiny(style: str, vocab_size: int = 120, **kw) -> MiniGLM:
     torch.manual_seed(0)
-    return MiniGLM(ModelConfig(style=style, vocab_size=120, block_size=32, n_layer=2, n_head=4,
+    return MiniGLM(ModelConfig(style=style, vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4,
                                n_kv_head=2 if style == "llama" else 0, n_embd=32, **kw)).eval()
 
 
@@ -19,7 +19,7 @@ def test_export_to_transformers_keeps_logits(tmp_path, style, tied, bpe_dir):
 
     from miniglm.tokenizer import load_tokenizer
 
-    model = tiny(style, tie_embeddings=tied)
+    model = tiny(style, vocab_size=400, tie_embeddings=tied)  # the test BPE's 400 ids
     with torch.no_grad():  # non-zero norm weights so a mix-up would show
         for name, p in model.named_parameters():
             if "ln" in name or "norm" in name:
@@ -29,7 +29,7 @@ def test_export_to_transformers_keeps_logits(tmp_path, style, tied, bpe_dir):
     (tmp_path / "run" / "chat.json").write_text('{"template": "miniglm"}')
     assert main(["export", "--run", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    idx = torch.randint(0, 120, (2, 16))
+    idx = torch.randint(0, 400, (2, 16))
     with torch.no_grad():
         assert torch.allclose(hf(idx).logits, model(idx)[0], atol=1e-5)
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))

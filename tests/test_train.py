@@ -161,7 +161,7 @@ def test_sft_trains_on_answers_from_a_pretrained_run(tmp_path, data_dir, world_d
 
 
 def test_lora_adapter_and_merge(tmp_path, data_dir):
-    from miniglm.checkpoint import load_model_from
+    from miniglm.runs import load_model as load_model_from
 
     base = tmp_path / "base"
     train(cfg_for(data_dir, base, "max_steps=4", "eval_every=4"))
@@ -186,8 +186,8 @@ def test_lora_adapter_and_merge(tmp_path, data_dir):
 
 
 def test_import_seed_checkpoint(tmp_path):
-    from miniglm.checkpoint import load_model_from
     from miniglm.model import MiniGLM, ModelConfig
+    from miniglm.runs import load_model as load_model_from
 
     torch.manual_seed(0)
     model = MiniGLM(ModelConfig(style="gpt2", vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=32))

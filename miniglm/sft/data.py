@@ -16,7 +16,7 @@ from miniglm.fileio import UserError, write_json, write_jsonl
 from miniglm.sft.formats import load_records
 from miniglm.sft.templates import IGNORE, PADDING_SIDE, Rendered, TemplateOptions, render
 from miniglm.shards import tokenizer_ref
-from miniglm.tokenizer import Tokenizer
+from miniglm.tokenizer import Tokenizer, identity
 
 
 @dataclass
@@ -139,7 +139,8 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
             "max_len": max_len,
             "packed": packing, "padding_side": padding_side or PADDING_SIDE.get(template, "right"),
             "stop_ids": probe.stop_ids,
-            "pad_id": tok.pad_id, "vocab_size": tok.vocab_size, "train_records": len(rows) - n_val,
+            "pad_id": tok.pad_id, "vocab_size": tok.vocab_size, "tokenizer_identity": identity(tok),
+            "train_records": len(rows) - n_val,
             "val_records": n_val, **stats.__dict__}
     write_json(out_dir / "meta.json", meta)
     return meta

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from miniglm.fileio import UserError
 from miniglm.tokenizer import EOT, HFTokenizer, Tokenizer
@@ -257,15 +256,6 @@ def render(template: str, messages: list[dict], tok: Tokenizer, add_generation_p
     if template not in TEMPLATES:
         raise UserError(f"unknown template '{template}' (known: {', '.join(TEMPLATES)})")
     return TEMPLATES[template](messages, tok, add_generation_prompt, opts or TemplateOptions())
-
-
-def read_chat_info(run_dir: str | Path) -> tuple[str, TemplateOptions] | None:
-    """The template a run was fine-tuned with and its options, from RUN/chat.json (None: a base run)."""
-    path = Path(run_dir) / "chat.json"
-    if not path.exists():
-        return None
-    info = json.loads(path.read_text())
-    return info["template"], TemplateOptions(**info.get("template_options", {}))
 
 
 def end_of_turn_ids(template: str, tok: Tokenizer, opts: TemplateOptions | None = None) -> list[int]:
