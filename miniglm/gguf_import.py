@@ -20,6 +20,7 @@ import torch
 from miniglm.checkpoint import save_checkpoint
 from miniglm.fileio import UserError, atomic_dir, write_json
 from miniglm.model import MiniGLM, ModelConfig
+from miniglm.tokenizer import identity, load_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_CONTEXT = 2048  # an 8k fp32 KV cache of even a 135M model is ~377 MB per row
@@ -150,7 +151,9 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, max_context: int = D
     out = Path(out_dir)
     with atomic_dir(out / "tokenizer") as tmp:
         tok_info = write_gguf_tokenizer(reader, path, tmp, config.block_size, note)
-    save_checkpoint(out / "ckpt", model, config, {"step": 0, "imported_from": str(path)})
+    # state.json records the tokenizer's identity, as save_run does, so the run opens with it
+    state = {"step": 0, "imported_from": str(path), "tokenizer_identity": identity(load_tokenizer(out / "tokenizer"))}
+    save_checkpoint(out / "ckpt", model, config, state)
     if tok_info["chat_template"]:
         write_json(out / "chat.json", {"template": "hf", "template_options": {}})
     return model, {"trained_context": trained_context, "context": config.block_size, **tok_info}

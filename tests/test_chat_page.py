@@ -10,7 +10,35 @@ import time
 
 import pytest
 
-from .test_serve import run_dir, server  # noqa: F401  (module fixtures: a chat run and a real uvicorn)
+from .conftest import make_chat_run
+from .test_serve import server  # noqa: F401  (a real uvicorn on the module's run_dir)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, bpe_dir):
+    """A random chat run whose output layer knows only tokens that are whole characters: its answers
+    are readable text (a random model would mostly pick special tokens, which the page never shows,
+    or half characters), so the page has something to stream."""
+    import torch
+
+    from miniglm.checkpoint import save_checkpoint
+    from miniglm.runs import load_model
+    from miniglm.tokenizer import load_tokenizer
+
+    run = make_chat_run(tmp_path_factory.mktemp("page"), bpe_dir, block_size=320, n_layer=2)
+    tok, model = load_tokenizer(run / "tokenizer"), load_model(run)
+    with torch.no_grad():  # tied embeddings: a zero row scores 0, below the best of the others
+        for i in range(tok.vocab_size):
+            piece = tok.token_bytes(i)
+            try:
+                whole = i not in tok.all_special_ids and bool(piece) and bool(piece.decode("utf-8").strip())
+            except UnicodeDecodeError:
+                whole = False
+            if not whole:
+                model.embeddings.weight[i] = 0
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    save_checkpoint(run / "ckpt", model, model.config, state)
+    return run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")

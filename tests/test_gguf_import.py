@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from miniglm.checkpoint import load_model_from, save_checkpoint
+from miniglm.checkpoint import save_checkpoint
 from miniglm.cli import main
 from miniglm.fileio import UserError
 from miniglm.model import MiniGLM, ModelConfig
+from miniglm.runs import load_model as load_model_from
 from tests.conftest import SAMPLE_ZH
 
 
