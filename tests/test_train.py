@@ -47,7 +47,7 @@ def test_config_overrides_and_errors(tmp_path):
     assert cfg.compile is True and cfg.out_dir == "runs/x"
     with pytest.raises(UserError, match="unknown key 'max_step'"):
         load_config(None, ["max_step=3"])
-    with pytest.raises(UserError, match="must be a int"):
+    with pytest.raises(UserError, match="must be an integer"):
         load_config(None, ["max_steps=abc"])
     with pytest.raises(UserError, match="unknown model key"):
         load_config(None, ["model.layers=3"])
