@@ -116,7 +116,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.exists():
             raise UserError(f"{path}: no such config file")
         try:
-            raw = tomllib.loads(read_text(path, flag=False))
+            raw = tomllib.loads(read_text(path, encoding_flag=False))
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: not valid TOML ({e})") from None
         model = raw.pop("model", {})

@@ -373,7 +373,7 @@ def load_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file; run `miniglm corpus prepare` first")
-    return [row["text"] for _, row in read_jsonl(path, flag=False) if isinstance(row.get("text"), str)]
+    return [row["text"] for _, row in read_jsonl(path, encoding_flag=False) if isinstance(row.get("text"), str)]
 
 
 SKIP_REASONS = {"unsupported": "of an unsupported type", "binary": "that look binary",

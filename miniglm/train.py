@@ -68,8 +68,8 @@ class SFTData:
     def __init__(self, data_dir: str, block_size: int, seed: int):
         d = Path(data_dir)
         self.meta = load_meta(d)
-        self.train = [r for _, r in read_jsonl(d / "train.jsonl", flag=False)]
-        self.val = [r for _, r in read_jsonl(d / "val.jsonl", flag=False)] if (d / "val.jsonl").exists() else []
+        self.train = self._records(d / "train.jsonl")
+        self.val = self._records(d / "val.jsonl") if (d / "val.jsonl").exists() else []
         if not self.train:
             raise UserError(f"{d / 'train.jsonl'}: no records")
         longest = max(len(r["ids"]) for r in self.train + self.val)
@@ -80,6 +80,10 @@ class SFTData:
         self.left = self.meta.get("padding_side") == "left"
         self.epoch, self.cursor = 0, 0
         self.order = self._order()
+
+    @staticmethod
+    def _records(path: Path) -> list[dict]:
+        return [r for _, r in read_jsonl(path, encoding_flag=False)]  # written by `sft prepare`: no --encoding
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.train))

@@ -20,11 +20,12 @@ from miniglm.cli import main
 from tests.conftest import make_chat_run
 
 GBK_QA = '{"question": "张三的师父是谁？", "answer": "李四"}\n'
+GBK_JSONL = r"gbk.jsonl:1: not UTF-8 at byte 14 .*--encoding gbk reads it"
 # (id, argv, text the last stderr line must hold): the file, line or record, or the flag
 CASES = [
     # corpus prepare
     ("prepare-gbk-jsonl", "corpus prepare {gbk_jsonl} --out {out}",
-     r"gbk.jsonl: not UTF-8 at byte 14 .*--encoding gbk"),
+     r"gbk.jsonl:1: not UTF-8 at byte 14 .*--encoding gbk"),
     ("prepare-missing", "corpus prepare {root}/nope.txt --out {out}", "nope.txt: no such file"),
     ("prepare-val-negative", "corpus prepare {gbk_txt} --out {out} --val-fraction -1", "--val-fraction"),
     ("prepare-val-one", "corpus prepare {gbk_txt} --out {out} --val-fraction 1", "--val-fraction"),
@@ -37,7 +38,7 @@ CASES = [
     # corpus tokenize
     ("tokenize-missing-corpus", "corpus tokenize --corpus {root}/nope --tokenizer {bpe} --out {out}", "train.jsonl"),
     ("tokenize-gbk-corpus", "corpus tokenize --corpus {gbk_corpus} --tokenizer {bpe} --out {out}",
-     r"gbk_corpus/train.jsonl: not UTF-8 at byte \d+ .*iconv -f gbk"),
+     r"gbk_corpus/train.jsonl:1: not UTF-8 at byte \d+ .*iconv -f gbk"),
     ("tokenize-bad-val", "corpus tokenize --corpus {bad_val_corpus} --tokenizer {bpe} --out {out}", "val.jsonl:2"),
     ("tokenize-missing-tokenizer", "corpus tokenize --corpus {corpus} --tokenizer {root}/nope --out {out}", "nope"),
     # tokenizer train / report
@@ -45,9 +46,9 @@ CASES = [
     ("tok-train-vocab-abc", "tokenizer train --corpus {corpus} --vocab-size abc --out {out}", "--vocab-size"),
     ("tok-train-min-freq", "tokenizer train --corpus {corpus} --min-frequency 0 --out {out}", "--min-frequency"),
     ("tok-train-missing", "tokenizer train --corpus {root}/nope --out {out}", "nope/train.jsonl: no such file"),
-    ("tok-train-gbk", "tokenizer train --corpus {gbk_corpus} --out {out}", "gbk_corpus/train.jsonl: not UTF-8"),
+    ("tok-train-gbk", "tokenizer train --corpus {gbk_corpus} --out {out}", "gbk_corpus/train.jsonl:1: not UTF-8"),
     ("tok-report-missing-tok", "tokenizer report --tokenizer {root}/nope --corpus {corpus}", "nope"),
-    ("tok-report-gbk", "tokenizer report --tokenizer {bpe} --corpus {gbk_corpus}", "gbk_corpus/val.jsonl: not UTF-8"),
+    ("tok-report-gbk", "tokenizer report --tokenizer {bpe} --corpus {gbk_corpus}", "gbk_corpus/val.jsonl:1: not UTF-8"),
     ("tok-report-missing-split", "tokenizer report --tokenizer {bpe} --corpus {root}/nope", "nope/val.jsonl"),
     # world
     ("world-characters-0", "world --out {out} --characters 0", "--characters"),
@@ -81,12 +82,12 @@ CASES = [
     ("train-no-data", "train --set out_dir={out}", "data"),
     ("train-missing-data", "train --set data={root}/nope --set out_dir={out}", "nope/meta.json"),
     ("train-missing-config", "train --config {root}/nope.toml --set out_dir={out}", "nope.toml: no such"),
-    ("train-gbk-config", "train --config {gbk_toml} --set out_dir={out}", "gbk.toml: not UTF-8 at byte"),
+    ("train-gbk-config", "train --config {gbk_toml} --set out_dir={out}", "gbk.toml:1: not UTF-8 at byte"),
     ("train-bad-toml", "train --config {bad_toml} --set out_dir={out}", "bad.toml: not valid TOML"),
     # sft prepare
-    ("sft-gbk", "sft prepare --data {gbk_jsonl} --tokenizer {bpe} --out {out}", "gbk.jsonl: .*--encoding gbk"),
+    ("sft-gbk", "sft prepare --data {gbk_jsonl} --tokenizer {bpe} --out {out}", GBK_JSONL),
     ("sft-gbk-csv", "sft prepare --data {gbk_csv} --tokenizer {bpe} --out {out} --columns q,a",
-     "gbk.csv: not UTF-8 at byte"),
+     "gbk.csv:2: not UTF-8 at byte"),
     ("sft-wrong-encoding", "sft prepare --data {gbk_jsonl} --tokenizer {bpe} --out {out} --encoding big5",
      "gbk.jsonl: not valid big5"),
     ("sft-missing", "sft prepare --data {root}/nope.jsonl --tokenizer {bpe} --out {out}", "nope.jsonl: no such"),
@@ -98,21 +99,21 @@ CASES = [
     ("sft-bad-columns", "sft prepare --data {sft} --tokenizer {bpe} --out {out} --columns question", "--columns"),
     ("sft-unknown-encoding", "sft prepare --data {sft} --tokenizer {bpe} --out {out} --encoding nope", "--encoding"),
     # sft generate (no network: each fails before the first request)
-    ("gen-q-per-title-0", "sft generate questions --titles 天龙八部 --per-title 0 --out {out_jsonl}", "per title"),
+    ("gen-q-per-title-0", "sft generate questions --titles 天龙八部 --per-title 0 --out {out_jsonl}", "--per-title"),
     ("gen-q-concurrency-0", "sft generate questions --titles 天龙八部 --concurrency 0 --out {out_jsonl}",
      "--concurrency"),
     ("gen-q-titles-missing", "sft generate questions --titles-file {root}/nope.txt --out {out_jsonl}", "nope.txt"),
-    ("gen-q-titles-gbk", "sft generate questions --titles-file {gbk_txt} --out {out_jsonl}", "gbk.txt: not UTF-8"),
+    ("gen-q-titles-gbk", "sft generate questions --titles-file {gbk_txt} --out {out_jsonl}", "gbk.txt:1: not UTF-8"),
     ("gen-q-no-key", "sft generate questions --titles 天龙八部 --api-key-env MINIGLM_NO_SUCH_KEY --out {out_jsonl}",
      "MINIGLM_NO_SUCH_KEY"),
     ("gen-a-missing", "sft generate answers --questions {root}/nope.jsonl --out {out_jsonl}", "nope.jsonl"),
-    ("gen-a-gbk", "sft generate answers --questions {gbk_jsonl} --out {out_jsonl}", "gbk.jsonl: not UTF-8"),
+    ("gen-a-gbk", "sft generate answers --questions {gbk_jsonl} --out {out_jsonl}", "gbk.jsonl:1: not UTF-8"),
     ("gen-a-no-question", "sft generate answers --questions {corpus}/train.jsonl --out {out_jsonl}",
      "train.jsonl:1: no non-empty string field 'question'"),
     ("gen-p-missing", "sft generate passages --corpus {root}/nope.jsonl --out {out_jsonl}", "nope.jsonl"),
     ("gen-p-chunk-0", "sft generate passages --corpus {corpus}/train.jsonl --chunk-chars 0 --out {out_jsonl}",
      "--chunk-chars"),
-    ("gen-p-gbk-txt", "sft generate passages --corpus {gbk_txt} --out {out_jsonl}", "gbk.txt: not UTF-8"),
+    ("gen-p-gbk-txt", "sft generate passages --corpus {gbk_txt} --out {out_jsonl}", "gbk.txt:1: not UTF-8"),
     ("gen-p-no-text", "sft generate passages --corpus {sft} --out {out_jsonl}", "sft.jsonl:1: no string field"),
     # finetune: refused before RUN/data is written
     ("ft-hf-false", "finetune --model {root}/nope --data {sft} --out {out} --set hf=false", "hf=false"),
@@ -130,8 +131,8 @@ CASES = [
     ("import-vocab-negative", "import-ckpt {bad_ckpt} --out {out}", "bad.pt: bad model_args .*vocab_size"),
     ("import-not-ckpt", "import-ckpt {gbk_txt} --out {out}", "gbk.txt: cannot read it as a PyTorch checkpoint"),
     # generate
-    ("gen-file-gbk", "generate --run {run} --file {gbk_txt}", "gbk.txt: not UTF-8 at byte 0 .*--encoding gbk"),
-    ("gen-file-utf16", "generate --run {run} --file {utf16_txt}", "utf16.txt: .*--encoding utf-16-le"),
+    ("gen-file-gbk", "generate --run {run} --file {gbk_txt}", "gbk.txt:1: not UTF-8 at byte 0 .*--encoding gbk"),
+    ("gen-file-utf16", "generate --run {run} --file {utf16_txt}", r"utf16.txt:\d+: .*--encoding utf-16-le"),
     ("gen-file-missing", "generate --run {run} --file {root}/nope.txt", "nope.txt: no such file"),
     ("gen-file-empty", "generate --run {run} --file {empty_txt}", "empty.txt: no prompts"),
     ("gen-temperature", "generate --run {run} --prompt hi --temperature -1", "--temperature"),
@@ -139,24 +140,24 @@ CASES = [
     ("gen-batch-0", "generate --run {run} --prompt hi --batch-size 0", "--batch-size"),
     ("gen-run-missing", "generate --run {root}/nope --prompt hi", "nope"),
     # chat (stdin: GBK bytes typed into a UTF-8 session)
-    ("chat-gbk-stdin", "chat --run {run}", r"stdin: not UTF-8 at byte 0 .*--encoding gbk"),
+    ("chat-gbk-stdin", "chat --run {run}", r"stdin:1: not UTF-8 at byte 0 .*--encoding gbk"),
     ("chat-top-k", "chat --run {run} --top-k -1", "--top-k"),
     ("chat-run-missing", "chat --run {root}/nope", "nope"),
     # serve: refused before it binds
     ("serve-port", "serve --run {run} --port 70000", "--port 70000"),
     ("serve-max-batch", "serve --run {run} --max-batch 0", "--max-batch"),
     # eval
-    ("eval-gbk", "eval --run {run} --data {gbk_jsonl} --out {out} --embedder none", "gbk.jsonl: .*--encoding gbk"),
+    ("eval-gbk", "eval --run {run} --data {gbk_jsonl} --out {out} --embedder none", GBK_JSONL),
     ("eval-missing-data", "eval --run {run} --data {root}/nope.jsonl --out {out}", "nope.jsonl: no such"),
     ("eval-no-data", "eval --run {run} --out {out}", "--data"),
     ("eval-embedder", "eval --run {run} --data {sft} --out {out} --embedder {root}/no-embedder", "no-embedder"),
     ("eval-limit", "eval --run {run} --data {sft} --out {out} --limit -1", "--limit"),
     ("eval-squad-bad", "eval --run {run} --data {squad_bad} --out {out} --embedder none", r"squad.json: data\[0\]"),
-    ("ppl-gbk", "eval ppl --run {run} --text {gbk_txt} --out {out}", "gbk.txt: not UTF-8 at byte 0 .*--encoding gbk"),
-    ("ppl-gbk-jsonl", "eval ppl --run {run} --text {gbk_jsonl} --out {out}", "gbk.jsonl: not UTF-8"),
+    ("ppl-gbk", "eval ppl --run {run} --text {gbk_txt} --out {out}", "gbk.txt:1: not UTF-8 at byte 0 .*--encoding gbk"),
+    ("ppl-gbk-jsonl", "eval ppl --run {run} --text {gbk_jsonl} --out {out}", "gbk.jsonl:1: not UTF-8"),
     ("ppl-missing", "eval ppl --run {run} --text {root}/nope.txt --out {out}", "nope.txt: no such file"),
     ("ppl-stride", "eval ppl --run {run} --text {sft} --out {out} --stride -1", "--stride"),
-    ("classify-gbk", "eval classify --run {run} --data {gbk_jsonl} --out {out}", "gbk.jsonl: .*--encoding gbk"),
+    ("classify-gbk", "eval classify --run {run} --data {gbk_jsonl} --out {out}", GBK_JSONL),
     ("classify-batch-0", "eval classify --run {run} --data {sft} --out {out} --batch-size 0", "--batch-size"),
     ("classify-labels", "eval classify --run {run} --data {sft} --out {out} --labels 是,否", "--labels"),
     # report, export

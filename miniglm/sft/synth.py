@@ -296,9 +296,9 @@ def read_documents(corpus: str | Path | Sequence[str], text_field: str = "text")
     docs = []
     for f in files:
         if f.suffix != ".jsonl":
-            docs.append((f.name, read_text(f, flag=False)))
+            docs.append((f.name, read_text(f, encoding_flag=False)))
             continue
-        for lineno, row in read_jsonl(f, flag=False):
+        for lineno, row in read_jsonl(f, encoding_flag=False):
             text = row.get(text_field)
             if not isinstance(text, str):
                 raise UserError(f"{f}:{lineno}: no string field '{text_field}'")
@@ -309,7 +309,7 @@ def read_documents(corpus: str | Path | Sequence[str], text_field: str = "text")
 def read_titles(path: str | Path) -> list[str]:
     """One title (or character, or topic) a line; blank lines and lines starting with # are ignored."""
     path = require_file(path, "titles file")
-    lines = read_text(path, flag=False).splitlines()
+    lines = read_text(path, encoding_flag=False).splitlines()
     return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
 
 
@@ -619,7 +619,7 @@ def generate_answers(questions_path: str | Path, out_path: str | Path, *, option
     """One answer per question record; the output keeps the record's other fields. Keyed by the question text."""
     questions_path = require_file(questions_path, "questions file")
     rows = []
-    for lineno, row in read_jsonl(questions_path, flag=False):
+    for lineno, row in read_jsonl(questions_path, encoding_flag=False):
         if not isinstance(row.get("question"), str) or not row["question"].strip():
             raise UserError(f"{questions_path}:{lineno}: no non-empty string field 'question'")
         rows.append(row)
