@@ -125,6 +125,7 @@ CASES = [
     ("ft-missing-model", "finetune --model {root}/nope --data {sft} --out {out}", "nope"),
     # merge, plot, import-ckpt
     ("merge-missing", "merge {root}/nope --out {out}", "nope"),
+    ("merge-no-out", "merge {run}", "--out"),
     ("plot-missing", "plot {root}/nope --out {out}/loss.png", "nope"),
     ("plot-no-metrics", "plot {run} --out {out}/loss.png", "metrics.jsonl"),
     ("import-missing", "import-ckpt {root}/nope.pt --out {out}", "nope.pt: no such"),
