@@ -3,7 +3,6 @@ clean them, split them into documents and into train/val by document."""
 
 from __future__ import annotations
 
-import codecs
 import glob
 import html
 import random
@@ -13,7 +12,7 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from miniglm.fileio import UserError, guess_encoding, read_jsonl, read_records, write_json, write_jsonl
+from miniglm.fileio import UserError, guess_encoding, is_wide, read_jsonl, read_records, write_json, write_jsonl
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -86,13 +85,14 @@ def binary_message(name: str, data: bytes) -> str:
 
 def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str | None = None) -> Decoded:
     """Decode a file's bytes, detecting the encoding unless one is given."""
-    if looks_binary(data) and not (encoding and _is_wide(encoding)):  # UTF-16 without a BOM has NUL bytes
+    if looks_binary(data) and not (encoding and is_wide(encoding)):  # UTF-16 without a BOM has NUL bytes
         raise Skipped(binary_message(name, data), "binary")
     if encoding:
         try:
             return Decoded(data.decode(encoding, errors=errors), encoding, 1.0)
         except UnicodeDecodeError as e:
-            raise UserError(f"{name}: not valid {encoding} at byte {e.start} ({data[e.start:e.start + 2].hex(' ')}); "
+            bad = data[e.start:e.start + 2].hex(" ")
+            raise UserError(f"{name}: not valid {encoding} at byte {e.start} ({bad}); "
                             "try without --encoding or with --errors replace") from None
         except LookupError:
             raise UserError(f"--encoding {encoding}: unknown encoding (e.g. gbk, gb18030, big5, utf-16-le)") from None
@@ -120,13 +120,6 @@ def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str |
             text = data.decode(enc, errors=errors)
             results.append(Decoded(text, enc, plausibility(text) - text.count("\ufffd") / max(len(text), 1)))
     return max(results, key=lambda d: d.score)  # ties keep candidate order (gb18030 before big5)
-
-
-def _is_wide(encoding: str) -> bool:
-    try:
-        return codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
-    except LookupError:
-        return False  # decode_bytes names the unknown encoding
 
 
 def detect_encoding(data: bytes) -> str | None:
@@ -276,7 +269,7 @@ def read_units(path: Path, opts: PrepareOptions, named: bool = True) -> tuple[li
     data = path.read_bytes()
     if not data.strip():
         raise UserError(f"{path}: the file is empty")
-    if kind == "json" and looks_binary(data) and not (opts.encoding and _is_wide(opts.encoding)):
+    if kind == "json" and looks_binary(data) and not (opts.encoding and is_wide(opts.encoding)):
         raise Skipped(binary_message(str(path), data), "binary")
     if kind == "json":
         units = _read_json_texts(path, opts.text_field, opts.encoding)

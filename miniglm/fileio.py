@@ -98,9 +98,12 @@ UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 NEWLINE = b"\n"
 
 
-def _is_wide(encoding: str) -> bool:
+def is_wide(encoding: str) -> bool:
     """UTF-16/32: NUL bytes are normal there, and lines do not end at a b"\\n" byte."""
-    return codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+    try:
+        return codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+    except LookupError:
+        return False  # the reader names the unknown encoding
 
 
 def _lookup(encoding: str) -> str:
@@ -194,7 +197,7 @@ def read_jsonl(path: str | Path, encoding: str | None = None,
     path = Path(path)
     _check_readable(path)
     with open(path, "rb") as f:
-        wide = f.read(2) in UTF16_BOMS if encoding is None else _is_wide(_lookup(encoding))
+        wide = f.read(2) in UTF16_BOMS if encoding is None else is_wide(_lookup(encoding))
     if wide:  # UTF-16/32 lines do not end at a b"\n" byte: decode the file whole
         yield from _json_lines(path, read_text(path, encoding, encoding_flag=encoding_flag).split("\n"))
         return
