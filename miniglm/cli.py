@@ -16,6 +16,44 @@ from miniglm.fileio import UserError
 DEFAULT_NEW_TOKENS = 128
 
 
+# --- option checks: argparse reports a bad value as "miniglm: error: argument --FLAG: ..." ------------
+class Parser(argparse.ArgumentParser):
+    """Every error, argparse's own too, ends with one line starting "miniglm: error:"."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"miniglm: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: int):
+    """argparse type: an integer >= low."""
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return check
+
+
+def fraction(text: str) -> float:
+    """argparse type: a share in [0, 1), e.g. of records held out for validation."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _add_encoding(p: argparse.ArgumentParser, what: str = "the input file") -> None:
+    p.add_argument("--encoding", default=None,
+                   help=f"the encoding of {what} when not UTF-8, e.g. gbk, gb18030, big5, utf-16-le")
+
+
 def cmd_corpus_prepare(args: argparse.Namespace) -> int:
     from miniglm import corpus
 
@@ -44,6 +82,9 @@ def cmd_corpus_tokenize(args: argparse.Namespace) -> int:
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from miniglm import corpus, tokenizer
 
+    if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:  # before reading the corpus
+        raise UserError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE} (256 bytes + specials), "
+                        f"got {args.vocab_size}")
     docs = corpus.load_documents(f"{args.corpus}/train.jsonl")
     tok = tokenizer.train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency)
     print(f"trained a byte-level BPE with {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
@@ -102,9 +143,9 @@ def cmd_sft_prepare(args: argparse.Namespace) -> int:
     opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
                            end_token=args.end_token, max_source_len=args.max_source_len,
                            max_target_len=args.max_target_len)
-    opts = column_fields(args.data, args.columns, opts)  # plain: "{prompt column} : … {answer column} : "
-    meta = prepare_sft(args.data, tok, args.out, args.template, args.max_len, args.val_fraction, args.seed,
-                       opts, args.pack, columns=args.columns, values=parse_values(args.value))
+    opts = column_fields(args.data, args.columns, opts, args.encoding)  # plain: "{prompt column} : … {answer} : "
+    meta = prepare_sft(args.data, tok, args.out, args.template, args.max_len, args.val_fraction, args.seed, opts,
+                       args.pack, columns=args.columns, values=parse_values(args.value), encoding=args.encoding)
     if args.show:
         print(show([r for _, r in read_jsonl(f"{args.out}/train.jsonl")], tok, args.show))
     eff = f"{meta['padding_efficiency']:.1%}"
@@ -127,7 +168,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                            lora_r=0 if args.full else (args.lora_r or 8), max_len=args.max_len,
                            val_fraction=args.val_fraction, seed=args.seed, trust_remote_code=args.trust_remote_code,
                            columns=args.columns, values=parse_values(args.value), template_options=topts,
-                           overrides=args.set)
+                           overrides=args.set, encoding=args.encoding)
     summary = finetune(opts)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
     return 0
@@ -232,15 +273,13 @@ def _note(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from miniglm.chat import generate_texts, load_run
+    from miniglm.fileio import read_text
 
     if args.file:
-        path = Path(args.file)
-        if not path.exists():
-            raise UserError(f"{path}: no such file")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [line.strip() for line in read_text(args.file, args.encoding).splitlines() if line.strip()]
+        if not texts:
+            raise UserError(f"{args.file}: no prompts (one a line)")
     else:
         texts = [args.prompt]
     params = _sampling(args)
@@ -254,8 +293,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from miniglm.chat import chat_repl, load_run
 
     params = _sampling(args)
-    chat_repl(load_run(args.run, args.device, args.raw, args.int8), params)
+    chat_repl(load_run(args.run, args.device, args.raw, args.int8), params, read=_stdin_reader(args.encoding))
     return 0
+
+
+def _stdin_reader(encoding: str | None):
+    """input() whose bytes are decoded as fileio.read_text decodes a file: a line that is not UTF-8 (or not
+    --encoding) is an error naming the byte and the fix, not a UnicodeDecodeError."""
+    from miniglm.fileio import decode_text
+
+    if encoding is not None:
+        decode_text(b"", "stdin", encoding)  # an unknown --encoding fails before the model loads
+    if hasattr(sys.stdin, "reconfigure"):  # keep the bytes that do not decode, to name them
+        sys.stdin.reconfigure(encoding=encoding or "utf-8", errors="surrogateescape")
+
+    def read(prompt: str) -> str:
+        line = input(prompt)
+        if any("\udc80" <= ch <= "\udcff" for ch in line):
+            decode_text(line.encode(sys.stdin.encoding, "surrogateescape"), "stdin", encoding)
+        return line
+    return read
 
 
 def _add_columns(p: argparse.ArgumentParser) -> None:
@@ -296,14 +353,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     params = _sampling(args)
     evaluate_generation(args.run, args.data, args.out, args.template, params,
                         None if args.embedder == "none" else args.embedder, args.limit, args.batch_size,
-                        columns=args.columns, values=parse_values(args.value), note=_note(args))
+                        columns=args.columns, values=parse_values(args.value), note=_note(args),
+                        encoding=args.encoding)
     return 0
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_perplexity
 
-    evaluate_perplexity(args.run, args.text, args.stride, args.out)
+    evaluate_perplexity(args.run, args.text, args.stride, args.out, encoding=args.encoding)
     return 0
 
 
@@ -314,7 +372,7 @@ def cmd_eval_classify(args: argparse.Namespace) -> int:
     _check_batch_size(args)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
-                            columns=args.columns, values=parse_values(args.value))
+                            columns=args.columns, values=parse_values(args.value), encoding=args.encoding)
     return 0
 
 
@@ -341,7 +399,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="miniglm", description="Build small Chinese chat models end to end.")
+    p = Parser(prog="miniglm", description="Build small Chinese chat models end to end.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     corpus = sub.add_parser("corpus", help="prepare and tokenize a pretraining corpus")
@@ -354,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--split", choices=["chapter", "file"], default="chapter",
                       help="one document per chapter title (第…回/章/卷) or per file/record (default: chapter)")
     prep.add_argument("--chapter-regex", default=CHAPTER_PATTERN, help="regex of a chapter-title line")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for val (default 0.05)")
+    prep.add_argument("--val-fraction", type=fraction, default=0.05, help="share of documents for val (default 0.05)")
     prep.add_argument("--seed", type=int, default=1337)
     prep.add_argument("--nfkc", action="store_true", help="apply Unicode NFKC (turns full-width ，into ,)")
     prep.add_argument("--drop", default=None, metavar="REGEX", help=r"remove matches, e.g. 'B\d{3}' placeholders")
@@ -375,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = tsub.add_parser("train", help="train a byte-level BPE on a prepared corpus",
                             description="Byte-level BPE (GPT-2 split pattern) with end-of-text, pad and role tokens.")
     train.add_argument("--corpus", required=True, help="folder written by `corpus prepare`")
-    train.add_argument("--vocab-size", type=int, default=8192)
-    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--vocab-size", type=at_least(1), default=8192)
+    train.add_argument("--min-frequency", type=at_least(1), default=2)
     train.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
     train.set_defaults(func=cmd_tokenizer_train)
     rep = tsub.add_parser("report", help="characters/token and the round-trip check on a split",
@@ -389,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("world", help="generate the synthetic wuxia world (corpus + Q&A)",
                        description="Invented characters with facts, biographies for pretraining and Q&A for SFT.")
     w.add_argument("--out", required=True)
-    w.add_argument("--characters", type=int, default=500)
-    w.add_argument("--bios", type=int, default=6, help="biographies per character")
+    w.add_argument("--characters", type=at_least(4), default=500)
+    w.add_argument("--bios", type=at_least(1), default=6, help="biographies per character")
     w.add_argument("--heldout-fraction", type=float, default=0.5, help="characters whose Q&A are held out")
     w.add_argument("--seed", type=int, default=1337)
     w.set_defaults(func=cmd_world)
@@ -398,11 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the whole pipeline on the synthetic world",
                        description="world -> corpus -> tokenizer -> shards -> pretrain -> SFT, into one run folder.")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--characters", type=int, default=500)
-    d.add_argument("--bios", type=int, default=24, help="biographies per character")
-    d.add_argument("--vocab-size", type=int, default=4096)
+    d.add_argument("--characters", type=at_least(4), default=500)
+    d.add_argument("--bios", type=at_least(1), default=24, help="biographies per character")
+    d.add_argument("--vocab-size", type=at_least(1), default=4096)
     d.add_argument("--seed", type=int, default=1337)
-    d.add_argument("--questions", type=int, default=500, help="questions per split asked at the end")
+    d.add_argument("--questions", type=at_least(1), default=500, help="questions per split asked at the end")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key in both stages, e.g. --set max_steps=50")
     d.add_argument("--mix-qa", action=argparse.BooleanOptionalAction, default=True,
@@ -432,18 +490,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer", required=True, help="tokenizer folder, cl100k_base, FILE.tiktoken or HF name")
     sp.add_argument("--template", default="miniglm",
                     help="miniglm | chatglm | chatglm2 | alpaca | plain | chatml | llama2 | hf (default: miniglm)")
-    sp.add_argument("--max-len", type=int, default=256,
+    sp.add_argument("--max-len", type=at_least(2), default=256,
                     help="tokens per record: older history turns go first, then the prompt is cut (never the answer)")
     sp.add_argument("--pack", action="store_true", help="pack several records into each sequence")
-    sp.add_argument("--show", type=int, default=0, metavar="K", help="print K records as token | label columns")
+    sp.add_argument("--show", type=at_least(0), default=0, metavar="K", help="print K records as token | label columns")
     sp.add_argument("--system", default=None, help="system prompt for chats that have none")
     sp.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
     _add_columns(sp)
     sp.add_argument("--end-token", choices=["eos", "pad"], default="eos", help="plain template: token after target")
-    sp.add_argument("--max-source-len", type=int, default=0, help="chatglm: ChatGLM's max_source_length")
-    sp.add_argument("--max-target-len", type=int, default=0, help="chatglm: ChatGLM's max_target_length")
-    sp.add_argument("--val-fraction", type=float, default=0.05)
+    sp.add_argument("--max-source-len", type=at_least(0), default=0, help="chatglm: ChatGLM's max_source_length")
+    sp.add_argument("--max-target-len", type=at_least(0), default=0, help="chatglm: ChatGLM's max_target_length")
+    sp.add_argument("--val-fraction", type=fraction, default=0.05)
     sp.add_argument("--seed", type=int, default=1337)
+    _add_encoding(sp, "--data")
     sp.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, meta.json)")
     sp.set_defaults(func=cmd_sft_prepare)
     from miniglm.sft.synth import add_cli as add_generate_cli
@@ -458,16 +517,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", required=True, help="SFT records: .json, .jsonl, .txt (JSON records) or .csv")
     ft.add_argument("--out", required=True, help="run folder (RUN/data holds the prepared records)")
     ft.add_argument("--template", default="auto", help="auto (the family's) or a template name, as in sft prepare")
-    ft.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8)")
+    ft.add_argument("--lora-r", type=at_least(1), default=None, help="LoRA rank (default 8)")
     ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
     ft.add_argument("--trust-remote-code", action="store_true",
                     help="run the model repository's own code (ChatGLM-6B); only for repositories you trust")
-    ft.add_argument("--max-len", type=int, default=256, help="tokens per record; the prompt is cut, never the answer")
+    ft.add_argument("--max-len", type=at_least(2), default=256,
+                    help="tokens per record; the prompt is cut, never the answer")
     _add_columns(ft)
     ft.add_argument("--system", default=None, help="system prompt for chats that have none")
     ft.add_argument("--end-token", choices=["eos", "pad"], default="eos", help="plain template: token after target")
-    ft.add_argument("--val-fraction", type=float, default=0.05)
+    ft.add_argument("--val-fraction", type=fraction, default=0.05)
     ft.add_argument("--seed", type=int, default=1337)
+    _add_encoding(ft, "--data")
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training key, e.g. --set max_steps=50 --set lr=1e-4 --set lora_targets=c_attn")
     ft.set_defaults(func=cmd_finetune)
@@ -502,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--file", help="a text file, one prompt per line")
     g.add_argument("--system", default=None, help="system prompt")
     g.add_argument("--batch-size", type=int, default=8)
+    _add_encoding(g, "--file")
     g.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
@@ -509,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat with a run in the terminal",
                        description="Multi-turn chat with streaming output; /reset, /system TEXT, /exit.")
     _add_sampling(c)
+    _add_encoding(c, "what you type (stdin)")
     c.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible API and a web chat page for a run",
@@ -519,9 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     sv.add_argument("--api-key-env", default="MINIGLM_API_KEY", help="or read the key from this variable")
-    sv.add_argument("--max-batch", type=int, default=32,
+    sv.add_argument("--max-batch", type=at_least(1), default=32,
                     help="requests decoded together; more wait in order for a free row (default 32)")
-    sv.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+    sv.add_argument("--max-body", type=at_least(1), default=1 << 20, metavar="BYTES",
                     help="refuse request bodies over this size with a 413 (default 1 MiB)")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--int8", action="store_true", help="int8 weights on CPU: ~2x faster decoding")
@@ -539,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--embedder", default="use-multilingual",
                     help="embedding model for similarity: use-multilingual (offline, default), a "
                          "sentence-transformers name or path, or none")
-    ev.add_argument("--limit", type=int, default=0, help="only the first N records")
+    ev.add_argument("--limit", type=at_least(0), default=0, help="only the first N records")
+    _add_encoding(ev, "--data")
     ev.add_argument("--batch-size", type=int, default=32)
     _add_sampling(ev, run_required=False)
     ev.set_defaults(func=cmd_eval)
@@ -549,8 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--stride tokens.")
     pp.add_argument("--run", required=True, help="run or checkpoint folder")
     pp.add_argument("--text", required=True, help=".txt file, or .jsonl documents with a text field")
-    pp.add_argument("--stride", type=int, default=0, help="window step in tokens (default: half the context)")
+    pp.add_argument("--stride", type=at_least(0), default=0, help="window step in tokens (default: half the context)")
     pp.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    _add_encoding(pp, "--text")
     pp.set_defaults(func=cmd_eval_ppl)
     cl = evsub.add_parser("classify", help="accuracy and per-class precision/recall, labels as text",
                           description="Generate a short answer per record, snap it to the closest label, score.")
@@ -561,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
     cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     cl.add_argument("--batch-size", type=int, default=32)
+    _add_encoding(cl, "--data")
     cl.set_defaults(func=cmd_eval_classify)
 
     rp = sub.add_parser("report", help="rebuild an evaluation report, or compare two runs",
@@ -586,8 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as e:
-        print(f"miniglm: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line, even where it quotes a library's message of several
+        print(f"miniglm: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("miniglm: interrupted", file=sys.stderr)

@@ -11,13 +11,14 @@ A config file has the training keys at the top level and the model in a [model] 
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from miniglm.fileio import UserError, write_text
-from miniglm.model import ModelConfig
+from miniglm.fileio import UserError, read_text, write_text
+from miniglm.model import KINDS, ModelConfig
 
 
 @dataclass
@@ -62,6 +63,28 @@ class TrainConfig:
     lora_embeddings: bool = True  # MiniGLM: also train the token embeddings: new role/end tokens are learned there
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def validate(self) -> None:
+        """Range checks, before any work: each error names the key, the value and the valid range."""
+        if self.stage not in ("pretrain", "sft"):
+            raise UserError(f"stage must be 'pretrain' or 'sft', got '{self.stage}'")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        for key, low in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 1), ("eval_every", 1),
+                         ("eval_batches", 1), ("log_every", 1), ("save_every", 0), ("warmup_steps", 0),
+                         ("threads", 0), ("lora_r", 0), ("lora_alpha", 1)):
+            if getattr(self, key) < low:
+                raise UserError(f"{key} must be at least {low}, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise UserError(f"lr must be greater than 0, got {self.lr}")
+        for key in ("min_lr", "weight_decay", "grad_clip"):
+            if not getattr(self, key) >= 0:  # written so that nan fails too
+                raise UserError(f"{key} must be at least 0, got {getattr(self, key)}")
+        for key in ("beta1", "beta2", "lora_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise UserError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+
 
 def _parse_value(text: str) -> Any:
     """A TOML value (number, bool, quoted string, list), or else the bare text as a string."""
@@ -81,7 +104,7 @@ def _apply(target: Any, key: str, value: Any, where: str) -> None:
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(current) is not type(value):
-        raise UserError(f"{where}: '{key}' must be a {type(current).__name__}, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be {KINDS[type(current)]}, got {value!r}")
     setattr(target, key, value)
 
 
@@ -93,10 +116,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.exists():
             raise UserError(f"{path}: no such config file")
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = tomllib.loads(read_text(path, encoding_flag=False))
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: not valid TOML ({e})") from None
-        model = dict(raw.pop("model", {}))
+        model = raw.pop("model", {})
+        if not isinstance(model, dict):
+            raise UserError(f"{path}: 'model' must be a [model] table")
         for k, v in raw.items():
             _apply(cfg, k, v, str(path))
     for item in overrides:
@@ -114,10 +139,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise UserError(f"unknown model key '{k}' (known: {', '.join(base)})")
     try:
         cfg.model = ModelConfig.from_dict({**base, **model})
-    except (ValueError, TypeError) as e:
-        raise UserError(f"bad model config: {e}") from None
-    if cfg.stage not in ("pretrain", "sft"):
-        raise UserError(f"stage must be 'pretrain' or 'sft', got '{cfg.stage}'")
+    except ValueError as e:  # ModelConfig.validate names the key
+        raise UserError(f"model.{e}") from None
+    cfg.validate()
     return cfg
 
 

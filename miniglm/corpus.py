@@ -12,7 +12,7 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from miniglm.fileio import UserError, read_jsonl, read_records, write_json, write_jsonl
+from miniglm.fileio import UserError, guess_encoding, is_wide, read_jsonl, read_records, write_json, write_jsonl
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -77,18 +77,25 @@ def looks_binary(data: bytes) -> bool:
     return b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff"))
 
 
+def binary_message(name: str, data: bytes) -> str:
+    guess = guess_encoding(data)  # UTF-16 without a BOM looks binary too
+    hint = f"; if it is {guess} text, --encoding {guess} reads it" if guess else ""
+    return f"{name}: looks like a binary file (NUL bytes){hint}; pass text, HTML or jsonl files"
+
+
 def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str | None = None) -> Decoded:
     """Decode a file's bytes, detecting the encoding unless one is given."""
-    if looks_binary(data):
-        raise Skipped(f"{name}: looks like a binary file (NUL bytes); pass text, HTML or jsonl files", "binary")
+    if looks_binary(data) and not (encoding and is_wide(encoding)):  # UTF-16 without a BOM has NUL bytes
+        raise Skipped(binary_message(name, data), "binary")
     if encoding:
         try:
             return Decoded(data.decode(encoding, errors=errors), encoding, 1.0)
         except UnicodeDecodeError as e:
-            raise UserError(f"{name}: not valid {encoding} (bad byte at offset {e.start}); "
+            bad = data[e.start:e.start + 2].hex(" ")
+            raise UserError(f"{name}: not valid {encoding} at byte {e.start} ({bad}); "
                             "try without --encoding or with --errors replace") from None
         except LookupError:
-            raise UserError(f"unknown encoding '{encoding}'") from None
+            raise UserError(f"--encoding {encoding}: unknown encoding (e.g. gbk, gb18030, big5, utf-16-le)") from None
     if data.startswith(b"\xef\xbb\xbf"):
         return replace(decode_bytes(data[3:], name, errors, "utf-8"), encoding="utf-8-sig")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -113,6 +120,31 @@ def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str |
             text = data.decode(enc, errors=errors)
             results.append(Decoded(text, enc, plausibility(text) - text.count("\ufffd") / max(len(text), 1)))
     return max(results, key=lambda d: d.score)  # ties keep candidate order (gb18030 before big5)
+
+
+def detect_encoding(data: bytes) -> str | None:
+    """The encoding decode_bytes would pick (gbk when GBK reads the bytes: the name users know), or None.
+    Bytes with NUL bytes may be UTF-16 without a BOM: the byte order that reads as plausible text."""
+    if b"\x00" in data:
+        scores = {}
+        for enc in ("utf-16-le", "utf-16-be"):
+            try:
+                scores[enc] = plausibility(data[:len(data) // 2 * 2].decode(enc))
+            except UnicodeDecodeError:
+                continue
+        best = max(scores, key=scores.get, default=None)
+        return best if best and scores[best] > 0.8 else None
+    try:
+        enc = decode_bytes(data, "").encoding
+    except UserError:
+        return None
+    if enc == "gb18030":
+        try:
+            data.decode("gbk")
+            return "gbk"
+        except UnicodeDecodeError:
+            pass
+    return enc
 
 
 # --- readers ------------------------------------------------------------------------------------
@@ -237,11 +269,11 @@ def read_units(path: Path, opts: PrepareOptions, named: bool = True) -> tuple[li
     data = path.read_bytes()
     if not data.strip():
         raise UserError(f"{path}: the file is empty")
-    if kind == "json" and looks_binary(data):  # text and HTML: decode_bytes says so
-        raise Skipped(f"{path}: looks like a binary file (NUL bytes); pass text, HTML or jsonl files", "binary")
+    if kind == "json" and looks_binary(data) and not (opts.encoding and is_wide(opts.encoding)):
+        raise Skipped(binary_message(str(path), data), "binary")
     if kind == "json":
-        units = _read_json_texts(path, opts.text_field)
-        return units, {"path": str(path), "kind": "json", "encoding": "utf-8", "records": len(units)}
+        units = _read_json_texts(path, opts.text_field, opts.encoding)
+        return units, {"path": str(path), "kind": "json", "encoding": opts.encoding or "utf-8", "records": len(units)}
     decoded = decode_bytes(data, str(path), opts.errors, opts.encoding)
     text = decoded.text
     if kind == "text" and re.match(r"\s*<(!doctype html|html|body|p|div)\b", text[:200], re.IGNORECASE):
@@ -252,11 +284,11 @@ def read_units(path: Path, opts: PrepareOptions, named: bool = True) -> tuple[li
     return [text], info
 
 
-def _read_json_texts(path: Path, text_field: str) -> list[str]:
+def _read_json_texts(path: Path, text_field: str, encoding: str | None = None) -> list[str]:
     """The texts of JSON records (an array, one object, or one per line): strings, or their text_field.
     A file where no record has one holds no text (metadata such as info.json); one missing is an error."""
     texts, missing = [], None
-    for where, row in read_records(path):
+    for where, row in read_records(path, encoding):
         value = row.get(text_field) if isinstance(row, dict) else row
         if isinstance(value, str):
             texts.append(value)
@@ -270,14 +302,18 @@ def _read_json_texts(path: Path, text_field: str) -> list[str]:
     return texts
 
 
+def _regex(pattern: str, flag: str, flags: int = 0) -> re.Pattern:
+    try:
+        return re.compile(pattern, flags)
+    except re.error as e:
+        raise UserError(f"{flag} {pattern!r}: not a valid regular expression ({e})") from None
+
+
 def prepare_corpus(inputs: list[str], out_dir: str | Path, opts: PrepareOptions) -> PrepareStats:
     """Read, clean and split the inputs; write train.jsonl, val.jsonl and stats.json to out_dir."""
     t0 = time.perf_counter()
-    try:
-        drop = re.compile(opts.drop) if opts.drop else None
-        chapter = re.compile(opts.chapter_regex, re.MULTILINE) if opts.split == "chapter" else None
-    except re.error as e:
-        raise UserError(f"bad regular expression: {e}") from None
+    drop = _regex(opts.drop, "--drop") if opts.drop else None
+    chapter = _regex(opts.chapter_regex, "--chapter-regex", re.MULTILINE) if opts.split == "chapter" else None
     if not 0.0 <= opts.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
     stats = PrepareStats()
@@ -330,7 +366,7 @@ def load_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file; run `miniglm corpus prepare` first")
-    return [row["text"] for _, row in read_jsonl(path) if isinstance(row.get("text"), str)]
+    return [row["text"] for _, row in read_jsonl(path, encoding_flag=False) if isinstance(row.get("text"), str)]
 
 
 SKIP_REASONS = {"unsupported": "of an unsupported type", "binary": "that look binary",

@@ -40,12 +40,28 @@ def stage_config(name: str, run: Path, data: Path, extra: list[str]):
     return load_config(path, [f"out_dir={run}", f"data={data}", *extra])
 
 
+def check_options(opts: DemoOptions, run: Path) -> None:
+    """Every number and --set of both stages, checked before the first stage writes anything."""
+    if opts.characters < world.MIN_CHARACTERS:
+        raise UserError(f"--characters must be at least {world.MIN_CHARACTERS}, got {opts.characters}")
+    for name in ("bios", "questions"):
+        if getattr(opts, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(opts, name)}")
+    if opts.vocab_size < tokenizer.MIN_VOCAB_SIZE:
+        raise UserError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE}, got {opts.vocab_size}")
+    stage_config("demo.toml", run / "pretrain", run / "data",
+                 [f"model.vocab_size={opts.vocab_size}", *opts.overrides, *opts.pretrain_overrides])
+    stage_config("demo-sft.toml", run / "sft", run / "sft_data",
+                 [f"init_from={run / 'pretrain'}", *opts.overrides, *opts.sft_overrides])
+
+
 def run_demo(opts: DemoOptions, log=print) -> dict:
     from miniglm.sft.data import prepare_sft
     from miniglm.train import train
 
     run = Path(opts.out)
     t0 = time.perf_counter()
+    check_options(opts, run)
     log(f"== 1/6 world: {opts.characters} characters, {opts.bios} biographies each -> {run / 'world'}")
     ws = world.build_world(run / "world", opts.characters, opts.bios, seed=opts.seed)
     log(f"   {ws.biographies} biographies ({ws.corpus_characters:,} characters), "

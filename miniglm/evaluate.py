@@ -18,7 +18,7 @@ import torch
 
 from miniglm import metrics
 from miniglm.engine import SamplingParams
-from miniglm.fileio import UserError, write_json, write_jsonl
+from miniglm.fileio import UserError, read_text, write_json, write_jsonl
 from miniglm.sft.formats import load_records
 
 GROUP_FIELDS = ("fact", "label", "category", "type")  # per-group averages when the data has one of these
@@ -36,10 +36,10 @@ class Example:
 
 
 def load_examples(path: str | Path, limit: int = 0, columns: str | None = None,
-                  values: dict[str, str] | None = None) -> list[Example]:
-    """columns, values: for a .csv, as in `sft prepare` (formats.csv_records)."""
+                  values: dict[str, str] | None = None, encoding: str | None = None) -> list[Example]:
+    """columns, values, encoding: as in `sft prepare` (formats.load_records)."""
     examples = []
-    for r in load_records(path, columns, values):
+    for r in load_records(path, columns, values, encoding):
         refs = r.extra.get("answers") or [r.messages[-1]["content"]]
         extra = {k: v for k, v in r.extra.items() if k != "answers"}
         examples.append(Example(r.messages[:-1], [str(x) for x in refs], extra))
@@ -143,11 +143,11 @@ def evaluate_generation(run_dir: str | Path, data: str | Path, out: str | Path |
                         template: str | None = None, params: SamplingParams | None = None,
                         embedder: str | None = "use-multilingual", limit: int = 0, batch_size: int = 32,
                         log=print, columns: str | None = None, values: dict[str, str] | None = None,
-                        note=None) -> dict:
+                        note=None, encoding: str | None = None) -> dict:
     from miniglm.chat import load_run
     from miniglm.report import write_report
 
-    examples = load_examples(data, limit, columns, values)
+    examples = load_examples(data, limit, columns, values, encoding)
     emb = metrics.Embedder(embedder) if embedder else None  # a bad name fails before the slow part
     run = load_run(run_dir)
     if template:
@@ -179,16 +179,16 @@ def format_summary(summary: dict) -> str:
 
 
 # --- perplexity ----------------------------------------------------------------------------------
-def read_text(path: str | Path) -> list[str]:
+def read_texts(path: str | Path, encoding: str | None = None) -> list[str]:
     """A .txt file (one text), or .jsonl / .json documents with a "text" field (a prepared corpus split)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.suffix.lower() in (".jsonl", ".json"):
-        from miniglm.corpus import load_documents
+        from miniglm.fileio import read_jsonl
 
-        return load_documents(path)
-    return [path.read_text(encoding="utf-8")]
+        return [row["text"] for _, row in read_jsonl(path, encoding) if isinstance(row.get("text"), str)]
+    return [read_text(path, encoding)]
 
 
 @torch.inference_mode()
@@ -228,12 +228,13 @@ def perplexity(model, tok, texts: list[str], stride: int = 0, device: str = "cpu
 
 
 def evaluate_perplexity(run_dir: str | Path, text: str | Path, stride: int = 0, out: str | Path | None = None,
-                        log=print) -> dict:
+                        log=print, encoding: str | None = None) -> dict:
     from miniglm.chat import load_run
 
+    texts = read_texts(text, encoding)  # a bad file fails before the model loads
     run = load_run(run_dir, raw=True)
     result = {"kind": "perplexity", "run": str(run_dir), "text": str(text),
-              **perplexity(run.engine.model, run.engine.tokenizer, read_text(text), stride, run.engine.device)}
+              **perplexity(run.engine.model, run.engine.tokenizer, texts, stride, run.engine.device)}
     out = Path(out) if out else Path(run_dir) / "eval"
     write_json(out / "perplexity.json", result)
     log(f"{result['tokens']:,} tokens: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
@@ -245,13 +246,14 @@ def evaluate_perplexity(run_dir: str | Path, text: str | Path, stride: int = 0, 
 # --- classification ------------------------------------------------------------------------------
 def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[str] | None = None,
                             out: str | Path | None = None, template: str | None = None, batch_size: int = 32,
-                            log=print, columns: str | None = None, values: dict[str, str] | None = None) -> dict:
+                            log=print, columns: str | None = None, values: dict[str, str] | None = None,
+                            encoding: str | None = None) -> dict:
     """Generate a short answer per example (greedy), snap it to the closest label, and score accuracy and
     per-class precision/recall against the reference labels."""
     from miniglm.chat import load_run
     from miniglm.report import write_report
 
-    examples = load_examples(data, columns=columns, values=values)
+    examples = load_examples(data, columns=columns, values=values, encoding=encoding)
     refs = [ex.references[0].strip() for ex in examples]
     labels = labels or sorted(set(refs))
     unknown = sorted(set(refs) - set(labels))

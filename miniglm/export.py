@@ -55,9 +55,13 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     state = {k: v for k, v in state.items() if not k.endswith(BUFFERS)}
     tied = "lm_head.weight" not in state or torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
-    config = ModelConfig(style="gpt2", vocab_size=args["vocab_size"], block_size=args["block_size"],
-                         n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"],
-                         bias=args.get("bias", True), dropout=0.0, tie_embeddings=tied)
+    try:  # ModelConfig.validate names a bad value
+        config = ModelConfig(style="gpt2", vocab_size=args["vocab_size"], block_size=args["block_size"],
+                             n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"],
+                             bias=args.get("bias", True), dropout=0.0, tie_embeddings=tied)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{ckpt_path}: bad model_args ({e}); expected vocab_size, block_size, n_layer, n_head "
+                        "and n_embd as positive integers") from None
     model = MiniGLM(config)
     if tied:
         state.pop("lm_head.weight", None)

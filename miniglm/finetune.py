@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miniglm.config import load_config
-from miniglm.fileio import UserError
+from miniglm.config import TrainConfig, load_config
+from miniglm.fileio import UserError, require_file
 from miniglm.sft.templates import TemplateOptions
 
 # CPU-sized defaults; every training key can be overridden with --set.
@@ -36,6 +36,7 @@ class FinetuneOptions:
     values: dict[str, str] = field(default_factory=dict)  # renames of those values, e.g. {"1": "正面"}
     template_options: TemplateOptions = field(default_factory=TemplateOptions)
     overrides: list[str] = field(default_factory=list)  # --set key=value, over the defaults below
+    encoding: str | None = None  # the data file's, when not UTF-8
 
 
 def parse_values(items: list[str]) -> dict[str, str]:
@@ -49,7 +50,8 @@ def parse_values(items: list[str]) -> dict[str, str]:
     return out
 
 
-def column_fields(data: str, columns: str | None, opts: TemplateOptions) -> TemplateOptions:
+def column_fields(data: str, columns: str | None, opts: TemplateOptions,
+                  encoding: str | None = None) -> TemplateOptions:
     """The plain template names its two parts after the prompt and answer fields ("Tweet text : … Label : "):
     those of --columns, or of a RAFT task.json beside a .csv; unless the options name them already."""
     if (opts.prompt_field, opts.label_field) != ("Question", "Answer"):
@@ -61,10 +63,10 @@ def column_fields(data: str, columns: str | None, opts: TemplateOptions) -> Temp
     elif str(data).lower().endswith(".csv") and Path(data).is_file():  # a missing file: load_records says so
         import csv
 
+        from miniglm.fileio import read_text
         from miniglm.sft.formats import csv_columns
 
-        with open(data, encoding="utf-8-sig", newline="") as f:
-            names = next(csv.reader(f), [])
+        names = next(csv.reader(read_text(data, encoding).splitlines()), [])
         picked = list(csv_columns(Path(data), names, columns))
     else:
         return opts
@@ -77,6 +79,8 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     from miniglm.tokenizer import load_tokenizer
     from miniglm.train import train
 
+    cfg = training_config(opts)  # a bad --set or a missing file fails before the model loads
+    require_file(opts.data, "data file")
     config = read_hf_config(opts.model)
     family = detect_family(config, template=opts.template)  # remote code is refused before it runs
     if family.remote_code and not opts.trust_remote_code:
@@ -90,12 +94,19 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     # Records longer than the model's context would lose their answer in training's cut: cut the prompt here.
     max_len = min(opts.max_len, block_size_of(config) + 1)
     out = Path(opts.out)
-    template_opts = column_fields(opts.data, opts.columns, opts.template_options)
+    template_opts = column_fields(opts.data, opts.columns, opts.template_options, opts.encoding)
     meta = prepare_sft(opts.data, tok, out / "data", template, max_len, opts.val_fraction, opts.seed,
-                       template_opts, padding_side=family.train_padding, columns=opts.columns, values=opts.values)
+                       template_opts, padding_side=family.train_padding, columns=opts.columns, values=opts.values,
+                       encoding=opts.encoding)
     log(f"{opts.model}: family {family.name}, template {template}, {family.train_padding} padding; "
         f"{meta['train_records']} train / {meta['val_records']} val records, {meta['truncated']} truncated, "
         f"{meta['dropped']} dropped -> {out / 'data'}")
+    return train(cfg, log)
+
+
+def training_config(opts: FinetuneOptions) -> TrainConfig:
+    """The family-independent defaults, under the user's --set; checked (load_config) before the slow work."""
+    out = Path(opts.out)
     defaults = {**COMMON_DEFAULTS, **(LORA_DEFAULTS if opts.lora_r > 0 else FULL_DEFAULTS),
                 "lora_r": opts.lora_r, "seed": opts.seed, "trust_remote_code": opts.trust_remote_code,
                 "init_from": opts.model, "data": str(out / "data"), "out_dir": str(out)}
@@ -103,5 +114,5 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     sets = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in defaults.items()]
     cfg = load_config(None, sets + list(opts.overrides))
     if not cfg.hf:
-        raise UserError("finetune trains a Hugging Face model as it is: hf cannot be set to false")
-    return train(cfg, log)
+        raise UserError("finetune trains a Hugging Face model as it is: --set hf=false is not allowed")
+    return cfg

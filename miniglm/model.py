@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
 
 @dataclass
 class ModelConfig:
@@ -37,8 +39,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.style not in ("gpt2", "llama"):
-            raise ValueError(f"model style must be 'gpt2' or 'llama', got {self.style!r}")
+        self.validate()
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.intermediate_size == 0:
@@ -46,6 +47,25 @@ class ModelConfig:
             self.intermediate_size = 4 * self.n_embd if self.style == "gpt2" else swiglu
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must be divisible by n_head, and n_head by n_kv_head")
+
+    def validate(self) -> None:
+        """Types and ranges, each error naming the key, the value and what is valid (ValueError)."""
+        if self.style not in ("gpt2", "llama"):
+            raise ValueError(f"style must be 'gpt2' or 'llama', got {self.style!r}")
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            wanted = (int, float) if kind is float else kind  # an int is a fine float (rope_theta = 10000)
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, wanted):
+                raise ValueError(f"{f.name} must be {KINDS[kind]}, got {value!r}")
+        for key, low in (("vocab_size", 1), ("block_size", 1), ("n_layer", 1), ("n_head", 1), ("n_kv_head", 0),
+                         ("n_embd", 1), ("intermediate_size", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key} must be at least {low}, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("rope_theta", "norm_eps"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be greater than 0, got {getattr(self, key)}")
 
     @property
     def head_dim(self) -> int:

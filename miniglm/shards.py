@@ -42,10 +42,11 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizer: Tokenizer, out_dir: str |
                   "dtype": token_dtype(tokenizer.vocab_size).name, "eot_id": tokenizer.eot_id,
                   "pad_id": tokenizer.pad_id}
     total_bytes = 0
-    for split in ("train", "val"):
-        docs = load_documents(corpus_dir / f"{split}.jsonl")
+    splits = {split: load_documents(corpus_dir / f"{split}.jsonl") for split in ("train", "val")}
+    for split, docs in splits.items():  # both read before either is written: a bad val.jsonl leaves no train.bin
         if not docs:
             raise UserError(f"{corpus_dir / f'{split}.jsonl'}: no documents")
+    for split, docs in splits.items():
         n = write_tokens(docs, tokenizer, out_dir / f"{split}.bin")
         nbytes = sum(len(d.encode()) for d in docs)
         total_bytes += nbytes

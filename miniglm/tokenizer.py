@@ -25,6 +25,7 @@ from miniglm.fileio import UserError, atomic_dir, write_json
 EOT, PAD = "<|endoftext|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 SPECIAL_TOKENS = [EOT, PAD, *ROLE_TOKENS]
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the special tokens, and one merge
 TIKTOKEN_REF = "miniglm_tiktoken.json"  # marks a folder that holds a tiktoken tokenizer
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 
@@ -164,8 +165,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_fr
     from tokenizers import Tokenizer as HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes + specials)")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + specials), got {vocab_size}")
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -67,8 +69,8 @@ class SFTData:
     def __init__(self, data_dir: str, block_size: int, seed: int):
         d = Path(data_dir)
         self.meta = load_meta(d)
-        self.train = [r for _, r in read_jsonl(d / "train.jsonl")]
-        self.val = [r for _, r in read_jsonl(d / "val.jsonl")] if (d / "val.jsonl").exists() else []
+        self.train = self._records(d / "train.jsonl")
+        self.val = self._records(d / "val.jsonl") if (d / "val.jsonl").exists() else []
         if not self.train:
             raise UserError(f"{d / 'train.jsonl'}: no records")
         longest = max(len(r["ids"]) for r in self.train + self.val)
@@ -79,6 +81,10 @@ class SFTData:
         self.left = self.meta.get("padding_side") == "left"
         self.epoch, self.cursor = 0, 0
         self.order = self._order()
+
+    @staticmethod
+    def _records(path: Path) -> list[dict]:
+        return [r for _, r in read_jsonl(path, encoding_flag=False)]  # written by `sft prepare`: no --encoding
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.train))
@@ -172,6 +178,31 @@ def trim_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+class Interrupt:
+    """Ctrl-C while training: the first only asks the loop to stop after the step under way, so the checkpoint
+    saved there is a step boundary (weights, optimizer, sampler and RNG states all as of that step, no half
+    accumulated gradient) and a rerun continues exactly. A second Ctrl-C stops at once, without saving."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("miniglm: interrupted: saving a checkpoint after this step (Ctrl-C again to stop now, "
+              "without saving)", file=sys.stderr, flush=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def setup_device(cfg: TrainConfig) -> tuple[str, int, int, torch.dtype]:
     """(device, rank, world size, autocast dtype). Under torchrun, one process per device."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -193,6 +224,15 @@ def setup_device(cfg: TrainConfig) -> tuple[str, int, int, torch.dtype]:
     if dtype is None:
         raise UserError(f"dtype must be auto, float32 or bfloat16, got '{cfg.dtype}'")
     return device, rank, world, dtype
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """True on every process if it is on one: all stop at the same step (Ctrl-C reaches each at its own time)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_mean(x: float, world: int) -> float:
@@ -349,12 +389,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     disable=not sys.stderr.isatty())
     model.train()
     t_start, tokens_run, summary = time.perf_counter(), 0, {}
-    interrupted = False
+    stop, interrupted = Interrupt(), False
     if step >= cfg.max_steps:  # a finished run, rerun: report where it stands
         if master:
             log(f"{out} already trained {step} of {cfg.max_steps} steps; raise max_steps to train on")
         summary.update(evaluate())
     try:
+        stop.install()
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -400,23 +441,26 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     if master:
                         save(out / "best", with_optimizer=False)
                 summary.update(ev)
-            if master and (is_eval if cfg.save_every == 0 else step % cfg.save_every == 0 or step == cfg.max_steps):
+            saved = is_eval if cfg.save_every == 0 else step % cfg.save_every == 0 or step == cfg.max_steps
+            if master and saved:
                 save(out / "ckpt", with_optimizer=True)
+            if any_rank(stop.requested, world):  # Ctrl-C: stop here, at a step boundary
+                interrupted = True
+                if master:
+                    pbar.close()
+                    if not saved:
+                        save(out / "ckpt", with_optimizer=True)
+                    log(f"interrupted: saved a checkpoint at step {step} to {out / 'ckpt'}; rerun to resume")
+                break
         if world > 1:
             dist.barrier()  # leave together: a process gone early can abort its peer's gloo connection
-    except KeyboardInterrupt:
-        interrupted = True
-        if master:
-            if pbar is not None:
-                pbar.close()
-            log(f"interrupted: saving a checkpoint at step {step} to {out / 'ckpt'}")
-            save(out / "ckpt", with_optimizer=True)
     finally:
+        stop.restore()
         if pbar is not None:
             pbar.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-    if interrupted:
+    if interrupted or stop.requested:
         raise KeyboardInterrupt
     elapsed = time.perf_counter() - t_start
     summary.update({"steps": step, "seconds": elapsed, "tok_per_s": tokens_run / max(elapsed, 1e-9),

@@ -92,10 +92,13 @@ def _unique_names(n: int, rng: random.Random) -> list[str]:
     return list(names)
 
 
+MIN_CHARACTERS = 4  # a master, a friend and an enemy for everyone
+
+
 def make_characters(n: int, seed: int) -> list[dict]:
     """n characters with one value per fact type. Masters come from the same sect where possible."""
-    if n < 4:
-        raise UserError(f"--characters must be at least 4, got {n}")
+    if n < MIN_CHARACTERS:
+        raise UserError(f"--characters must be at least {MIN_CHARACTERS}, got {n}")
     rng = random.Random(seed)
     names = _unique_names(n, rng)
     chars = [{

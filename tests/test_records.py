@@ -67,7 +67,7 @@ def test_broken_files_name_file_and_line(tmp_path):
     with pytest.raises(UserError, match=r"prose\.txt:1: not valid JSON .*one object per line"):
         read_records(tmp_path / "prose.txt")
     (tmp_path / "gbk.json").write_bytes('{"Question": "问", "Answer": "答"}'.encode("gbk"))
-    with pytest.raises(UserError, match=r"gbk\.json: not UTF-8"):
+    with pytest.raises(UserError, match=r"gbk\.json:1: not UTF-8 at byte \d+ .*--encoding gbk"):
         read_records(tmp_path / "gbk.json")
 
 

@@ -95,13 +95,15 @@ def show(rows: list[dict], tok: Tokenizer, k: int) -> str:
 def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template: str = "miniglm",
                 max_len: int = 256, val_fraction: float = 0.05, seed: int = 1337,
                 opts: TemplateOptions | None = None, packing: bool = False, padding_side: str | None = None,
-                columns: str | None = None, values: dict[str, str] | None = None) -> dict:
-    """padding_side: how training pads (default: the template's); columns, values: for a .csv (formats.py)."""
+                columns: str | None = None, values: dict[str, str] | None = None, encoding: str | None = None) -> dict:
+    """padding_side: how training pads (default: the template's); columns, values, encoding: formats.load_records."""
     opts = opts or TemplateOptions()
     out_dir = Path(out_dir)
     stats = PrepareStats()
     rows = []
-    for rec in load_records(data, columns, values):
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    for rec in load_records(data, columns, values, encoding):
         stats.records += 1
         try:
             r, truncated = fit(template, rec.messages, tok, max_len, opts)

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miniglm.fileio import UserError, read_json, read_records
+from miniglm.fileio import UserError, read_json, read_records, read_text
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
          "bot": "assistant", "model": "assistant"}
@@ -111,14 +111,28 @@ def to_messages(row: dict, where: str) -> list[dict]:
     return messages
 
 
+def _objects(parent: dict, key: str, path: Path, at: str = "") -> list[dict]:
+    """parent[key] as a list of objects (SQuAD's nesting), or a UserError naming the file and the item."""
+    items = parent.get(key, [])
+    if not isinstance(items, list):
+        raise UserError(f"{path}: {at}{key} must be a list, got {type(items).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            got = json.dumps(item, ensure_ascii=False)[:40]
+            raise UserError(f"{path}: {at}{key}[{i}] must be a JSON object (a SQuAD file), got {got}")
+    return items
+
+
 def squad_records(obj: dict, path: Path) -> list[Record]:
     records = []
-    for i, article in enumerate(obj.get("data", [])):
-        for paragraph in article.get("paragraphs", []):
+    for i, article in enumerate(_objects(obj, "data", path)):
+        for j, paragraph in enumerate(_objects(article, "paragraphs", path, f"data[{i}].")):
             context = paragraph.get("context")
-            for qa in paragraph.get("qas", []):
+            for qa in _objects(paragraph, "qas", path, f"data[{i}].paragraphs[{j}]."):
                 where = f"{path}:{qa.get('id', f'article {i}')}"
-                answers = [a.get("text") for a in qa.get("answers", []) if isinstance(a, dict)]
+                raw = qa.get("answers")
+                answers = [a["text"] for a in (raw if isinstance(raw, list) else [])
+                           if isinstance(a, dict) and isinstance(a.get("text"), str)]
                 if not isinstance(context, str) or not isinstance(qa.get("question"), str) or not answers:
                     raise UserError(f"{where}: a SQuAD question needs context, question and answers[].text")
                 prompt = READING_PROMPT.format(context=context, question=qa["question"])
@@ -152,19 +166,20 @@ def csv_columns(path: Path, names: list[str], columns: str | None) -> tuple[str,
     return picked[0], picked[1]
 
 
-def csv_records(path: Path, columns: str | None = None, values: dict[str, str] | None = None) -> list[Record]:
+def csv_records(path: Path, columns: str | None = None, values: dict[str, str] | None = None,
+                encoding: str | None = None) -> list[Record]:
     """One record per row: the prompt column as the user turn, the answer column as the assistant's.
     values maps whole cells (e.g. ChnSentiCorp's 1/0 to words); the row's ID is kept."""
     import csv
+    import io
 
     values = values or {}
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            names = list(reader.fieldnames or [])
-            rows = [(reader.line_num, row) for row in reader]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: not a UTF-8 csv file ({e})") from None
+        reader = csv.DictReader(io.StringIO(read_text(path, encoding), newline=""))
+        names = list(reader.fieldnames or [])
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: not a valid csv file ({e})") from None
     prompt_col, answer_col = csv_columns(path, names, columns)
     records = []
     for line, row in rows:
@@ -200,18 +215,20 @@ def column_messages(row: dict, picked: list[str], where: str, values: dict[str, 
     return [*history, {"role": "user", "content": values.get(q, q)}, {"role": "assistant", "content": values.get(a, a)}]
 
 
-def load_records(path: str | Path, columns: str | None = None, values: dict[str, str] | None = None) -> list[Record]:
+def load_records(path: str | Path, columns: str | None = None, values: dict[str, str] | None = None,
+                 encoding: str | None = None) -> list[Record]:
     """columns: "PROMPT,ANSWER[,HISTORY]" fields of every record (else each record's shape is detected);
-    values: whole prompt/answer values renamed (e.g. {"1": "正面"}), with columns or a .csv."""
+    values: whole prompt/answer values renamed (e.g. {"1": "正面"}), with columns or a .csv;
+    encoding: the file's, when not UTF-8 (--encoding)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.suffix.lower() == ".csv":
-        return csv_records(path, columns, values)
+        return csv_records(path, columns, values, encoding)
     picked = parse_columns(columns) if columns else None
     if values and not picked:
         raise UserError("--value renames the values of --columns: name the prompt and answer fields too")
-    rows = read_records(path)
+    rows = read_records(path, encoding)
     if len(rows) == 1 and isinstance(rows[0][1], dict) and {"data", "version"} <= rows[0][1].keys():
         return squad_records(rows[0][1], path)
     records = []

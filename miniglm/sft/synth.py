@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from miniglm.fileio import UserError, atomic_path, read_jsonl, require_file
+from miniglm.fileio import UserError, atomic_path, read_jsonl, read_text, require_file
 
 T = TypeVar("T")
 
@@ -297,12 +297,9 @@ def read_documents(corpus: str | Path | Sequence[str], text_field: str = "text")
     docs = []
     for f in files:
         if f.suffix != ".jsonl":
-            try:
-                docs.append((f.name, f.read_text(encoding="utf-8-sig")))
-            except UnicodeDecodeError:
-                raise UserError(f"{f}: not UTF-8 text; run `miniglm corpus prepare` on it first") from None
+            docs.append((f.name, read_text(f, encoding_flag=False)))
             continue
-        for lineno, row in read_jsonl(f):
+        for lineno, row in read_jsonl(f, encoding_flag=False):
             text = row.get(text_field)
             if not isinstance(text, str):
                 raise UserError(f"{f}:{lineno}: no string field '{text_field}'")
@@ -313,10 +310,7 @@ def read_documents(corpus: str | Path | Sequence[str], text_field: str = "text")
 def read_titles(path: str | Path) -> list[str]:
     """One title (or character, or topic) a line; blank lines and lines starting with # are ignored."""
     path = require_file(path, "titles file")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+    lines = read_text(path, encoding_flag=False).splitlines()
     return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
 
 
@@ -587,8 +581,10 @@ def generate_questions(titles: Iterable[str], out_path: str | Path, n_per_title:
     titles = list(dict.fromkeys(t.strip() for t in titles if t and t.strip()))
     if not titles:
         raise UserError("no titles given")
-    if n_per_title < 1 or not aspects:
-        raise UserError("need at least one question per title and one aspect")
+    if n_per_title < 1:
+        raise UserError(f"--per-title must be at least 1, got {n_per_title}")
+    if not aspects:
+        raise UserError("--aspects: name at least one aspect")
     opts = options or ClientOptions()
     summary, out_path, existing = _prepare("questions", out_path, True, progress)
     done = {split_key(r["key"])[0] for r in existing}
@@ -624,7 +620,7 @@ def generate_answers(questions_path: str | Path, out_path: str | Path, *, option
     """One answer per question record; the output keeps the record's other fields. Keyed by the question text."""
     questions_path = require_file(questions_path, "questions file")
     rows = []
-    for lineno, row in read_jsonl(questions_path):
+    for lineno, row in read_jsonl(questions_path, encoding_flag=False):
         if not isinstance(row.get("question"), str) or not row["question"].strip():
             raise UserError(f"{questions_path}:{lineno}: no non-empty string field 'question'")
         rows.append(row)
@@ -664,8 +660,9 @@ def generate_passage_qa(corpus: str | Path | Sequence[str], out_path: str | Path
                         client: Any = None) -> Summary:
     """Q&A pairs grounded in chunks of a corpus, asked for as JSON; one request per chunk, whose pairs are
     written as the group named by the chunk's hash."""
-    if chunk_chars < 1 or qa_per_chunk < 1:
-        raise UserError("--chunk-chars and --per-chunk must be at least 1")
+    for flag, value in (("--chunk-chars", chunk_chars), ("--per-chunk", qa_per_chunk)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     docs = read_documents(corpus, text_field)
     opts = options or ClientOptions()
     summary, out_path, existing = _prepare("passages", out_path, True, progress)
@@ -704,8 +701,11 @@ def generate_passage_qa(corpus: str | Path | Sequence[str], out_path: str | Path
 # ----------------------------------------------------------------------------- command line
 
 def _options(args: argparse.Namespace) -> ClientOptions:
-    if args.concurrency < 1 or args.max_retries < 0 or args.timeout <= 0:
-        raise UserError("--concurrency must be >= 1, --max-retries >= 0 and --timeout > 0")
+    for flag, value, low in (("--concurrency", args.concurrency, 1), ("--max-retries", args.max_retries, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout must be greater than 0, got {args.timeout}")
     return ClientOptions(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
                          system_prompt=args.system_prompt, temperature=args.temperature,
                          concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
