@@ -130,7 +130,7 @@ CASES = [
     ("plot-no-metrics", "plot {run} --out {out}/loss.png", "metrics.jsonl"),
     ("import-missing", "import-ckpt {root}/nope.pt --out {out}", "nope.pt: no such"),
     ("import-vocab-negative", "import-ckpt {bad_ckpt} --out {out}", "bad.pt: bad model_args .*vocab_size"),
-    ("import-not-ckpt", "import-ckpt {gbk_txt} --out {out}", "gbk.txt: cannot read it as a PyTorch checkpoint"),
+    ("import-not-ckpt", "import-ckpt {gbk_txt} --out {out}", "gbk.txt: not a PyTorch checkpoint"),
     # generate
     ("gen-file-gbk", "generate --run {run} --file {gbk_txt}", "gbk.txt:1: not UTF-8 at byte 0 .*--encoding gbk"),
     ("gen-file-utf16", "generate --run {run} --file {utf16_txt}", r"utf16.txt:\d+: .*--encoding utf-16-le"),
