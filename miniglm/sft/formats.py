@@ -164,6 +164,8 @@ def load_records(path: str | Path, columns: str | None = None, values: dict[str,
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object")
         keep = {k: v for k, v in row.items() if k in ("character", "fact", "id", "label", "title")}
+        if isinstance(row.get("answers"), list):  # several references (a held-out SQuAD record)
+            keep["answers"] = row["answers"]
         records.append(Record(to_messages(row, where), where, keep))
     if not records:
         raise UserError(f"{path}: no records")
