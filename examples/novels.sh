@@ -7,6 +7,8 @@
 # CORPUS_DIR: novels as .txt (any Chinese encoding), HTML or .jsonl; SFT_FILE: chat records
 # (alpaca, sharegpt, messages, question/answer; see README). 5% of SFT_FILE is held out for eval.
 # FAST=1: a handful of steps and a small vocab, to check the path end to end in about a minute.
+# SFT_STEPS=N: SFT steps at full size (default 100). On a CPU busy with other jobs, OMP_NUM_THREADS=1
+# can train several times faster than two torch threads fighting for the cores.
 set -euo pipefail
 if [ $# -ne 3 ]; then
     echo "usage: [FAST=1] bash $0 CORPUS_DIR SFT_FILE OUT_DIR" >&2
@@ -23,7 +25,7 @@ if [ "${FAST:-0}" = 1 ]; then
     EVAL=(--limit 4 --max-new-tokens 16 --embedder none)
 else
     VOCAB=8192
-    # configs/demo-sft.toml's 300 SFT steps take ~35 min on 2 busy CPU cores: 100 by default here
+    # configs/demo-sft.toml's 300 SFT steps would take about half an hour on 2 CPU cores: 100 here
     PRETRAIN=() SFT_TRAIN=(--set max_steps="${SFT_STEPS:-100}") EVAL=()
 fi
 
