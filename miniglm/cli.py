@@ -139,19 +139,23 @@ def cmd_sft_prepare(args: argparse.Namespace) -> int:
     from miniglm.sft.templates import TemplateOptions
     from miniglm.tokenizer import load_tokenizer
 
+    if (args.test_fraction is not None or args.test_count) and not args.test_out:
+        raise UserError("--test-fraction and --test-count need --test-out FILE.jsonl (where the held-out records go)")
     tok = load_tokenizer(args.tokenizer)
     opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
                            end_token=args.end_token, max_source_len=args.max_source_len,
                            max_target_len=args.max_target_len)
     opts = column_fields(args.data, args.columns, opts, args.encoding)  # plain: "{prompt column} : … {answer} : "
     meta = prepare_sft(args.data, tok, args.out, args.template, args.max_len, args.val_fraction, args.seed, opts,
-                       args.pack, columns=args.columns, values=parse_values(args.value), encoding=args.encoding)
+                       args.pack, columns=args.columns, values=parse_values(args.value), encoding=args.encoding,
+                       test_out=args.test_out, test_fraction=args.test_fraction or 0.05, test_count=args.test_count)
     if args.show:
         print(show([r for _, r in read_jsonl(f"{args.out}/train.jsonl")], tok, args.show))
     eff = f"{meta['padding_efficiency']:.1%}"
     if meta["packed_padding_efficiency"] is not None:
         eff += f" -> {meta['packed_padding_efficiency']:.1%} packed into {meta['sequences']} sequences"
-    print(f"{meta['records']} records ({meta['train_records']} train / {meta['val_records']} val), "
+    test = f" / {meta['test_records']} test -> {args.test_out}" if args.test_out else ""
+    print(f"{meta['records']} records ({meta['train_records']} train / {meta['val_records']} val{test}), "
           f"{meta['truncated']} truncated, {meta['dropped']} dropped, {meta['tokens']:,} tokens "
           f"({meta['trained_tokens']:,} trained); padding efficiency at --max-len {args.max_len}: {eff} -> {args.out}")
     return 0
@@ -501,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-source-len", type=at_least(0), default=0, help="chatglm: ChatGLM's max_source_length")
     sp.add_argument("--max-target-len", type=at_least(0), default=0, help="chatglm: ChatGLM's max_target_length")
     sp.add_argument("--val-fraction", type=fraction, default=0.05)
+    sp.add_argument("--test-out", default=None, metavar="FILE.jsonl",
+                    help="hold out records for evaluation: written unrendered here (miniglm eval --data reads it)")
+    sp.add_argument("--test-fraction", type=fraction, default=None, help="share of records held out (default 0.05)")
+    sp.add_argument("--test-count", type=at_least(0), default=0, help="number of records held out (instead of a share)")
     sp.add_argument("--seed", type=int, default=1337)
     _add_encoding(sp, "--data")
     sp.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, meta.json)")

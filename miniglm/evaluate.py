@@ -47,11 +47,19 @@ def load_examples(path: str | Path, limit: int = 0, columns: str | None = None,
 
 
 def fitted_prompt(run, messages: list[dict], max_len: int) -> tuple[list[int], list[int], bool]:
-    """The rendered prompt within max_len tokens: as `sft prepare` fits training records, the end of the
-    last user turn's text goes (the template's tail, e.g. " Label : ", stays). (ids, stop ids, cut?)"""
+    """The rendered prompt within max_len tokens: as `sft prepare` fits training records, the oldest
+    history turns go first, then the end of the last user turn's text (the template's tail, e.g.
+    " Label : ", stays). (ids, stop ids, cut?)"""
     ids, stops = run.prompt(messages)
     if len(ids) <= max_len:
         return ids, stops, False
+    while len(ids) > max_len and sum(m["role"] == "user" for m in messages) > 1:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        nxt = next(i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user")
+        messages = messages[:first] + messages[nxt:]
+        ids, stops = run.prompt(messages)
+    if len(ids) <= max_len:
+        return ids, stops, True
     content = messages[-1]["content"]
 
     def with_prompt(n: int) -> list[int]:

@@ -232,3 +232,20 @@ def test_end_of_turn_ids_come_from_the_template(hf_tok):
     assert end_of_turn_ids("chatml", hf_tok) == [hf_tok.special("<|im_end|>")]
     assert end_of_turn_ids("chatglm", hf_tok) == [hf_tok.special("<eop>")]
     assert end_of_turn_ids("alpaca", hf_tok) == []  # </s> is the tokenizer's end-of-text already
+
+
+def test_prepare_holds_out_raw_test_records(tmp_path, world_dir, bpe_dir):
+    from miniglm.cli import main
+    from miniglm.evaluate import load_examples
+
+    args = ["sft", "prepare", "--data", str(world_dir / "sft_train.jsonl"), "--tokenizer", str(bpe_dir),
+            "--max-len", "64", "--out", str(tmp_path / "data")]
+    assert main([*args, "--test-count", "5"]) == 2  # a held-out share needs somewhere to go
+    assert main([*args, "--test-out", str(tmp_path / "test.jsonl"), "--test-count", "5"]) == 0
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["test_records"] == 5
+    assert meta["train_records"] + meta["val_records"] + meta["dropped"] + 5 == meta["records"]
+    examples = load_examples(tmp_path / "test.jsonl")  # unrendered: what `miniglm eval --data` reads
+    assert len(examples) == 5 and all("fact" in ex.extra and ex.references[0] for ex in examples)
+    assert main([*args, "--test-out", str(tmp_path / "t2.jsonl"), "--test-fraction", "0.1"]) == 0
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["test_records"] == round(meta["records"] * 0.1)

@@ -4,6 +4,7 @@ loop reads, with truncation, optional packing, and stats.
     OUT/train.jsonl, OUT/val.jsonl   one {"ids": [...], "labels": [...], "lengths"?: [...]} a line;
                                      "lengths" marks a packed row (position ids restart per record)
     OUT/meta.json                    tokenizer, template, padding side, stop ids, counts
+    TEST_OUT (optional)              held-out raw records, {"messages": [...], ...} a line, for `miniglm eval`
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miniglm.fileio import UserError, write_json, write_jsonl
-from miniglm.sft.formats import load_records
+from miniglm.sft.formats import Record, load_records
 from miniglm.sft.templates import IGNORE, PADDING_SIDE, Rendered, TemplateOptions, render
 from miniglm.shards import tokenizer_ref
 from miniglm.tokenizer import Tokenizer, identity
@@ -92,19 +93,35 @@ def show(rows: list[dict], tok: Tokenizer, k: int) -> str:
     return "\n".join(lines)
 
 
+def hold_out(records: list[Record], n: int, seed: int, data: str | Path) -> tuple[list[Record], list[Record]]:
+    """(kept, held out): n records picked at random (seeded), each list in file order."""
+    if not 0 < n < len(records):
+        raise UserError(f"{data}: cannot hold out {n} of {len(records)} records for the test set; "
+                        "change --test-fraction or --test-count")
+    held = set(random.Random(seed).sample(range(len(records)), n))
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])
+
+
 def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template: str = "miniglm",
                 max_len: int = 256, val_fraction: float = 0.05, seed: int = 1337,
                 opts: TemplateOptions | None = None, packing: bool = False, padding_side: str | None = None,
-                columns: str | None = None, values: dict[str, str] | None = None, encoding: str | None = None) -> dict:
-    """padding_side: how training pads (default: the template's); columns, values, encoding: formats.load_records."""
+                columns: str | None = None, values: dict[str, str] | None = None, encoding: str | None = None,
+                test_out: str | Path | None = None, test_fraction: float = 0.05, test_count: int = 0) -> dict:
+    """padding_side: how training pads (default: the template's); columns, values, encoding: formats.load_records.
+    test_out: hold out test_count records (else test_fraction of them) unrendered, for evaluation."""
     opts = opts or TemplateOptions()
     out_dir = Path(out_dir)
     stats = PrepareStats()
-    rows = []
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    for rec in load_records(data, columns, values, encoding):
-        stats.records += 1
+    records = load_records(data, columns, values, encoding)
+    stats.records = len(records)
+    test: list[Record] = []
+    if test_out:
+        records, test = hold_out(records, test_count or round(len(records) * test_fraction), seed, data)
+    rows = []
+    for rec in records:
         try:
             r, truncated = fit(template, rec.messages, tok, max_len, opts)
         except UserError as e:  # name the record that breaks the template
@@ -136,13 +153,15 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
     stats.sequences = len(train) + len(val)
     write_jsonl(out_dir / "val.jsonl", val)
     write_jsonl(out_dir / "train.jsonl", train)
+    if test_out:
+        write_jsonl(test_out, ({"messages": r.messages, **r.extra} for r in test))
     probe = render(template, [{"role": "user", "content": "?"}], tok, add_generation_prompt=True, opts=opts)
     meta = {"tokenizer": tokenizer_ref(tok, out_dir), "template": template, "template_options": opts.__dict__,
             "max_len": max_len,
             "packed": packing, "padding_side": padding_side or PADDING_SIDE.get(template, "right"),
             "stop_ids": probe.stop_ids,
             "pad_id": tok.pad_id, "vocab_size": tok.vocab_size, "tokenizer_identity": identity(tok),
-            "train_records": len(rows) - n_val,
-            "val_records": n_val, **stats.__dict__}
+            "train_records": len(rows) - n_val, "val_records": n_val, "test_records": len(test),
+            "test_out": str(test_out) if test_out else None, **stats.__dict__}
     write_json(out_dir / "meta.json", meta)
     return meta

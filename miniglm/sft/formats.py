@@ -239,6 +239,8 @@ def load_records(path: str | Path, columns: str | None = None, values: dict[str,
         if messages is None:
             continue
         keep = {k: v for k, v in row.items() if k in ("character", "fact", "id", "label", "title")}
+        if isinstance(row.get("answers"), list):  # several references (a held-out SQuAD record)
+            keep["answers"] = row["answers"]
         records.append(Record(messages, where, keep))
     if not records:
         empty = f" with both '{picked[0]}' and '{picked[1]}'" if picked else ""
