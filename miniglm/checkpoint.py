@@ -13,25 +13,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from miniglm.fileio import UserError, atomic_dir, recover_dir, write_json
+from miniglm.fileio import UserError, atomic_dir, recover_dir, write_json, write_with
 from miniglm.model import MiniGLM, ModelConfig
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfig, state: dict,
                     optimizer: torch.optim.Optimizer | None = None, adapter: dict | None = None) -> None:
     """Write a checkpoint folder. With `adapter` (LoRA), only the adapter weights are saved."""
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, replace=True) as tmp:  # RUN/ckpt, RUN/best: the run was checked as a whole
         if adapter is None:
-            save_model(model, str(tmp / "model.safetensors"))
+            write_with(tmp / "model.safetensors", lambda p: save_model(model, str(p)))
         else:
             from safetensors.torch import save_file
 
-            save_file(adapter["weights"], str(tmp / "adapter.safetensors"))
+            write_with(tmp / "adapter.safetensors", lambda p: save_file(adapter["weights"], str(p)))
             write_json(tmp / "adapter_config.json", adapter["config"])
         write_json(tmp / "config.json", config.to_dict())
         write_json(tmp / "state.json", state)
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optim.pt")
+            write_with(tmp / "optim.pt", lambda p: torch.save(optimizer.state_dict(), p))
 
 
 def _is_checkpoint(folder: Path) -> bool:

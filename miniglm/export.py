@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from miniglm.checkpoint import save_checkpoint
-from miniglm.fileio import UserError
+from miniglm.fileio import UserError, atomic_dir
 from miniglm.model import MiniGLM, ModelConfig
 from miniglm.tokenizer import Tokenizer, load_tokenizer
 
@@ -42,12 +42,13 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
     if missing or unexpected:
         raise UserError(f"{ckpt_path}: weights do not match a gpt2-style MiniGLM "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    out = Path(out_dir)
-    save_checkpoint(out / "ckpt", model, config, {"step": int(ckpt.get("iter_num", 0)),
-                                                  "best_val_loss": float(ckpt.get("best_val_loss", float("inf"))),
-                                                  "imported_from": str(ckpt_path)})
-    if tokenizer:
-        load_tokenizer(tokenizer).save(out / "tokenizer")
+    tok = load_tokenizer(tokenizer) if tokenizer else None  # a bad name fails before anything is written
+    state = {"step": int(ckpt.get("iter_num", 0)), "best_val_loss": float(ckpt.get("best_val_loss", float("inf"))),
+             "imported_from": str(ckpt_path)}
+    with atomic_dir(out_dir) as tmp:  # the run (checkpoint and tokenizer) is one set
+        save_checkpoint(tmp / "ckpt", model, config, state)
+        if tok is not None:
+            tok.save(tmp / "tokenizer")
     return model
 
 
@@ -136,7 +137,7 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from miniglm.checkpoint import find_checkpoint, load_model_from
-    from miniglm.fileio import atomic_dir
+    from miniglm.fileio import write_with
     from miniglm.lora import merge_lora
 
     ckpt = find_checkpoint(run)
@@ -152,7 +153,7 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     if cfg.tie_word_embeddings:
         hf.tie_weights()
     with atomic_dir(out_dir) as tmp:
-        hf.save_pretrained(str(tmp))
+        write_with(tmp, lambda p: hf.save_pretrained(str(p)))
         if tok is not None:
             tok.save(tmp)
             add_chat_template(run_dir, tmp)
@@ -204,7 +205,7 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
     import gguf
 
     from miniglm.checkpoint import find_checkpoint, load_model_from
-    from miniglm.fileio import atomic_path
+    from miniglm.fileio import atomic_path, write_with
     from miniglm.lora import merge_lora
 
     ckpt = find_checkpoint(run)
@@ -284,9 +285,9 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
             elif theirs.endswith("attn_k.weight"):
                 t = permute_for_gguf(t, c.n_kv_head)
             w.add_tensor(theirs, *_gguf_tensor(t.contiguous().numpy(), outtype))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        write_with(tmp, lambda _: w.write_header_to_file())  # the writer holds the path; these are its writes
+        write_with(tmp, lambda _: w.write_kv_data_to_file())
+        write_with(tmp, lambda _: w.write_tensors_to_file())
         w.close()
     return Path(out_path)
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from miniglm.fileio import UserError, atomic_path
+from miniglm.fileio import UserError, atomic_path, read_log
 
 
 def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"{path}: no such file; train the run first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_log(path)  # a torn last line (a kill mid-append) is skipped
 
 
 def plot_losses(run: str | Path, out: str | Path | None = None) -> Path:

@@ -13,7 +13,7 @@ import io
 import json
 from pathlib import Path
 
-from miniglm.fileio import UserError, atomic_path, read_jsonl, write_text
+from miniglm.fileio import UserError, atomic_path, read_jsonl, read_log, write_text
 
 PERCENT = ("exact_match", "contained", "accuracy", "similarity")  # shown ×100 like the ROUGE/BLEU scores
 SHOWN = ("exact_match", "contained", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "similarity", "accuracy")
@@ -96,9 +96,15 @@ def _plt():
 
 
 def load_eval(eval_dir: Path) -> tuple[dict, list[dict]]:
-    if not (eval_dir / "metrics.json").exists():
+    path = eval_dir / "metrics.json"
+    if not path.exists():
         raise UserError(f"{eval_dir}: no metrics.json; run `miniglm eval` first")
-    summary = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict) or not isinstance(summary.get("all"), dict):
+        raise UserError(f"{path}: the file is incomplete; rerun `miniglm eval`")
     preds = [r for _, r in read_jsonl(eval_dir / "predictions.jsonl")] if (eval_dir / "predictions.jsonl").exists() \
         else []
     return summary, preds
@@ -113,7 +119,7 @@ def loss_figure(runs: list[tuple[str, Path]]):
         path = run / "metrics.jsonl"
         if not path.exists():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_log(path)  # a torn last line (a kill mid-append) is skipped
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if train:
@@ -181,7 +187,10 @@ def write_report(eval_dir: str | Path) -> tuple[Path, Path]:
         doc.table(*metric_rows(summary))
     ppl = eval_dir / "perplexity.json"
     if ppl.exists():
-        p = json.loads(ppl.read_text())
+        try:
+            p = json.loads(ppl.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{ppl}: the file is incomplete; rerun `miniglm eval ppl`") from None
         doc.para(f"perplexity {p['perplexity']:.2f} (loss {p['loss']:.4f}, {p['bits_per_byte']:.4f} bits/byte) on "
                  f"{p['tokens']:,} tokens of {p['text']}")
     fig = loss_figure([(run.name, run)])

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miniglm.fileio import UserError, write_json, write_jsonl
+from miniglm.fileio import UserError, atomic_dir, write_json, write_jsonl
 from miniglm.sft.formats import load_records
 from miniglm.sft.templates import IGNORE, PADDING_SIDE, Rendered, TemplateOptions, render
 from miniglm.shards import tokenizer_ref
@@ -132,8 +132,6 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
         train, val = pack(train, max_len), pack(val, max_len)
         stats.packed_padding_efficiency = round(stats.tokens / ((len(train) + len(val)) * max_len), 4)
     stats.sequences = len(train) + len(val)
-    write_jsonl(out_dir / "val.jsonl", val)
-    write_jsonl(out_dir / "train.jsonl", train)
     probe = render(template, [{"role": "user", "content": "?"}], tok, add_generation_prompt=True, opts=opts)
     meta = {"tokenizer": tokenizer_ref(tok, out_dir), "template": template, "template_options": opts.__dict__,
             "max_len": max_len,
@@ -141,5 +139,8 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
             "stop_ids": probe.stop_ids,
             "pad_id": tok.pad_id, "vocab_size": tok.vocab_size, "train_records": len(rows) - n_val,
             "val_records": n_val, **stats.__dict__}
-    write_json(out_dir / "meta.json", meta)
+    with atomic_dir(out_dir) as tmp:  # records and meta.json are one set, swapped in whole
+        write_jsonl(tmp / "val.jsonl", val)
+        write_jsonl(tmp / "train.jsonl", train)
+        write_json(tmp / "meta.json", meta)
     return meta
