@@ -48,8 +48,8 @@ _writes = 0
 
 def begin_command(name: str) -> None:
     """Called by the CLI before each command (tests run several in one process)."""
-    global _command, _writes
-    _command, _writes = name, 0
+    global _command, _writes, _depth
+    _command, _writes, _depth = name, 0, 0
     _overwrite.clear()
 
 
@@ -81,13 +81,22 @@ def output_error(path: str | Path, e: OSError) -> UserError:
     return UserError(f"{path}: {why}")
 
 
+_depth = 0  # writers nest (a file inside a set): the outermost names the output the user asked for
+
+
 @contextmanager
 def writing(path: str | Path) -> Iterator[None]:
     """Turn an OSError of the block into a UserError naming the output `path`."""
+    global _depth
+    _depth += 1
     try:
         yield
     except OSError as e:
+        if _depth > 1:
+            raise
         raise output_error(path, e) from None
+    finally:
+        _depth -= 1
 
 
 # --- markers and the outputs a command may replace ---------------------------------------------------
@@ -251,12 +260,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def recover_dir(path: str | Path) -> Path:
-    """Replacing a folder takes two renames (old away, new in); a process killed between them leaves
-    only `.NAME.old`. Put it back, so the last complete version is found."""
+    """Replacing a folder takes two renames (old away, new in) and a clean-up; a process killed between
+    the renames leaves only `.NAME.old`: put it back, so the last complete version is found. One killed
+    before the clean-up leaves `.NAME.old` beside the new NAME: remove it."""
     path = Path(path)
     old = old_path(path)
     if not path.exists() and old.exists():
         os.replace(old, path)
+    elif old.exists():
+        _remove(old)
     return path
 
 
