@@ -173,7 +173,7 @@ def test_a_folder_miniglm_did_not_write_is_refused_then_overwritten(command, tmp
     assert run_cli(argv, capsys)[0] == 0  # a rerun replaces its own output
 
 
-@pytest.mark.parametrize("command", ["world", "corpus prepare", "export hf", "eval"])
+@pytest.mark.parametrize("command", ["world", "corpus prepare", "corpus tokenize", "train", "export hf", "eval"])
 def test_an_out_that_is_a_file_is_refused_and_kept(command, tmp_path, inputs, capsys, one_thread):
     out = tmp_path / "f"
     out.write_text("keep me")
