@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from miniglm.fileio import atomic_dir, write_json
+from miniglm.fileio import atomic_dir, write_json, write_with
 from miniglm.model import MiniGLM, ModelConfig
 from miniglm.sft.templates import TemplateOptions
 from miniglm.tokenizer import Tokenizer, identity
@@ -23,18 +23,18 @@ from miniglm.tokenizer import Tokenizer, identity
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfig, state: dict,
                     optimizer: torch.optim.Optimizer | None = None, adapter: dict | None = None) -> None:
     """Write a checkpoint folder. With `adapter` (LoRA), only the adapter weights are saved."""
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, replace=True) as tmp:  # RUN/ckpt, RUN/best: the run was checked as a whole
         if adapter is None:
-            save_model(model, str(tmp / "model.safetensors"))
+            write_with(tmp / "model.safetensors", lambda p: save_model(model, str(p)))
         else:
             from safetensors.torch import save_file
 
-            save_file(adapter["weights"], str(tmp / "adapter.safetensors"))
+            write_with(tmp / "adapter.safetensors", lambda p: save_file(adapter["weights"], str(p)))
             write_json(tmp / "adapter_config.json", adapter["config"])
         write_json(tmp / "config.json", config.to_dict())
         write_json(tmp / "state.json", state)
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optim.pt")
+            write_with(tmp / "optim.pt", lambda p: torch.save(optimizer.state_dict(), p))
 
 
 def save_run(out_dir: str | Path, model: MiniGLM, state: dict, tokenizer: Tokenizer | None = None,
@@ -44,8 +44,10 @@ def save_run(out_dir: str | Path, model: MiniGLM, state: dict, tokenizer: Tokeni
     out = Path(out_dir)
     if tokenizer is not None:
         state = {**state, "tokenizer_identity": identity(tokenizer)}
-        tokenizer.save(out / "tokenizer")
-    save_checkpoint(out / "ckpt", model, model.config, state)
-    if chat is not None:
-        write_json(out / "chat.json", {"template": chat[0], "template_options": asdict(chat[1])})
+    with atomic_dir(out) as tmp:  # one set: never a new checkpoint beside an old tokenizer
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+        save_checkpoint(tmp / "ckpt", model, model.config, state)
+        if chat is not None:
+            write_json(tmp / "chat.json", {"template": chat[0], "template_options": asdict(chat[1])})
     return out

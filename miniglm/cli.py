@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from miniglm.corpus import CHAPTER_PATTERN
-from miniglm.fileio import UserError
+from miniglm.fileio import UserError, allow_overwrite, begin_command, check_output_dir, check_output_file
 
 DEFAULT_NEW_TOKENS = 128
 
@@ -57,6 +57,7 @@ def _add_encoding(p: argparse.ArgumentParser, what: str = "the input file") -> N
 def cmd_corpus_prepare(args: argparse.Namespace) -> int:
     from miniglm import corpus
 
+    check_output_dir(args.out, args.overwrite)
     opts = corpus.PrepareOptions(
         text_field=args.text_field, split=args.split, chapter_regex=args.chapter_regex,
         val_fraction=args.val_fraction, seed=args.seed, nfkc=args.nfkc, drop=args.drop,
@@ -72,6 +73,7 @@ def cmd_corpus_prepare(args: argparse.Namespace) -> int:
 def cmd_corpus_tokenize(args: argparse.Namespace) -> int:
     from miniglm import shards, tokenizer
 
+    check_output_dir(args.out, args.overwrite)
     tok = tokenizer.load_tokenizer(args.tokenizer)
     meta = shards.tokenize_corpus(args.corpus, tok, args.out)
     print(f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']}), "
@@ -85,6 +87,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:  # before reading the corpus
         raise UserError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE} (256 bytes + specials), "
                         f"got {args.vocab_size}")
+    check_output_dir(args.out, args.overwrite)
     docs = corpus.load_documents(f"{args.corpus}/train.jsonl")
     tok = tokenizer.train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency)
     print(f"trained a byte-level BPE with {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
@@ -108,6 +111,7 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> int:
 def cmd_world(args: argparse.Namespace) -> int:
     from miniglm import world
 
+    check_output_dir(args.out, args.overwrite)
     stats = world.build_world(args.out, args.characters, args.bios, args.heldout_fraction, args.seed)
     print(json.dumps(stats.__dict__, ensure_ascii=False))
     print(f"wrote {args.out}/corpus.jsonl, characters.jsonl, sft_train.jsonl, sft_test.jsonl")
@@ -117,6 +121,7 @@ def cmd_world(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from miniglm.demo import DemoOptions, run_demo
 
+    check_output_dir(args.out, args.overwrite)
     run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
                          vocab_size=args.vocab_size, seed=args.seed, questions=args.questions, overrides=args.set,
                          pretrain_overrides=args.set_pretrain, sft_overrides=args.set_sft, mix_qa=args.mix_qa))
@@ -127,7 +132,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from miniglm.config import load_config
     from miniglm.train import train
 
-    summary = train(load_config(args.config, args.set))
+    cfg = load_config(args.config, args.set)
+    if args.overwrite and cfg.out_dir:
+        allow_overwrite(cfg.out_dir)
+    summary = train(cfg)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
     return 0
 
@@ -141,6 +149,7 @@ def cmd_sft_prepare(args: argparse.Namespace) -> int:
 
     if (args.test_fraction is not None or args.test_count) and not args.test_out:
         raise UserError("--test-fraction and --test-count need --test-out FILE.jsonl (where the held-out records go)")
+    check_output_dir(args.out, args.overwrite)
     tok = load_tokenizer(args.tokenizer)
     opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
                            end_token=args.end_token, max_source_len=args.max_source_len,
@@ -167,6 +176,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.full and args.lora_r is not None:
         raise UserError("--full and --lora-r exclude each other: LoRA trains adapters, --full every weight")
+    check_output_dir(args.out, args.overwrite)
     topts = TemplateOptions(system=args.system, end_token=args.end_token)
     opts = FinetuneOptions(model=args.model, data=args.data, out=args.out, template=args.template,
                            lora_r=0 if args.full else (args.lora_r or 8), max_len=args.max_len,
@@ -182,6 +192,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from miniglm import runs
     from miniglm.checkpoint import save_run
 
+    check_output_dir(args.out, args.overwrite)
     run = runs.open_run(args.run)
     chat = runs.read_chat(run.dir)  # the merged model chats with the template it was tuned with
     if run.hf:  # a transformers folder (from_pretrained loads it) that is also a run
@@ -209,6 +220,7 @@ def cmd_import_ckpt(args: argparse.Namespace) -> int:
     from miniglm.export import import_nanogpt
     from miniglm.gguf_import import is_gguf
 
+    check_output_dir(args.out, args.overwrite)
     if is_gguf(args.ckpt):
         return _import_gguf(args)
     if args.max_context is not None:
@@ -237,9 +249,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from miniglm.export import export_gguf, export_hf
 
     if args.to == "gguf":
+        check_output_file(args.out, b"GGUF", args.overwrite)
         path = export_gguf(args.run, args.out, args.outtype)
         print(f"exported GGUF ({args.outtype.upper()}) for llama.cpp -> {path}")
     else:
+        check_output_dir(args.out, args.overwrite)
         print(f"exported a transformers model -> {export_hf(args.run, args.out)}")
     return 0
 
@@ -319,6 +333,12 @@ def _stdin_reader(encoding: str | None):
     return read
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that miniglm did not write (its files are lost); "
+                        "outputs miniglm wrote are replaced without it")
+
+
 def _add_columns(p: argparse.ArgumentParser) -> None:
     p.add_argument("--columns", default=None, metavar="PROMPT,ANSWER[,HISTORY]",
                    help="the prompt and answer fields of every record, and a history field of [question, answer] "
@@ -348,12 +368,19 @@ def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None
                    help="int8 weights on CPU: ~2x faster decoding, slightly different logits")
 
 
+def _eval_out(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    check_output_dir(args.out or Path(args.run) / "eval", args.overwrite)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_generation
     from miniglm.finetune import parse_values
 
     if not args.run or not args.data:
         raise UserError("miniglm eval needs --run DIR and --data FILE (or a subcommand: ppl, classify)")
+    _eval_out(args)
     params = _sampling(args)
     evaluate_generation(args.run, args.data, args.out, args.template, params,
                         None if args.embedder == "none" else args.embedder, args.limit, args.batch_size,
@@ -365,6 +392,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_perplexity
 
+    _eval_out(args)
     evaluate_perplexity(args.run, args.text, args.stride, args.out, encoding=args.encoding)
     return 0
 
@@ -374,6 +402,7 @@ def cmd_eval_classify(args: argparse.Namespace) -> int:
     from miniglm.finetune import parse_values
 
     _check_batch_size(args)
+    _eval_out(args)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
                             columns=args.columns, values=parse_values(args.value), encoding=args.encoding)
@@ -423,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--errors", choices=["strict", "replace"], default="strict",
                       help="undecodable bytes: stop with an error (default) or replace with U+FFFD")
     prep.add_argument("--encoding", default=None, help="skip detection and use this encoding")
+    _add_overwrite(prep)
     prep.set_defaults(func=cmd_corpus_prepare)
 
     tokz = csub.add_parser("tokenize", help="documents -> train.bin/val.bin token shards + meta.json",
@@ -430,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokz.add_argument("--corpus", required=True, help="folder written by `corpus prepare`")
     tokz.add_argument("--tokenizer", required=True, help="tokenizer folder, cl100k_base, FILE.tiktoken or HF name")
     tokz.add_argument("--out", required=True, help="output folder")
+    _add_overwrite(tokz)
     tokz.set_defaults(func=cmd_corpus_tokenize)
 
     tok = sub.add_parser("tokenizer", help="train or inspect a tokenizer")
@@ -440,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=at_least(1), default=8192)
     train.add_argument("--min-frequency", type=at_least(1), default=2)
     train.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
+    _add_overwrite(train)
     train.set_defaults(func=cmd_tokenizer_train)
     rep = tsub.add_parser("report", help="characters/token and the round-trip check on a split",
                           description="Print compression and check decode(encode(x)) == x on every document.")
@@ -455,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--bios", type=at_least(1), default=6, help="biographies per character")
     w.add_argument("--heldout-fraction", type=float, default=0.5, help="characters whose Q&A are held out")
     w.add_argument("--seed", type=int, default=1337)
+    _add_overwrite(w)
     w.set_defaults(func=cmd_world)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the synthetic world",
@@ -473,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key of the pretraining stage only (configs/demo.toml)")
     d.add_argument("--set-sft", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the SFT stage only (configs/demo-sft.toml)")
+    _add_overwrite(d)
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="pretrain or fine-tune (SFT, LoRA) a MiniGLM",
@@ -480,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="TOML file (see configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set max_steps=100 --set model.n_layer=4")
+    _add_overwrite(t)
     t.set_defaults(func=cmd_train)
 
     sft = sub.add_parser("sft", help="prepare SFT data")
@@ -512,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=1337)
     _add_encoding(sp, "--data")
     sp.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, meta.json)")
+    _add_overwrite(sp)
     sp.set_defaults(func=cmd_sft_prepare)
     from miniglm.sft.synth import add_cli as add_generate_cli
 
@@ -539,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(ft, "--data")
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training key, e.g. --set max_steps=50 --set lr=1e-4 --set lora_targets=c_attn")
+    _add_overwrite(ft)
     ft.set_defaults(func=cmd_finetune)
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into full weights",
@@ -546,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Hugging Face run (finetune): OUT is a transformers model folder.")
     m.add_argument("run", help="run or checkpoint folder with an adapter")
     m.add_argument("--out", required=True)
+    _add_overwrite(m)
     m.set_defaults(func=cmd_merge)
 
     pl = sub.add_parser("plot", help="plot a run's loss curves (PNG)", description="metrics.jsonl -> loss.png")
@@ -562,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--tokenizer", default=None, help="tokenizer to store with the run (the seed used cl100k_base)")
     ic.add_argument("--max-context", type=int, default=None,
                     help="GGUF: the run's context (default 2048, or the model's own if shorter)")
+    _add_overwrite(ic)
     ic.set_defaults(func=cmd_import_ckpt)
 
     g = sub.add_parser("generate", help="complete prompts with a run's model",
@@ -614,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(ev, "--data")
     ev.add_argument("--batch-size", type=int, default=32)
     _add_sampling(ev, run_required=False)
+    _add_overwrite(ev)
     ev.set_defaults(func=cmd_eval)
     evsub = ev.add_subparsers(dest="eval_command", metavar="{ppl,classify}")
     pp = evsub.add_parser("ppl", help="perplexity and bits per byte over held-out text (sliding window)",
@@ -624,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--stride", type=at_least(0), default=0, help="window step in tokens (default: half the context)")
     pp.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     _add_encoding(pp, "--text")
+    _add_overwrite(pp)
     pp.set_defaults(func=cmd_eval_ppl)
     cl = evsub.add_parser("classify", help="accuracy and per-class precision/recall, labels as text",
                           description="Generate a short answer per record, snap it to the closest label, score.")
@@ -635,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     cl.add_argument("--batch-size", type=int, default=32)
     _add_encoding(cl, "--data")
+    _add_overwrite(cl)
     cl.set_defaults(func=cmd_eval_classify)
 
     rp = sub.add_parser("report", help="rebuild an evaluation report, or compare two runs",
@@ -652,12 +694,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder (hf) or file (gguf)")
     ex.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32",
                     help="GGUF weight type (matrices; norms stay F32)")
+    _add_overwrite(ex)
     ex.set_defaults(func=cmd_export)
     return p
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """"corpus tokenize", "eval ppl", ...: the name a folder's marker records."""
+    sub = [getattr(args, k, None) for k in ("corpus_command", "tokenizer_command", "sft_command", "eval_command")]
+    return " ".join([args.command, *(s for s in sub if s)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    begin_command(command_name(args))
     try:
         return args.func(args)
     except UserError as e:  # one line, even where it quotes a library's message of several

@@ -12,7 +12,16 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from miniglm.fileio import UserError, guess_encoding, is_wide, read_jsonl, read_records, write_json, write_jsonl
+from miniglm.fileio import (
+    UserError,
+    atomic_dir,
+    guess_encoding,
+    is_wide,
+    read_jsonl,
+    read_records,
+    write_json,
+    write_jsonl,
+)
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -349,15 +358,15 @@ def prepare_corpus(inputs: list[str], out_dir: str | Path, opts: PrepareOptions)
     train = [d for i, d in enumerate(docs) if i not in val_ids]
     val = [d for i, d in enumerate(docs) if i in val_ids]
 
-    out = Path(out_dir)
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "val.jsonl", val)
     stats.documents, stats.train_documents, stats.val_documents = len(docs), len(train), len(val)
     stats.train_characters = sum(len(d["text"]) for d in train)
     stats.val_characters = sum(len(d["text"]) for d in val)
     stats.characters = stats.train_characters + stats.val_characters
     stats.seconds = round(time.perf_counter() - t0, 3)
-    write_json(out / "stats.json", stats.__dict__)
+    with atomic_dir(out_dir) as tmp:  # the three files are one set: swapped in whole
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "val.jsonl", val)
+        write_json(tmp / "stats.json", stats.__dict__)
     return stats
 
 

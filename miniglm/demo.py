@@ -7,14 +7,13 @@ configs/demo.toml and configs/demo-sft.toml; `overrides` (KEY=VALUE) apply to bo
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from miniglm import corpus, shards, tokenizer, world
 from miniglm.config import load_config
-from miniglm.fileio import UserError
+from miniglm.fileio import UserError, atomic_dir, mark_dir, remove_output
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -59,7 +58,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     from miniglm.sft.data import prepare_sft
     from miniglm.train import train
 
-    run = Path(opts.out)
+    run = mark_dir(opts.out)  # the demo's stages write their marked folders inside it
     t0 = time.perf_counter()
     check_options(opts, run)
     log(f"== 1/6 world: {opts.characters} characters, {opts.bios} biographies each -> {run / 'world'}")
@@ -91,7 +90,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     log(f"   {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']})")
 
     for stage in ("pretrain", "sft_data", "sft"):  # the data above was made anew: so are the models
-        shutil.rmtree(run / stage, ignore_errors=True)
+        remove_output(run / stage)
     log(f"== 5/6 pretrain -> {run / 'pretrain'}")
     pre_cfg = stage_config("demo.toml", run / "pretrain", run / "data",
                            [f"model.vocab_size={tok.vocab_size}", *opts.overrides, *opts.pretrain_overrides])
@@ -137,8 +136,9 @@ def evaluate_demo(run: Path, log=print, n: int = 500) -> dict:
                    "template": model.template, **summarize(scores, examples)}
         baseline = mean_scores(score(majority_baseline(train_examples, examples, "fact"), examples))
         summary["baselines"] = {"most frequent answer per fact": baseline}
-        write_results(run / "sft" / out, examples, predictions, scores, summary)
-        write_report(run / "sft" / out)
+        with atomic_dir(run / "sft" / out, keep=True) as tmp:
+            write_results(tmp, examples, predictions, scores, summary)
+            write_report(tmp)
         a = summary["all"]
         log(f"   {label} ({len(examples)} questions): exact match {a['exact_match']:.1%}, ROUGE-L "
             f"{a['rouge-l']:.1f}  |  baseline (most frequent answer per fact): exact match "

@@ -18,7 +18,7 @@ import torch
 
 from miniglm import metrics
 from miniglm.engine import SamplingParams
-from miniglm.fileio import UserError, read_text, write_json, write_jsonl
+from miniglm.fileio import UserError, atomic_dir, read_text, write_json, write_jsonl
 from miniglm.sft.formats import load_records
 
 GROUP_FIELDS = ("fact", "label", "category", "type")  # per-group averages when the data has one of these
@@ -169,8 +169,9 @@ def evaluate_generation(run_dir: str | Path, data: str | Path, out: str | Path |
     summary = {"kind": "generation", "run": str(run_dir), "data": str(data), "template": run.template,
                "sampling": {k: v for k, v in params.__dict__.items() if k != "stop_ids"}, "embedder": embedder,
                "generation_seconds": gen_s, **summarize(scores, examples)}
-    write_results(out, examples, predictions, scores, summary)
-    write_report(out)
+    with atomic_dir(out, keep=True) as tmp:  # predictions, scores and reports are one set
+        write_results(tmp, examples, predictions, scores, summary)
+        write_report(tmp)
     log(format_summary(summary))
     log(f"wrote {out / 'predictions.jsonl'}, {out / 'report.md'}, {out / 'report.html'}")
     return summary
@@ -244,7 +245,8 @@ def evaluate_perplexity(run_dir: str | Path, text: str | Path, stride: int = 0, 
     result = {"kind": "perplexity", "run": str(run_dir), "text": str(text),
               **perplexity(run.engine.model, run.engine.tokenizer, texts, stride, run.engine.device)}
     out = Path(out) if out else Path(run_dir) / "eval"
-    write_json(out / "perplexity.json", result)
+    with atomic_dir(out, keep=True) as tmp:  # beside a generation eval's files, kept as they are
+        write_json(tmp / "perplexity.json", result)
     log(f"{result['tokens']:,} tokens: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
         f"bits/byte {result['bits_per_byte']:.4f} (window {result['window']}, stride {result['stride']}) "
         f"-> {out / 'perplexity.json'}")
@@ -282,9 +284,10 @@ def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[
     out = Path(out) if out else Path(run_dir) / "eval"
     rows = [{"prompt": ex.prompt, "reference": ref, "prediction": pred, "generated": g, **ex.extra, "scores": s}
             for ex, ref, pred, g, s in zip(examples, refs, predictions, raw, scores, strict=True)]
-    write_jsonl(out / "predictions.jsonl", rows)
-    write_json(out / "metrics.json", summary)
-    write_report(out)
+    with atomic_dir(out, keep=True) as tmp:
+        write_jsonl(tmp / "predictions.jsonl", rows)
+        write_json(tmp / "metrics.json", summary)
+        write_report(tmp)
     log(f"{len(examples)} samples: accuracy {report['accuracy']:.1%} (majority '{majority[0]}': "
         f"{summary['majority_baseline']['accuracy']:.1%}), macro F1 {report['macro_f1']:.3f} -> {out}")
     return summary

@@ -70,11 +70,11 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
     if missing or unexpected:
         raise UserError(f"{ckpt_path}: weights do not match a gpt2-style MiniGLM "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tok = load_tokenizer(tokenizer) if tokenizer else None
+    tok = load_tokenizer(tokenizer) if tokenizer else None  # a bad name fails before anything is written
     if tok is not None and tok.text_vocab_size > config.vocab_size:
         raise UserError(f"--tokenizer {tokenizer} has {tok.text_vocab_size} token ids, past the {config.vocab_size} of "
                         f"{ckpt_path}; give the tokenizer the checkpoint was trained with")
-    save_run(out_dir, model, {"step": int(ckpt.get("iter_num", 0)),
+    save_run(out_dir, model, {"step": int(ckpt.get("iter_num", 0)),  # the run is one set
                               "best_val_loss": float(ckpt.get("best_val_loss", float("inf"))),
                               "imported_from": str(ckpt_path)}, tok)
     return model
@@ -126,7 +126,7 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     """A run folder -> a transformers model folder (config.json, model.safetensors, tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    from miniglm.fileio import atomic_dir
+    from miniglm.fileio import atomic_dir, write_with
 
     opened, chat, tok = _open_for_export(run)
     model = runs.load_model(opened).eval()
@@ -139,7 +139,7 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     if cfg.tie_word_embeddings:
         hf.tie_weights()
     with atomic_dir(out_dir) as tmp:
-        hf.save_pretrained(str(tmp))
+        write_with(tmp, lambda p: hf.save_pretrained(str(p)))
         if tok is not None:
             tok.save(tmp)
             add_chat_template(chat, tmp)
@@ -204,7 +204,7 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
 
     import gguf
 
-    from miniglm.fileio import atomic_path
+    from miniglm.fileio import atomic_path, write_with
     from miniglm.gguf_tokenizer import recorded_pre_tokenizer
 
     opened, chat, tok = _open_for_export(run)
@@ -283,9 +283,9 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
             elif theirs.endswith("attn_k.weight"):
                 t = permute_for_gguf(t, c.n_kv_head)
             w.add_tensor(theirs, *_gguf_tensor(t.contiguous().numpy(), outtype))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        write_with(tmp, lambda _: w.write_header_to_file())  # the writer holds the path; these are its writes
+        write_with(tmp, lambda _: w.write_kv_data_to_file())
+        write_with(tmp, lambda _: w.write_tensors_to_file())
         w.close()
     return Path(out_path)
 

@@ -1,13 +1,26 @@
-"""Small file helpers shared by every stage: user errors, atomic writes, JSON and JSON Lines reading."""
+"""Small file helpers shared by every stage: user errors, the writers every output goes through, JSON
+and JSON Lines reading.
+
+The writer discipline: a command never deletes what it did not write, and never leaves a half-written
+output. A set of files (a corpus, shards, a checkpoint, an export) is written into a temporary folder
+beside its destination and swapped in whole (atomic_dir); one file is written under a temporary name
+and renamed (atomic_path). Folders miniglm writes carry a `.miniglm` marker (which command, when,
+which files): a rerun may replace a marked folder, an unmarked non-empty one needs --overwrite.
+An OSError while writing becomes one UserError line naming the output. Temporary names are
+`.NAME.PID.RANDOM.tmp`; those of a dead process are removed when NAME is written again.
+"""
 
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,61 +33,329 @@ def _umask() -> int:
 
 
 UMASK = _umask()
+MARKER = ".miniglm"
+_START = time.time()  # a temporary file of our own pid older than this is a previous process's
 
 
 class UserError(Exception):
     """A mistake in the user's input: the CLI prints it as one line and exits non-zero."""
 
 
+# --- the command being run: its name for markers, the outputs the user allowed to be replaced --------
+_command = "miniglm"
+_overwrite: set[Path] = set()
+_writes = 0
+
+
+def begin_command(name: str) -> None:
+    """Called by the CLI before each command (tests run several in one process)."""
+    global _command, _writes, _depth
+    _command, _writes, _depth = name, 0, 0
+    _overwrite.clear()
+
+
+def _write_point() -> None:
+    """Every file write and rename passes here. MINIGLM_TEST_KILL_AT=N ends the process at the N-th,
+    as a kill -9 would: the fault-injection tests check that no output is ever left half-written."""
+    global _writes
+    _writes += 1
+    if os.environ.get("MINIGLM_TEST_KILL_AT") == str(_writes):
+        os._exit(137)
+
+
+# --- OSError -> one line -----------------------------------------------------------------------------
+_WHY = {
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
+    errno.EROFS: "the file system is read-only; write somewhere else",
+    errno.ENOSPC: "no space left on the device; free some space or write somewhere else",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or write somewhere else",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "permission denied; choose a folder you can write to",
+    errno.EISDIR: "is a folder; name a file to write",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EEXIST: "a file is in the way (a part of the path is a file); choose another path",
+}
+
+
+def output_error(path: str | Path, e: OSError) -> UserError:
+    why = _WHY.get(e.errno or 0, f"cannot write it ({e.strerror or e}); check the path and the disk")
+    return UserError(f"{path}: {why}")
+
+
+_depth = 0  # writers nest (a file inside a set): the outermost names the output the user asked for
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an OSError of the block into a UserError naming the output `path`."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    except OSError as e:
+        if _depth > 1:
+            raise
+        raise output_error(path, e) from None
+    finally:
+        _depth -= 1
+
+
+# --- markers and the outputs a command may replace ---------------------------------------------------
+def is_marked(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+_TMP_NAME = re.compile(r"^\..+\.\d+\.\w+\.tmp$")  # .NAME.PID.RANDOM.tmp
+
+
+def _is_empty_dir(path: Path) -> bool:
+    """Nothing in it, or only temporary files of ours (a kill before the marker was written)."""
+    return path.is_dir() and all(_TMP_NAME.match(p.name) for p in path.iterdir())
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an --out folder that would lose what miniglm did not write: an existing
+    file, or a non-empty folder without our marker (unless --overwrite, which lets it be replaced)."""
+    path = Path(path)
+    with writing(path):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: is a file, not a folder; choose another --out")
+        if path.is_dir() and not _is_empty_dir(path) and not is_marked(path):
+            if not overwrite:
+                raise UserError(f"{path}: exists and was not written by miniglm (no {MARKER} marker); "
+                                "choose another --out, or pass --overwrite to replace it")
+            allow_overwrite(path)
+    return path
+
+
+def check_output_file(path: str | Path, magic: bytes, overwrite: bool = False) -> Path:
+    """The same for a one-file output: an existing file is replaced if it starts with `magic` (a file of
+    the kind we write) or with --overwrite; a folder is refused."""
+    path = Path(path)
+    with writing(path):
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder; --out names the file to write")
+        if path.exists():
+            with open(path, "rb") as f:
+                ours = f.read(len(magic)) == magic
+            if not ours and not overwrite:
+                raise UserError(f"{path}: exists and is not a file miniglm writes; choose another --out, "
+                                "or pass --overwrite to replace it")
+    return path
+
+
+def _replaceable(path: Path) -> bool:
+    """Ours (marked), empty, or inside an output named with --overwrite."""
+    if not path.exists() or _is_empty_dir(path) or is_marked(path):
+        return True
+    full = path.resolve()
+    return any(p in _overwrite for p in (full, *full.parents))
+
+
+def _marker(files: list[str] | None) -> dict:
+    m: dict[str, Any] = {"command": _command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if files is not None:
+        m["files"] = files
+    return m
+
+
+def allow_overwrite(path: str | Path) -> None:
+    """--overwrite: this output may replace what is there, marked or not."""
+    _overwrite.add(Path(path).resolve())
+
+
+def mark_dir(path: str | Path) -> Path:
+    """Create a folder that grows over time (a training run) and mark it, once, as ours."""
+    path = check_output_dir(path, Path(path).resolve() in _overwrite)
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+    if not is_marked(path):
+        write_json(path / MARKER, _marker(None))
+    return path
+
+
+def remove_output(path: str | Path) -> None:
+    """Delete a folder miniglm wrote (a stage a rerun makes anew); refuse one it did not."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not _replaceable(path):
+        raise UserError(f"{path}: exists and was not written by miniglm (no {MARKER} marker); move it away, "
+                        "or pass --overwrite to replace it")
+    _write_point()
+    with writing(path):
+        shutil.rmtree(path)
+
+
+# --- temporary names -----------------------------------------------------------------------------------
+def _stem(path: Path) -> str:
+    return "." + path.name[:80]  # room for .PID.RANDOM.tmp within the file system's 255 bytes
+
+
+def old_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{_stem(path)}.old")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_orphans(path: Path) -> None:
+    """Remove the temporary files of `path` left by a process that died while writing it, and the
+    previous version left beside a complete one by a kill between the swap and the clean-up."""
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f"{_stem(path)}.*.tmp"):
+        parts = p.name[len(_stem(path)) + 1:].split(".")
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        own_stale = pid == os.getpid() and p.lstat().st_mtime < _START
+        if own_stale or (pid != os.getpid() and not _pid_alive(pid)):
+            _remove(p)
+    old = old_path(path)
+    if path.exists() and old.exists():
+        _remove(old)
+
+
+def _remove(p: Path) -> None:
+    _write_point()
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f"{_stem(path)}.{os.getpid()}."
+
+
+# --- the writers --------------------------------------------------------------------------------------
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise OSError(errno.EISDIR, "is a folder")
+        clean_orphans(path)
+        _write_point()
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the usual permissions
+            _write_point()
+            os.replace(tmp_path, path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
 
 
 def recover_dir(path: str | Path) -> Path:
-    """Replacing a folder takes two renames (old away, new in); a process killed between them leaves
-    only `.NAME.old`. Put it back, so the last complete version is found."""
+    """Replacing a folder takes two renames (old away, new in) and a clean-up; a process killed between
+    the renames leaves only `.NAME.old`: put it back, so the last complete version is found. One killed
+    before the clean-up leaves `.NAME.old` beside the new NAME: remove it."""
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
+    old = old_path(path)
     if not path.exists() and old.exists():
         os.replace(old, path)
+    elif old.exists():
+        _remove(old)
     return path
 
 
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
-    path = recover_dir(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~UMASK)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name != MARKER)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy what the old folder holds and the new set does not write (another eval's perplexity.json)."""
+    for p in old.iterdir():
+        if p.name == MARKER or _TMP_NAME.match(p.name) or (new / p.name).exists():
+            continue
+        if p.is_dir():
+            copy_dir(p, new / p.name)
         else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            copy_file(p, new / p.name)
+
+
+@contextmanager
+def atomic_dir(path: str | Path, keep: bool = False, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; with its marker written, it replaces `path` only if the
+    block succeeds. An existing `path` must be replaceable: ours (marked), empty, or named with --overwrite.
+    keep: the new folder keeps the old one's files it does not write itself (a folder several commands
+    write into, such as RUN/eval). replace: whatever `path` holds (a checkpoint inside a run already checked)."""
+    path = Path(path)
+    with writing(path):
+        recover_dir(path)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: is a file, not a folder; choose another --out")
+        if not replace and not _replaceable(path):
+            raise UserError(f"{path}: exists and was not written by miniglm (no {MARKER} marker); "
+                            "choose another --out, or pass --overwrite to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_orphans(path)
+        _write_point()
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            if keep and path.is_dir():
+                _carry_over(path, tmp)
+            write_json(tmp / MARKER, _marker(_listing(tmp)))
+            os.chmod(tmp, 0o777 & ~UMASK)
+            if path.exists():
+                old = old_path(path)
+                _write_point()
+                os.replace(path, old)
+                _write_point()
+                os.replace(tmp, path)
+                _remove(old)
+            else:
+                _write_point()
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_with(path: str | Path, save: Callable[[Path], Any]) -> None:
+    """A file written by another library's saver (safetensors, torch.save, save_pretrained), usually
+    inside an atomic_dir: a write point, and its OSError as one line."""
+    path = Path(path)
+    _write_point()
+    with writing(path):
+        save(path)
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    _write_point()
+    with writing(dst):
+        shutil.copyfile(src, dst)
+
+
+def copy_dir(src: str | Path, dst: str | Path) -> None:
+    """A folder's files, one write point each (usually into an atomic_dir)."""
+    src, dst = Path(src), Path(dst)
+    with writing(dst):
+        dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.iterdir()):
+        if p.is_dir():
+            copy_dir(p, dst / p.name)
+        else:
+            copy_file(p, dst / p.name)
 
 
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
+        _write_point()
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -85,6 +366,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        _write_point()
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
@@ -175,6 +457,32 @@ def read_text(path: str | Path, encoding: str | None = None, errors: str = "stri
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     return decode_text(data, path, encoding, errors, encoding_flag=encoding_flag)
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """One line at the end of a log (metrics.jsonl). A kill mid-append leaves a torn last line, which
+    read_log skips (and a resumed run rewrites the log without it)."""
+    path = Path(path)
+    _write_point()
+    with writing(path), open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The rows of a JSON Lines log; a torn last line (a kill or a full disk mid-append) is skipped."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path}:{i + 1}: not valid JSON; fix or remove that line") from None
+    return rows
 
 
 def _json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:

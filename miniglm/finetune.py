@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miniglm.config import TrainConfig, load_config
-from miniglm.fileio import UserError, require_file
+from miniglm.fileio import UserError, mark_dir, require_file
 from miniglm.sft.templates import TemplateOptions
 
 # CPU-sized defaults; every training key can be overridden with --set.
@@ -93,7 +93,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     template = family.template if opts.template == "auto" else opts.template
     # Records longer than the model's context would lose their answer in training's cut: cut the prompt here.
     max_len = min(opts.max_len, block_size_of(config) + 1)
-    out = Path(opts.out)
+    out = mark_dir(opts.out)  # the run folder: RUN/data, then the checkpoints
     template_opts = column_fields(opts.data, opts.columns, opts.template_options, opts.encoding)
     meta = prepare_sft(opts.data, tok, out / "data", template, max_len, opts.val_fraction, opts.seed,
                        template_opts, padding_side=family.train_padding, columns=opts.columns, values=opts.values,

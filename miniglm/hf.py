@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from miniglm.fileio import UserError, atomic_dir, write_json
+from miniglm.fileio import UserError, atomic_dir, write_json, write_with
 from miniglm.sft.templates import IGNORE
 from miniglm.shards import load_meta
 
@@ -280,12 +280,12 @@ def save_checkpoint(path: str | Path, model: HFCausalLM, state: dict,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """The HF model's save_pretrained (full: config.json + model.safetensors; LoRA: adapter_config.json
     + adapter_model.safetensors), state.json and optim.pt, written under a temporary name."""
-    with atomic_dir(path) as tmp:
-        model.model.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_dir(path, replace=True) as tmp:  # RUN/ckpt, RUN/best: the run was checked as a whole
+        write_with(tmp, lambda p: model.model.save_pretrained(str(p), safe_serialization=True))
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
         write_json(tmp / "state.json", {**state, "hf": model.describe()})
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optim.pt")
+            write_with(tmp / "optim.pt", lambda p: torch.save(optimizer.state_dict(), p))
 
 
 def merge_run(model: HFCausalLM, tok, state: dict, ckpt: Path, chat: tuple | None, out_dir: str | Path) -> Path:
@@ -293,7 +293,7 @@ def merge_run(model: HFCausalLM, tok, state: dict, ckpt: Path, chat: tuple | Non
     it, that is also a run miniglm loads (state.json, chat.json)."""
     set_eos_ids(model.model, answer_end_ids(model, tok, chat))
     with atomic_dir(out_dir) as tmp:
-        model.model.save_pretrained(str(tmp), safe_serialization=True)
+        write_with(tmp, lambda p: model.model.save_pretrained(str(p), safe_serialization=True))
         tok.save(tmp)
         write_json(tmp / "state.json", {"step": state.get("step", 0), "stage": state.get("stage"),
                                         "base_model": state.get("base_model"), "merged_from": str(ckpt.resolve()),

@@ -96,9 +96,15 @@ def _plt():
 
 
 def load_eval(eval_dir: Path) -> tuple[dict, list[dict]]:
-    if not (eval_dir / "metrics.json").exists():
+    path = eval_dir / "metrics.json"
+    if not path.exists():
         raise UserError(f"{eval_dir}: no metrics.json; run `miniglm eval` first")
-    summary = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict) or not isinstance(summary.get("all"), dict):
+        raise UserError(f"{path}: the file is incomplete; rerun `miniglm eval`")
     preds = [r for _, r in read_jsonl(eval_dir / "predictions.jsonl")] if (eval_dir / "predictions.jsonl").exists() \
         else []
     return summary, preds
@@ -182,7 +188,10 @@ def write_report(eval_dir: str | Path) -> tuple[Path, Path]:
         doc.table(*metric_rows(summary))
     ppl = eval_dir / "perplexity.json"
     if ppl.exists():
-        p = json.loads(ppl.read_text())
+        try:
+            p = json.loads(ppl.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{ppl}: the file is incomplete; rerun `miniglm eval ppl`") from None
         doc.para(f"perplexity {p['perplexity']:.2f} (loss {p['loss']:.4f}, {p['bits_per_byte']:.4f} bits/byte) on "
                  f"{p['tokens']:,} tokens of {p['text']}")
     fig = loss_figure([(run.name, run)])

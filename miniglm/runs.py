@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from miniglm.fileio import UserError, recover_dir
+from miniglm.fileio import UserError, read_log, recover_dir
 from miniglm.model import MiniGLM, ModelConfig
 from miniglm.sft.templates import TEMPLATES, TemplateOptions
 from miniglm.tokenizer import Tokenizer, identity, load_tokenizer
@@ -160,22 +160,14 @@ def read_chat(run_dir: str | Path) -> tuple[str, TemplateOptions] | None:
 
 def read_metrics(run: str | Path) -> list[dict]:
     """RUN/metrics.jsonl. Lines are appended as training goes: a run killed mid-line leaves its last line
-    torn, which is left out; a bad line before it is damage."""
+    torn, which is left out (fileio.read_log); a bad line before it is damage."""
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"{path}: no such file; train the run first")
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
-             if line.strip()]
-    rows = []
-    for i, (n, line) in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-        elif i < len(lines) - 1:
-            raise damaged(path, f"line {n} is not a metrics record", "remove that line")
+    rows = read_log(path)
+    for i, row in enumerate(rows):
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            raise damaged(path, f"record {i + 1} is not a metrics record", "remove that line")
     return rows
 
 

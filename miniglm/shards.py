@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from miniglm.corpus import load_documents
-from miniglm.fileio import UserError, atomic_path, read_json, write_json
+from miniglm.fileio import UserError, atomic_dir, atomic_path, read_json, write_json
 from miniglm.tokenizer import Tokenizer, identity
 
 BATCH_DOCS = 256  # documents per encode_batch call: enough to keep both cores busy
@@ -41,23 +41,25 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizer: Tokenizer, out_dir: str |
                   "vocab_size": tokenizer.vocab_size,
                   "dtype": token_dtype(tokenizer.vocab_size).name, "eot_id": tokenizer.eot_id,
                   "pad_id": tokenizer.pad_id}
-    total_bytes = 0
-    splits = {split: load_documents(corpus_dir / f"{split}.jsonl") for split in ("train", "val")}
-    for split, docs in splits.items():  # both read before either is written: a bad val.jsonl leaves no train.bin
-        if not docs:
+    splits = {}
+    for split in ("train", "val"):  # both read before anything is written
+        splits[split] = load_documents(corpus_dir / f"{split}.jsonl")
+        if not splits[split]:
             raise UserError(f"{corpus_dir / f'{split}.jsonl'}: no documents")
-    for split, docs in splits.items():
-        n = write_tokens(docs, tokenizer, out_dir / f"{split}.bin")
-        nbytes = sum(len(d.encode()) for d in docs)
-        total_bytes += nbytes
-        meta[f"{split}_tokens"] = n
-        meta[f"{split}_documents"] = len(docs)
-        meta[f"{split}_characters"] = sum(len(d) for d in docs)
-        meta[f"{split}_bytes"] = nbytes
-    seconds = time.perf_counter() - t0
-    meta["seconds"] = round(seconds, 3)
-    meta["mb_per_s"] = round(total_bytes / 1e6 / seconds, 2)
-    write_json(out_dir / "meta.json", meta)
+    total_bytes = 0
+    with atomic_dir(out_dir) as tmp:  # shards and meta.json are one set: never new train.bin beside old val.bin
+        for split, docs in splits.items():
+            n = write_tokens(docs, tokenizer, tmp / f"{split}.bin")
+            nbytes = sum(len(d.encode()) for d in docs)
+            total_bytes += nbytes
+            meta[f"{split}_tokens"] = n
+            meta[f"{split}_documents"] = len(docs)
+            meta[f"{split}_characters"] = sum(len(d) for d in docs)
+            meta[f"{split}_bytes"] = nbytes
+        seconds = time.perf_counter() - t0
+        meta["seconds"] = round(seconds, 3)
+        meta["mb_per_s"] = round(total_bytes / 1e6 / seconds, 2)
+        write_json(tmp / "meta.json", meta)
     return meta
 
 

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from miniglm.fileio import UserError, atomic_dir, write_json
+from miniglm.fileio import UserError, atomic_dir, copy_file, write_json, write_with
 
 # End of text, padding, and the chat roles of the native template.
 EOT, PAD = "<|endoftext|>", "<|pad|>"
@@ -152,7 +152,7 @@ class BPETokenizer(Tokenizer):
         out.mkdir(parents=True, exist_ok=True)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (self.dir / name).exists() and (self.dir / name).resolve() != (out / name).resolve():
-                shutil.copyfile(self.dir / name, out / name)
+                copy_file(self.dir / name, out / name)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> BPETokenizer:
@@ -179,7 +179,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_fr
     )
     tok.train_from_iterator(texts, trainer=trainer)
     with atomic_dir(out_dir) as tmp:
-        tok.save(str(tmp / "tokenizer.json"))
+        write_with(tmp / "tokenizer.json", lambda path: tok.save(str(path)))
         specials = {"eos_token": EOT, "bos_token": EOT, "unk_token": None, "pad_token": PAD,
                     "additional_special_tokens": ROLE_TOKENS}
         write_json(tmp / "tokenizer_config.json", {
@@ -271,7 +271,7 @@ class TiktokenTokenizer(Tokenizer):
         out.mkdir(parents=True, exist_ok=True)
         ref = {"backend": "tiktoken", "name": self.name}
         if self.name.endswith(".tiktoken"):  # carry the ranks so the run works offline and if moved
-            shutil.copyfile(self.name, out / "cl100k_base.tiktoken")
+            copy_file(self.name, out / "cl100k_base.tiktoken")
             ref["name"] = "cl100k_base.tiktoken"
         write_json(out / TIKTOKEN_REF, ref)
 
@@ -351,7 +351,7 @@ class HFTokenizer(Tokenizer):
         return join_cjk(text) if self._spaced else text
 
     def save(self, out_dir: str | Path) -> None:
-        self.tok.save_pretrained(str(out_dir))
+        write_with(out_dir, lambda path: self.tok.save_pretrained(str(path)))
 
 
 # --- loading -------------------------------------------------------------------------------------

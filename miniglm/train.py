@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from miniglm import checkpoint, runs
+from miniglm import checkpoint, fileio, runs
 from miniglm.config import TrainConfig, save_config
 from miniglm.fileio import UserError, read_jsonl, recover_dir, write_json
 from miniglm.model import MiniGLM
@@ -173,9 +173,9 @@ def set_rng_state(state: dict) -> None:
 
 def trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop the lines logged after the checkpoint: they are about to be logged again."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in keep))
+    if path.exists():  # a torn last line (a kill mid-append) goes too
+        rows = [row for row in fileio.read_log(path) if row["step"] <= last_step]
+        fileio.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 class Interrupt:
@@ -327,7 +327,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"resuming {out} at step {step}")
             trim_metrics(out / "metrics.jsonl", step)
     elif master:
-        out.mkdir(parents=True, exist_ok=True)
+        fileio.mark_dir(out)  # refuses a folder with files miniglm did not write
         (out / "metrics.jsonl").unlink(missing_ok=True)
         tok_dir = out / "tokenizer"
         tok = load_tokenizer(tok_dir if tok_dir.exists() else cfg.tokenizer or tokenizer_of(cfg.data),
@@ -335,7 +335,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         tok_identity = identity(tok)
         runs.check_same_tokenizer(data_tok, cfg.data, tok_identity, f"the tokenizer {tok.name}")
         if not tok_dir.exists():
-            tok.save(tok_dir)
+            with fileio.atomic_dir(tok_dir) as tmp:
+                tok.save(tmp)
         torch.manual_seed(cfg.seed + 1)  # the training RNG (dropout), the same on every process
     if master:
         save_config(cfg, out / "config.toml")
@@ -376,8 +377,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     def write_metrics(row: dict) -> None:
         if master:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            fileio.append_jsonl(out / "metrics.jsonl", row)
 
     per_step = cfg.batch_size * cfg.grad_accum * world
     pbar = None

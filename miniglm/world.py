@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from miniglm.fileio import UserError, write_json, write_jsonl
+from miniglm.fileio import UserError, atomic_dir, write_json, write_jsonl
 
 SURNAMES = list(
     "赵钱孙李周吴郑王冯陈褚卫蒋沈韩杨朱秦尤许何吕施张孔曹严华金魏陶姜谢邹柏窦章云苏潘葛范彭鲁韦马苗凤花方"
@@ -168,14 +168,14 @@ def build_world(out_dir: str | Path, characters: int = 500, bios_per_character: 
     sft_test = [qa for c in chars if c["split"] == "test" for qa in qa_pairs(c, rng, all_phrasings=False)]
     rng.shuffle(sft_train)
 
-    out = Path(out_dir)
-    write_jsonl(out / "characters.jsonl", chars)
-    write_jsonl(out / "corpus.jsonl", bios)
-    write_jsonl(out / "sft_train.jsonl", sft_train)
-    write_jsonl(out / "sft_test.jsonl", sft_test)
     stats = WorldStats(characters=len(chars), train_characters=len(chars) - n_test, test_characters=n_test,
                        biographies=len(bios), corpus_characters=sum(len(b["text"]) for b in bios),
                        sft_train=len(sft_train), sft_test=len(sft_test))
-    write_json(out / "stats.json", stats.__dict__)
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / "characters.jsonl", chars)
+        write_jsonl(tmp / "corpus.jsonl", bios)
+        write_jsonl(tmp / "sft_train.jsonl", sft_train)
+        write_jsonl(tmp / "sft_test.jsonl", sft_test)
+        write_json(tmp / "stats.json", stats.__dict__)
     return stats
 

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miniglm.fileio import UserError, write_json, write_jsonl
+from miniglm.fileio import UserError, atomic_dir, write_json, write_jsonl
 from miniglm.sft.formats import Record, load_records
 from miniglm.sft.templates import IGNORE, PADDING_SIDE, Rendered, TemplateOptions, render
 from miniglm.shards import tokenizer_ref
@@ -151,10 +151,6 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
         train, val = pack(train, max_len), pack(val, max_len)
         stats.packed_padding_efficiency = round(stats.tokens / ((len(train) + len(val)) * max_len), 4)
     stats.sequences = len(train) + len(val)
-    write_jsonl(out_dir / "val.jsonl", val)
-    write_jsonl(out_dir / "train.jsonl", train)
-    if test_out:
-        write_jsonl(test_out, ({"messages": r.messages, **r.extra} for r in test))
     probe = render(template, [{"role": "user", "content": "?"}], tok, add_generation_prompt=True, opts=opts)
     meta = {"tokenizer": tokenizer_ref(tok, out_dir), "template": template, "template_options": opts.__dict__,
             "max_len": max_len,
@@ -163,5 +159,10 @@ def prepare_sft(data: str | Path, tok: Tokenizer, out_dir: str | Path, template:
             "pad_id": tok.pad_id, "vocab_size": tok.vocab_size, "tokenizer_identity": identity(tok),
             "train_records": len(rows) - n_val, "val_records": n_val, "test_records": len(test),
             "test_out": str(test_out) if test_out else None, **stats.__dict__}
-    write_json(out_dir / "meta.json", meta)
+    with atomic_dir(out_dir) as tmp:  # records and meta.json are one set, swapped in whole
+        write_jsonl(tmp / "val.jsonl", val)
+        write_jsonl(tmp / "train.jsonl", train)
+        write_json(tmp / "meta.json", meta)
+    if test_out:  # the held-out raw records, for `miniglm eval --data`
+        write_jsonl(test_out, ({"messages": r.messages, **r.extra} for r in test))
     return meta
