@@ -58,9 +58,9 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     from miniglm.sft.data import prepare_sft
     from miniglm.train import train
 
-    run = mark_dir(opts.out)  # the demo's stages write their marked folders inside it
     t0 = time.perf_counter()
-    check_options(opts, run)
+    check_options(opts, Path(opts.out))  # every number and --set, before anything is written
+    run = mark_dir(opts.out)  # the demo's stages write their marked folders inside it
     log(f"== 1/6 world: {opts.characters} characters, {opts.bios} biographies each -> {run / 'world'}")
     ws = world.build_world(run / "world", opts.characters, opts.bios, seed=opts.seed)
     log(f"   {ws.biographies} biographies ({ws.corpus_characters:,} characters), "

@@ -143,10 +143,11 @@ def test_readme_commands_run_in_order(workspace, capsys, monkeypatch, one_thread
     demo_s = time.perf_counter() - t0
     capsys.readouterr()
     variables: dict[str, str] = {}
-    ran, skipped = [], []
+    ran, skipped, transcript = [], [], []
     for command in readme_commands((ROOT / "README.md").read_text(encoding="utf-8")):
         if marker := MARKER.search(command):
             skipped.append((command, marker.group(1)))
+            transcript.append(f"  skipped ({marker.group(1)})  {command}")
             continue
         command = expand(command, variables)
         if m := re.fullmatch(r"(\w+)=(\S+)(\s+#.*)?", command):
@@ -168,9 +169,12 @@ def test_readme_commands_run_in_order(workspace, capsys, monkeypatch, one_thread
         except AssertionError as e:
             raise AssertionError(f"README command failed: {command}\n{e}") from None
         ran.append((time.perf_counter() - t0, command))
+        transcript.append(f"  exit 0  {ran[-1][0]:5.1f}s  {command}")
     with capsys.disabled():
         print(f"\nREADME: {len(ran)} commands ran, {len(skipped)} skipped "
               f"({', '.join(sorted({m for _, m in skipped}))}); the tiny demo {demo_s:.1f}s; slowest:")
         for seconds, command in sorted(ran, reverse=True)[:5]:
             print(f"  {seconds:5.1f}s  {command[:100]}")
+        if os.environ.get("MINIGLM_README_TRANSCRIPT"):  # every command in order, with its exit status
+            print("\n".join(transcript))
     assert len(ran) >= 25
