@@ -39,6 +39,8 @@ class _Ids:
     """Just enough of a tokenizer for the engine: no text, only ids."""
 
     pad_id = eot_id = 0
+    vocab_size = 1 << 30  # SamplingParams.validate's top_k bound: any model's vocabulary fits
+    all_special_ids: frozenset[int] = frozenset()
 
     def token_bytes(self, i: int) -> bytes:
         return b"x"
