@@ -275,8 +275,11 @@ def main() -> None:
     preds = "; ".join(f"{r['model']}: " + ", ".join(json.dumps(x["predicted"]) for x in r["folds"]) for r in results)
     settings = ("tiny: batch 8, lr 1e-3; demo: batch 16, configs/demo-sft.toml lr" if not real else
                 f"instruction: \"{args.instruction}\"; lora: lr 1e-3, full: lr 5e-5, batch 8, template hf")
+    tuned = set(models) - {"zero-shot", "zero-shot-plain"}
+    steps = f"{args.steps} fine-tuning steps per fold" if tuned else "no fine-tuning"
     body = (table(headers, rows) + f"\n\n{results[0]['rows']} labelled rows of raft_twitter_complaints/train.csv, "
-            f"stratified {k}-fold CV (seed {args.seed}), {args.steps} fine-tuning steps per fold "
+            f"stratified {k}-fold CV (seed {args.seed}), "
+            f"{steps} "
             f"({settings}), 1 thread; accuracy from "
             f"`miniglm eval classify` (greedy, snapped to the label). Predicted labels per fold: {preds}")
     if args.no_record:
