@@ -37,3 +37,21 @@ def record(title: str, body: str) -> None:
     print(text)
     with open(RESULTS, "a", encoding="utf-8") as f:
         f.write(text)
+
+
+def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """The machine's memory copy bandwidth in GB/s (bytes read + bytes written, as STREAM's copy counts
+    them): the best of a few copies of an `mb` MB fp32 tensor, with torch's current thread count."""
+    import time
+
+    import torch
+
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9

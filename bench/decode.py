@@ -6,7 +6,14 @@ on a GGUF export when llama-cpp-python is installed. Models: the demo config (bl
 fit) and a ~15M llama-style model (6 layers, width 384, vocab 8192). Also the aggregate tokens/s of a
 batch of 8 prompts against batch 1. Weights are random: speed does not depend on them.
 
+--smollm2 RUN adds a real model (an imported SmolLM2-135M-Instruct, fp32) over --smollm2-new tokens: the
+engine at batch 1 and 8, transformers' generate and llama.cpp (no no-cache loop: it would take hours), each
+as a fraction of the memory bandwidth bound: the weight bytes one decoding step reads (every matrix once,
+the tied embedding again as the output layer) x steps/s, against the machine's copy bandwidth
+(common.copy_bandwidth). --only-smollm2 skips the small models.
+
     .venv/bin/python bench/decode.py [--new 512] [--threads 2]
+    .venv/bin/python bench/decode.py --smollm2 runs/smollm2 --only-smollm2 --threads 1   # long (~10 min)
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, record, table  # noqa: E402
+from common import ROOT, copy_bandwidth, record, table  # noqa: E402
 
 from miniglm import model as model_mod  # noqa: E402
 from miniglm.config import load_config  # noqa: E402
@@ -32,6 +39,8 @@ class _Ids:
     """Just enough of a tokenizer for the engine: no text, only ids."""
 
     pad_id = eot_id = 0
+    vocab_size = 1 << 30  # SamplingParams.validate's top_k bound: any model's vocabulary fits
+    all_special_ids: frozenset[int] = frozenset()
 
     def token_bytes(self, i: int) -> bytes:
         return b"x"
@@ -86,8 +95,10 @@ def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
     return best
 
 
-def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int) -> dict[str, float]:
-    """tokens/s of llama.cpp on GGUF exports of the same weights, per GGUF type ({} when not installed)."""
+def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int,
+                    run: Path | None = None) -> dict[str, float]:
+    """tokens/s of llama.cpp on GGUF exports of the same weights, per GGUF type ({} when not installed).
+    run: the model's run folder (with its tokenizer); else one is made with a BPE trained on a small world."""
     try:
         import llama_cpp
     except ImportError:
@@ -98,10 +109,11 @@ def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, thre
     from miniglm.tokenizer import train_bpe
     from miniglm.world import build_world
 
-    run = tmp / f"run-{model.config.vocab_size}-{model.config.n_layer}"
-    build_world(tmp / "world", characters=200, bios_per_character=3)
-    train_bpe(load_documents(tmp / "world" / "corpus.jsonl"), model.config.vocab_size, run / "tokenizer")
-    save_checkpoint(run / "ckpt", model, model.config, {"step": 0})
+    if run is None:
+        run = tmp / f"run-{model.config.vocab_size}-{model.config.n_layer}"
+        build_world(tmp / "world", characters=200, bios_per_character=3)
+        train_bpe(load_documents(tmp / "world" / "corpus.jsonl"), model.config.vocab_size, run / "tokenizer")
+        save_checkpoint(run / "ckpt", model, model.config, {"step": 0})
 
     def run_once(llm, n: int) -> float:
         llm.reset()
@@ -115,11 +127,52 @@ def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, thre
     speeds = {}
     for outtype in ("f32", "q8_0"):
         export_gguf(run, tmp / f"m-{outtype}.gguf", outtype)
-        llm = llama_cpp.Llama(model_path=str(tmp / f"m-{outtype}.gguf"), n_ctx=model.config.block_size,
+        llm = llama_cpp.Llama(model_path=str(tmp / f"m-{outtype}.gguf"), n_ctx=min(model.config.block_size, 2048),
                               n_threads=threads, n_batch=64, verbose=False)
         run_once(llm, 8)
         speeds[outtype] = max(run_once(llm, new) for _ in range(REPEATS))
     return speeds
+
+
+def step_bytes(model: MiniGLM) -> int:
+    """Bytes of weights one decoding step reads: every parameter but the embedding table (one row of it is
+    read), plus the output layer (a tied embedding is read whole there)."""
+    total = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed" not in name
+                and "wte" not in name)
+    head = model.lm_head.weight
+    return total + (head.numel() * head.element_size() if model.config.tie_embeddings else 0)
+
+
+def smollm2_row(run: Path, new: int, threads: int, tmp: Path) -> str:
+    """Engine b=1 / b=8, transformers generate, llama.cpp F32 / Q8_0 on the real model; tok/s and the
+    fraction of the bandwidth bound."""
+    from miniglm.checkpoint import load_model_from
+
+    model = load_model_from(run).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, model.config.vocab_size, (32,), generator=g).tolist() for _ in range(8)]
+    bandwidth = copy_bandwidth() * 1e9
+    weights = step_bytes(model)
+
+    def cell(tok_s: float, batch: int = 1, bytes_per_step: float = weights) -> str:
+        return f"{tok_s:,.1f} ({bytes_per_step * tok_s / batch / bandwidth:.0%})"
+
+    eng1 = engine_tok_s(model, prompts[:1], new)
+    eng8 = engine_tok_s(model, prompts, new)
+    hf = hf_tok_s(model, prompts[0], new, tmp)
+    cpp = llama_cpp_tok_s(model, prompts[0], new, tmp, threads, run=run)
+    q8_bytes = weights * 34 / 128  # Q8_0: 34 bytes per 32 weights
+    cols = [cell(eng1), cell(eng8, 8), cell(hf),
+            *([cell(cpp["f32"]), cell(cpp["q8_0"], 1, q8_bytes)] if cpp else ["not installed", "not installed"])]
+    body = table(["model", "params", "weight MB read per step", "engine b=1 tok/s", "engine b=8 tok/s (aggregate)",
+                  "transformers generate tok/s", "llama.cpp F32 tok/s", "llama.cpp Q8_0 tok/s"],
+                 [[f"SmolLM2-135M-Instruct ({run})", f"{model.num_params() / 1e6:.1f}M", f"{weights / 2**20:,.0f}",
+                   *cols]])
+    return body + (f"\n\n{new} new tokens after a 32-token prompt, greedy, fp32, {threads} thread(s); in brackets "
+                   "the fraction of the memory bandwidth bound: weight bytes read per step x steps/s (tok/s / batch) "
+                   f"against the copy bandwidth measured here, {bandwidth / 1e9:.2f} GB/s (read + write of a 256 MB "
+                   "tensor, best of 5; KV cache reads not counted); every figure the best of "
+                   f"{REPEATS} runs")
 
 
 def main() -> None:
@@ -127,8 +180,17 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-cache-tokens", type=int, default=0, help="time the no-cache loop over fewer tokens (0: all)")
+    ap.add_argument("--smollm2", default=None, help="an imported SmolLM2-135M-Instruct run: adds its row")
+    ap.add_argument("--smollm2-new", type=int, default=256)
+    ap.add_argument("--only-smollm2", action="store_true", help="skip the small random-weight models")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smollm2:
+        with tempfile.TemporaryDirectory() as tmp:
+            body = smollm2_row(Path(args.smollm2), args.smollm2_new, args.threads, Path(tmp))
+        record("Decoding speed, SmolLM2-135M-Instruct (bench/decode.py --smollm2)", body)
+        if args.only_smollm2:
+            return
     demo = load_config(ROOT / "configs" / "demo.toml").model
     demo.block_size = 32 + args.new
     models = {

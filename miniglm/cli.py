@@ -405,7 +405,8 @@ def cmd_eval_classify(args: argparse.Namespace) -> int:
     _eval_out(args)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
-                            columns=args.columns, values=parse_values(args.value), encoding=args.encoding)
+                            columns=args.columns, values=parse_values(args.value), encoding=args.encoding,
+                            system=args.system)
     return 0
 
 
@@ -673,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_columns(cl)
     cl.add_argument("--labels", default=None, help="comma-separated labels (default: those in the data)")
     cl.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
+    cl.add_argument("--system", default=None, help="an instruction for every prompt (zero-shot), e.g. "
+                    "'Answer complaint or no complaint.': the system prompt; plain: a line before the record")
     cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     cl.add_argument("--batch-size", type=int, default=32)
     _add_encoding(cl, "--data")

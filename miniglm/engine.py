@@ -172,41 +172,53 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
 class DecodeLinear(torch.nn.Module):
     """One or more nn.Linear layers of the same input as one product (fewer, wider products), with the
     weight kept in both layouts: a single row (batch-1 decoding) multiplies fastest by the transposed
-    (in, out) copy on CPU, several rows by the usual (out, in) one (bench/decode.py measures both)."""
+    (in, out) copy on CPU, several rows by the usual (out, in) one (bench/decode.py measures both).
+    transposed=False keeps the (out, in) layout alone."""
 
-    def __init__(self, *linears: torch.nn.Linear):
+    def __init__(self, *linears: torch.nn.Linear, transposed: bool = True):
         super().__init__()
         weight = torch.cat([lin.weight.detach() for lin in linears])
         self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
-        self.weight_t = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        self.weight_t = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False) if transposed else None
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.nn.Parameter(torch.cat([b.detach() for b in biases]),
                                                                       requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.size(-1):  # one row
+        if self.weight_t is not None and x.numel() == x.size(-1):  # one row
             y = x @ self.weight_t
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
+# The transposed copy pays on small models' matrices; past ~50M parameters (SmolLM2-135M) one row is
+# memory-bound in either layout (the same tokens/s) and the copy would double the weights' memory.
+TRANSPOSED_MAX_PARAMS = 50_000_000
+
+
 def for_decoding(model: MiniGLM) -> MiniGLM:
     """A copy of the model for CPU decoding (the caller's model is left as it is): llama's q/k/v and
-    gate/up projections fused, every linear layer a DecodeLinear."""
+    gate/up projections fused, every linear layer a DecodeLinear (with transposed copies on small models)."""
     from miniglm.model import LlamaAttention, LlamaMLP
 
-    model = copy.deepcopy(model)
+    transposed = sum(p.numel() for p in model.parameters()) <= TRANSPOSED_MAX_PARAMS
+    # The linear layers are rebuilt below from their weights: the copy shares them rather than copying
+    # them first (not a tied embedding's, which the copy keeps). Halves the peak memory of a 135M model.
+    kept = {id(p) for m in model.modules() if type(m) is not torch.nn.Linear for p in m.parameters(recurse=False)}
+    memo = {id(p): p for m in model.modules() if type(m) is torch.nn.Linear
+            for p in m.parameters(recurse=False) if id(p) not in kept}
+    model = copy.deepcopy(model, memo)
     for module in list(model.modules()):
         if isinstance(module, LlamaAttention):
-            module.qkv_proj = DecodeLinear(module.q_proj, module.k_proj, module.v_proj)
+            module.qkv_proj = DecodeLinear(module.q_proj, module.k_proj, module.v_proj, transposed=transposed)
             del module.q_proj, module.k_proj, module.v_proj
         elif isinstance(module, LlamaMLP):
-            module.gate_up_proj = DecodeLinear(module.gate_proj, module.up_proj)
+            module.gate_up_proj = DecodeLinear(module.gate_proj, module.up_proj, transposed=transposed)
             del module.gate_proj, module.up_proj
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(module, name, DecodeLinear(child))
+                setattr(module, name, DecodeLinear(child, transposed=transposed))
     return model
 
 

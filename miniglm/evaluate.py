@@ -257,10 +257,14 @@ def evaluate_perplexity(run_dir: str | Path, text: str | Path, stride: int = 0, 
 def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[str] | None = None,
                             out: str | Path | None = None, template: str | None = None, batch_size: int = 32,
                             log=print, columns: str | None = None, values: dict[str, str] | None = None,
-                            encoding: str | None = None) -> dict:
+                            encoding: str | None = None, system: str | None = None) -> dict:
     """Generate a short answer per example (greedy), snap it to the closest label, and score accuracy and
-    per-class precision/recall against the reference labels."""
+    per-class precision/recall against the reference labels. system: an instruction (zero-shot), as the
+    template carries a system prompt (plain: a line before the record)."""
+    from dataclasses import replace
+
     from miniglm.chat import load_run
+    from miniglm.finetune import column_fields
     from miniglm.report import write_report
 
     examples = load_examples(data, columns=columns, values=values, encoding=encoding)
@@ -272,12 +276,17 @@ def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[
     run = load_run(run_dir)
     if template:
         run.template = template
+    if system is not None:
+        run.options = replace(run.options, system=system)
+    if run.template == "plain":  # named after the data's columns ("Tweet text : … Label : ") unless the run names them
+        run.options = column_fields(str(data), columns, run.options)
     longest = max(len(run.engine.tokenizer.encode(label)) for label in labels)
     raw = answer(run, examples, SamplingParams(max_new_tokens=longest + 4), batch_size, log)
     predictions = [metrics.snap_to_label(r, labels) for r in raw]
     report = metrics.classification_report(predictions, refs, labels)
     majority = Counter(refs).most_common(1)[0]
     summary = {"kind": "classification", "run": str(run_dir), "data": str(data), "template": run.template,
+               "system": run.options.system,
                "labels": labels, "n": len(examples), "all": {"accuracy": report["accuracy"]},
                "majority_baseline": {"label": majority[0], "accuracy": majority[1] / len(refs)}, **report}
     scores = [{"accuracy": float(p == r)} for p, r in zip(predictions, refs, strict=True)]

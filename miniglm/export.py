@@ -255,14 +255,14 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
-        w.add_bos_token_id(tok.eot_id)
+        # BOS: the tokenizer's own (SmolLM2's <|im_start|>), else end-of-text as GPT-2 does; EOS: its end-of-text.
+        w.add_bos_token_id(tok.bos_id if tok.bos_id is not None else tok.eot_id)
         w.add_eos_token_id(tok.eot_id)
         w.add_pad_token_id(tok.pad_id)
         w.add_add_bos_token(False)
-        turn_ends = end_ids(tok, chat)[1:]
-        if turn_ends:  # llama.cpp stops at EOS and EOT: the chat's end of turn
-            w.add_eot_token_id(turn_ends[0])
-        chat_template = run_jinja_template(chat)
+        eot, chat_template = gguf_chat(chat, tok)
+        if eot is not None:  # llama.cpp stops at EOS and EOT: the chat's end of turn
+            w.add_eot_token_id(eot)
         if chat_template is not None:  # llama.cpp's server (--jinja) renders chats with it
             w.add_chat_template(chat_template)
         sd = model.state_dict()
@@ -288,6 +288,20 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         write_with(tmp, lambda _: w.write_tensors_to_file())
         w.close()
     return Path(out_path)
+
+
+def gguf_chat(chat: Chat, tok: Tokenizer) -> tuple[int | None, str | None]:
+    """(EOT id, Jinja chat_template) for a GGUF. A run on the `hf` template (an imported model) keeps its
+    tokenizer's own chat_template, and its end of turn may be the tokenizer's EOS itself (<|im_end|>)."""
+    from miniglm.sft.templates import render
+
+    if chat is None:
+        return None, None
+    turn_ends = end_ids(tok, chat)[1:]
+    if chat[0] != "hf":
+        return (turn_ends[0] if turn_ends else None), run_jinja_template(chat)
+    stops = render("hf", [{"role": "user", "content": "?"}], tok, True, chat[1]).stop_ids
+    return (turn_ends or stops or [None])[0], getattr(getattr(tok, "tok", None), "chat_template", None)
 
 
 def _gguf_tensor(a, outtype: str) -> tuple:

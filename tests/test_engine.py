@@ -115,3 +115,27 @@ def test_special_tokens_stay_out_of_the_text(bpe_dir):
     assert "<|" not in out.text and "".join(eng.stream(prompt, params)) == out.text
     kept = eng.generate([prompt], SamplingParams(**{**params.__dict__, "skip_special_tokens": False}))[0]
     assert kept.ids == out.ids and kept.text == tok.decode(out.ids) and "<|" in kept.text
+
+
+def test_decoding_copy_keeps_logits_and_the_callers_model(monkeypatch):
+    """for_decoding's copy: the same logits, one or both weight layouts (large models keep one), the
+    caller's model untouched and sharing no storage with it."""
+    from miniglm import engine as engine_mod
+
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(style="llama", vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2,
+                                n_embd=32)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = model(x)[0]
+        for limit, layouts in [(10**9, 2), (0, 1)]:
+            monkeypatch.setattr(engine_mod, "TRANSPOSED_MAX_PARAMS", limit)
+            fast = engine_mod.for_decoding(model)
+            qkv = fast.model.layers[0].self_attn.qkv_proj
+            assert (qkv.weight_t is not None) + 1 == layouts
+            for rows in (x[:, :1], x):  # one row (the transposed layout where kept) and several
+                assert torch.allclose(fast(rows)[0], want[:, :rows.size(1)], atol=1e-5)
+            mine = {p.data_ptr() for p in model.parameters()}
+            assert not mine & {p.data_ptr() for p in fast.parameters()}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

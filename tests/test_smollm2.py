@@ -95,23 +95,29 @@ def test_hf_export_keeps_logits(run, smollm2_run, tmp_path):
     assert text == run.engine.tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-def test_gguf_export_reads_back(smollm2_run, tmp_path, outtype):
+def test_gguf_export_reads_back(run, smollm2_run, tmp_path):
+    """f32 only (q8_0 of 135M quantizes for ~14 s; the tensor types are checked on the demo model)."""
     import gguf
 
     out = tmp_path / "m.gguf"
-    assert main(["export", "--run", str(smollm2_run), "--to", "gguf", "--outtype", outtype, "--out", str(out)]) == 0
+    assert main(["export", "--run", str(smollm2_run), "--to", "gguf", "--out", str(out)]) == 0
     r = gguf.GGUFReader(str(out))
-    meta = {k: r.fields[k].contents() for k in ("tokenizer.ggml.pre", "tokenizer.ggml.model", "llama.block_count",
-                                                 "llama.attention.head_count_kv", "llama.rope.freq_base",
-                                                 "llama.context_length")}
+    keys = ("tokenizer.ggml.pre", "tokenizer.ggml.model", "llama.block_count", "llama.attention.head_count_kv",
+            "llama.rope.freq_base", "llama.context_length", "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.padding_token_id")
+    meta = {k: r.fields[k].contents() for k in keys}
     assert meta == {"tokenizer.ggml.pre": "smollm", "tokenizer.ggml.model": "gpt2", "llama.block_count": 30,
                     "llama.attention.head_count_kv": 3, "llama.rope.freq_base": 100000.0,
-                    "llama.context_length": 2048}
+                    "llama.context_length": 2048, "tokenizer.ggml.bos_token_id": 1,  # <|im_start|>
+                    "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 2,  # <|im_end|>
+                    "tokenizer.ggml.padding_token_id": 2}
+    # the model's own Jinja template, as the source GGUF carries it
+    source = gguf.GGUFReader(str(SMOLLM2_GGUF)).fields["tokenizer.chat_template"].contents()
+    assert r.fields["tokenizer.chat_template"].contents() == source == run.engine.tokenizer.tok.chat_template
     assert len(r.fields["tokenizer.ggml.tokens"].contents()) == 49152
     tensors = {t.name: t for t in r.tensors}
     assert len(tensors) == 2 + 30 * 9 and "output.weight" not in tensors
     assert list(tensors["token_embd.weight"].shape) == [576, 49152]
     assert list(tensors["blk.0.attn_k.weight"].shape) == [576, 192]
-    want = gguf.GGMLQuantizationType.F32 if outtype == "f32" else gguf.GGMLQuantizationType.Q8_0
-    assert tensors["blk.0.ffn_down.weight"].tensor_type == want
+    assert list(tensors["blk.0.ffn_down.weight"].shape) == [1536, 576]
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F32

@@ -75,6 +75,16 @@ def test_chatglm_matches_seed_layout(hf_tok):
     assert hf_tok.decode(hist.ids).startswith(rounds)
 
 
+def test_plain_carries_an_instruction(hf_tok):
+    """A system prompt (eval classify --system, finetune --system) is a line before the record, untrained."""
+    opts = TemplateOptions(prompt_field="Tweet text", label_field="Label", system="Answer complaint or no complaint.")
+    msgs = [{"role": "user", "content": "late again"}, {"role": "assistant", "content": "complaint"}]
+    r = render("plain", msgs, hf_tok, opts=opts)
+    prompt = hf_tok.encode("Answer complaint or no complaint.\n") + hf_tok.encode("Tweet text : late again Label : ")
+    assert r.ids[:len(prompt)] == prompt and r.labels[:len(prompt)] == [-100] * len(prompt)
+    assert render("plain", msgs[:1], hf_tok, True, opts).ids == prompt
+
+
 def test_plain_matches_seed_bloomz_layout(hf_tok, tmp_path):
     """Seed 002's BLOOMZ twitter example: target + pad, left padding with pad, -100 on prompt and padding."""
     from miniglm.train import SFTData

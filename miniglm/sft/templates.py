@@ -10,7 +10,7 @@ padding; the answer and the token that ends it are trained.
   chatglm   ChatGLM-6B: [Round i]\\n问：…\\n答：… history in the prompt; prompt [gMASK] <sop> A <eop>
   chatglm2  ChatGLM2-6B: [gMASK] sop [Round 1]\\n\\n问：Q\\n\\n答： A </s>
   alpaca    Chinese-LLaMA/Alpaca: <s> "Below is an instruction… ### Instruction:\\nQ\\n\\n### Response: " A </s>
-  plain     BLOOMZ/GPT/OPT (seed 002's twitter example): "Tweet text : Q Label : " A <eos>; pads left
+  plain     BLOOMZ/GPT/OPT (seed 002's twitter example): [S\n] "Tweet text : Q Label : " A <eos>; pads left
   chatml    Qwen: <|im_start|>user\\nQ<|im_end|>\\n<|im_start|>assistant\\nA<|im_end|>\\n
   llama2    <s>[INST] <<SYS>>\\nS\\n<</SYS>>\\n\\nQ [/INST] A </s>
   hf        the tokenizer's own chat_template (its prompt render must be a token prefix of the full one)
@@ -167,10 +167,12 @@ def render_alpaca(messages, tok: Tokenizer, add_generation_prompt: bool, opts: T
 
 
 def render_plain(messages, tok: Tokenizer, add_generation_prompt: bool, opts: TemplateOptions) -> Rendered:
-    _, turns = _split(messages, opts)
+    system, turns = _split(messages, opts)
     _check_end(turns, add_generation_prompt)
     end = tok.pad_id if opts.end_token == "pad" else tok.eot_id
     b = _Builder()
+    if system:  # an instruction on its own line first ("Answer complaint or no complaint.\nTweet text : …")
+        b.add(tok.encode(f"{system}\n"))
     for i, (q, a) in enumerate(turns):
         b.add(tok.encode(f"{opts.prompt_field} : {q} {opts.label_field} : "))
         if a is not None:
