@@ -227,7 +227,7 @@ def test_plot_names_a_damaged_metrics_line_and_skips_a_torn_last_one(made, tmp_p
     assert main(["plot", str(run)]) == 0 and (run / "loss.png").exists()
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     code, err = run_cli(["plot", str(run)], capsys)
-    assert_one_line(code, err, str(run / "metrics.jsonl"), "line 2")
+    assert_one_line(code, err, f"{run / 'metrics.jsonl'}:2")
 
 
 def test_a_seed_checkpoint_on_cl100k_base_imports_and_generates(tmp_path, capsys):

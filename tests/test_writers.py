@@ -54,9 +54,9 @@ def inputs(tmp_path_factory, world_dir, bpe_dir) -> dict[str, Path]:
                     adapter={"weights": adapter_state(model), "config": lora})
     load_tokenizer(bpe_dir).save(root / "lora" / "tokenizer")
     torch.manual_seed(0)
-    seed = MiniGLM(ModelConfig(style="gpt2", vocab_size=101, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    seed = MiniGLM(ModelConfig(style="gpt2", vocab_size=400, block_size=32, n_layer=1, n_head=2, n_embd=32))
     torch.save({"model": seed.state_dict(), "model_args": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32,
-                                                           "bias": True, "vocab_size": 101}},
+                                                           "bias": True, "vocab_size": 400}},
                root / "ckpt.pt")
     return {"root": root, "world": world_dir, "bpe": bpe_dir, "run": run, "run2": run2, "lora": root / "lora"}
 
