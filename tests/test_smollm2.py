@@ -121,3 +121,26 @@ def test_gguf_export_reads_back(run, smollm2_run, tmp_path):
     assert list(tensors["blk.0.attn_k.weight"].shape) == [576, 192]
     assert list(tensors["blk.0.ffn_down.weight"].shape) == [1536, 576]
     assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_llama_cpp_reads_our_tokens_and_decodes_as_the_engine(run, smollm2_run, tmp_path):
+    """With the [llama] extra: llama.cpp tokenizes like our rebuilt tokenizer (on the original file), and on
+    our F32 export greedy-decodes the engine's tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from miniglm.engine import SamplingParams
+
+    tok = run.engine.tokenizer
+    original = llama_cpp.Llama(model_path=str(SMOLLM2_GGUF), n_ctx=256, vocab_only=True, verbose=False)
+    for text in ["in 2024, 17 + 25 = 42", "你好，世界！今天天气很好。", "def f(x):\n    return x ** 2", "emoji 🙂👍🏽"]:
+        assert original.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--run", str(smollm2_run), "--to", "gguf", "--out", str(out)]) == 0
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=1, verbose=False)
+    ids, stops = run.prompt(FRANCE)
+    ours = run.engine.generate([ids], SamplingParams(max_new_tokens=24, stop_ids=stops))[0].ids
+    theirs = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if t in stops or len(theirs) == 24:
+            break
+        theirs.append(t)
+    assert theirs == ours
