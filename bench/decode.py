@@ -19,6 +19,7 @@ the tied embedding again as the output layer) x steps/s, against the machine's c
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -96,9 +97,10 @@ def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
 
 
 def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int,
-                    run: Path | None = None) -> dict[str, float]:
+                    run: Path | None = None, original: Path | None = None) -> dict[str, float]:
     """tokens/s of llama.cpp on GGUF exports of the same weights, per GGUF type ({} when not installed).
-    run: the model's run folder (with its tokenizer); else one is made with a BPE trained on a small world."""
+    run: the model's run folder (with its tokenizer); else one is made with a BPE trained on a small world.
+    original: a GGUF the run was imported from, timed as well ("original")."""
     try:
         import llama_cpp
     except ImportError:
@@ -124,13 +126,18 @@ def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, thre
                 break
         return count / (time.perf_counter() - t0)
 
-    speeds = {}
+    files = {}
     for outtype in ("f32", "q8_0"):
         export_gguf(run, tmp / f"m-{outtype}.gguf", outtype)
-        llm = llama_cpp.Llama(model_path=str(tmp / f"m-{outtype}.gguf"), n_ctx=min(model.config.block_size, 2048),
+        files[outtype] = tmp / f"m-{outtype}.gguf"
+    if original is not None:
+        files["original"] = original
+    speeds = {}
+    for kind, path in files.items():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=min(model.config.block_size, 2048),
                               n_threads=threads, n_batch=64, verbose=False)
         run_once(llm, 8)
-        speeds[outtype] = max(run_once(llm, new) for _ in range(REPEATS))
+        speeds[kind] = max(run_once(llm, new) for _ in range(REPEATS))
     return speeds
 
 
@@ -146,9 +153,9 @@ def step_bytes(model: MiniGLM) -> int:
 def smollm2_row(run: Path, new: int, threads: int, tmp: Path) -> str:
     """Engine b=1 / b=8, transformers generate, llama.cpp F32 / Q8_0 on the real model; tok/s and the
     fraction of the bandwidth bound."""
-    from miniglm.checkpoint import load_model_from
+    from miniglm.runs import load_model
 
-    model = load_model_from(run).eval()
+    model = load_model(run).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, model.config.vocab_size, (32,), generator=g).tolist() for _ in range(8)]
     bandwidth = copy_bandwidth() * 1e9
@@ -160,12 +167,17 @@ def smollm2_row(run: Path, new: int, threads: int, tmp: Path) -> str:
     eng1 = engine_tok_s(model, prompts[:1], new)
     eng8 = engine_tok_s(model, prompts, new)
     hf = hf_tok_s(model, prompts[0], new, tmp)
-    cpp = llama_cpp_tok_s(model, prompts[0], new, tmp, threads, run=run)
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    original = Path(state["imported_from"]) if Path(state.get("imported_from", "")).is_file() else None
+    cpp = llama_cpp_tok_s(model, prompts[0], new, tmp, threads, run=run, original=original)
     q8_bytes = weights * 34 / 128  # Q8_0: 34 bytes per 32 weights
+    q41_bytes = weights * 20 / 128  # Q4_1: 20 bytes per 32 weights (its few Q8_0/F32 tensors not counted)
     cols = [cell(eng1), cell(eng8, 8), cell(hf),
-            *([cell(cpp["f32"]), cell(cpp["q8_0"], 1, q8_bytes)] if cpp else ["not installed", "not installed"])]
+            *([cell(cpp["f32"]), cell(cpp["q8_0"], 1, q8_bytes)] if cpp else ["not installed", "not installed"]),
+            cell(cpp["original"], 1, q41_bytes) if "original" in cpp else "-"]
     body = table(["model", "params", "weight MB read per step", "engine b=1 tok/s", "engine b=8 tok/s (aggregate)",
-                  "transformers generate tok/s", "llama.cpp F32 tok/s", "llama.cpp Q8_0 tok/s"],
+                  "transformers generate tok/s", "llama.cpp F32 tok/s", "llama.cpp Q8_0 tok/s",
+                   "llama.cpp original Q4_1 tok/s"],
                  [[f"SmolLM2-135M-Instruct ({run})", f"{model.num_params() / 1e6:.1f}M", f"{weights / 2**20:,.0f}",
                    *cols]])
     return body + (f"\n\n{new} new tokens after a 32-token prompt, greedy, fp32, {threads} thread(s); in brackets "

@@ -232,7 +232,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from miniglm.checkpoint import is_run
+    from miniglm.runs import is_run
 
     torch.set_num_threads(1)  # the training runs set this too; evaluation follows it
     models = [m.strip() for m in args.models.split(",")]
