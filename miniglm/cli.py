@@ -89,7 +89,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
                         f"got {args.vocab_size}")
     check_output_dir(args.out, args.overwrite)
     docs = corpus.load_documents(f"{args.corpus}/train.jsonl")
-    tok = tokenizer.train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    tok = tokenizer.train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                              han_chars=args.han_chars)
     print(f"trained a byte-level BPE with {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
     return 0
 
@@ -471,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus", required=True, help="folder written by `corpus prepare`")
     train.add_argument("--vocab-size", type=at_least(1), default=8192)
     train.add_argument("--min-frequency", type=at_least(1), default=2)
+    train.add_argument("--han-chars", action="store_true",
+                       help="one token never spans two Chinese characters: a name is the same tokens in every "
+                            "sentence (the demo's default; better recall of facts, ~2.8x more tokens per text)")
     train.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
     _add_overwrite(train)
     train.set_defaults(func=cmd_tokenizer_train)

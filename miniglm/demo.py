@@ -30,6 +30,8 @@ class DemoOptions:
     pretrain_overrides: list[str] = field(default_factory=list)
     sft_overrides: list[str] = field(default_factory=list)
     mix_qa: bool = True  # also pretrain on the training characters' Q&A (held-out characters' never)
+    han_chars: bool = True  # a token never spans two Chinese characters: names are stable tokens
+    probe_questions: int = 500  # per split, asked of the pretraining model at each evaluation (0: off)
 
 
 def stage_config(name: str, run: Path, data: Path, extra: list[str]):
@@ -72,16 +74,17 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
         from miniglm.fileio import read_jsonl, write_jsonl
 
         write_jsonl(run / "world" / "qa_corpus.jsonl",
-                    [{"text": f"问：{r['question']}\n答：{r['answer']}"}
+                    [{"text": qa_prompt(r["question"]) + r["answer"]}
                      for _, r in read_jsonl(run / "world" / "sft_train.jsonl")])
         sources.append(str(run / "world" / "qa_corpus.jsonl"))
     cs = corpus.prepare_corpus(sources, run / "corpus",
                                corpus.PrepareOptions(split="file", val_fraction=0.05, seed=opts.seed))
     log(f"   {cs.train_documents} train / {cs.val_documents} val documents")
 
-    log(f"== 3/6 tokenizer train (byte-level BPE, vocab {opts.vocab_size}) -> {run / 'tokenizer'}")
+    log(f"== 3/6 tokenizer train (byte-level BPE, vocab {opts.vocab_size}"
+        f"{', one Chinese character a token at most' if opts.han_chars else ''}) -> {run / 'tokenizer'}")
     tok = tokenizer.train_bpe(corpus.load_documents(run / "corpus" / "train.jsonl"), opts.vocab_size,
-                              run / "tokenizer")
+                              run / "tokenizer", han_chars=opts.han_chars)
     rep = tokenizer.report(tok, corpus.load_documents(run / "corpus" / "val.jsonl"))
     log(f"   {rep['chars_per_token']} characters/token on val, round trip failures: {rep['roundtrip_failures']}")
 
@@ -94,7 +97,8 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     log(f"== 5/6 pretrain -> {run / 'pretrain'}")
     pre_cfg = stage_config("demo.toml", run / "pretrain", run / "data",
                            [f"model.vocab_size={tok.vocab_size}", *opts.overrides, *opts.pretrain_overrides])
-    pre = train(pre_cfg, log=log)
+    probe = KnowledgeProbe(run / "world", tok, opts.probe_questions) if opts.probe_questions else None
+    pre = train(pre_cfg, log=log, probe=probe)
     log(f"   {pre['steps']} steps in {pre['seconds']:.0f}s ({pre['tok_per_s']:,.0f} tok/s), "
         f"val loss {pre['val_loss']:.3f}, val bits/byte {pre['val_bpb']:.3f}")
 
@@ -109,9 +113,88 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     log("== evaluation: the questions asked of the fine-tuned model")
     scores = evaluate_demo(run, log, opts.questions)
     seconds = time.perf_counter() - t0
+    summary = {"world": ws.__dict__, "corpus": cs.__dict__, "tokenizer": rep, "shards": meta, "pretrain": pre,
+               "sft": sft, "eval": scores, "seconds": seconds}
+    md, _ = write_demo_report(run, summary)
+    log(f"   the demo's report (knowledge probes during pretraining, exact match per fact): {md.with_suffix('.html')}")
     log(f"demo done in {seconds:.1f}s: {run}")
     return {"world": ws.__dict__, "corpus": cs.__dict__, "tokenizer": rep, "shards": meta, "pretrain": pre,
             "sft": sft, "eval": scores, "seconds": seconds}
+
+
+def write_demo_report(run: Path, summary: dict):
+    """RUN/report.md + report.html: the pretraining's loss and knowledge-probe curves, and the fine-tuned
+    model's exact match per fact on held-out and training characters."""
+    from miniglm.report import Doc, _plt, fmt, load_eval
+    from miniglm.runs import read_metrics
+
+    doc = Doc("miniglm demo", run)
+    w, pre = summary["world"], summary["pretrain"]
+    doc.para(f"{w['characters']} characters ({w['test_characters']} held out), {w['biographies']:,} biographies; "
+             f"tokenizer {summary['tokenizer']['vocab_size']} tokens, {summary['tokenizer']['chars_per_token']} "
+             f"characters/token; pretraining {pre['steps']} steps, {pre['params'] / 1e6:.2f}M parameters, "
+             f"{pre['tok_per_s']:,.0f} tok/s; the whole demo {summary['seconds']:.0f} s")
+    held, train = load_eval(run / "sft" / "eval")[0], load_eval(run / "sft" / "eval-train")[0]
+    doc.heading("Exact match of the fine-tuned model (greedy)")
+    facts = sorted(set(held.get("groups", {})) | set(train.get("groups", {})))
+    cell = lambda s, f: fmt("exact_match", s["groups"][f]["exact_match"]) if f in s.get("groups", {}) else "-"  # noqa: E731
+    doc.table(["fact", f"held-out characters (n={held['n']})", f"training characters (n={train['n']})"],
+              [["all", fmt("exact_match", held["all"]["exact_match"]), fmt("exact_match", train["all"]["exact_match"])],
+               *([f, cell(held, f), cell(train, f)] for f in facts)])
+    rows = read_metrics(run / "pretrain")
+    plt = _plt()
+    fig, (loss_ax, em_ax) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for key, style, label in (("loss", "-", "train loss"), ("val_loss", "o-", "val loss")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            loss_ax.plot(*zip(*points, strict=True), style, lw=1, label=label)
+    loss_ax.set(xlabel="pretraining step", ylabel="loss (nats/token)", title="pretraining loss")
+    for key, label in (("probe_heldout_em", "held-out characters"), ("probe_train_em", "training characters")):
+        points = [(r["step"], 100 * r[key]) for r in rows if key in r]
+        if points:
+            em_ax.plot(*zip(*points, strict=True), "o-", lw=1.5, label=label)
+    em_ax.set(xlabel="pretraining step", ylabel="exact match %", ylim=(0, 100),
+              title="the pretraining model asked in the Q&A format (no SFT)")
+    for ax in (loss_ax, em_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    doc.heading("What pretraining stores: loss and knowledge probes")
+    doc.figure("pretraining.png", fig)
+    return doc.save("report")
+
+
+def qa_prompt(question: str) -> str:
+    """The Q&A format of the mixed pretraining data, which the probe asks pretraining checkpoints in."""
+    return f"问：{question}\n答："
+
+
+class KnowledgeProbe:
+    """Exact match of a pretraining model's greedy answers, asked in the mixed data's Q&A format (no SFT),
+    on up to n questions about held-out characters and n about training characters. Called at each
+    evaluation of the pretraining (train(probe=...)): the curve of what pretraining has stored so far."""
+
+    def __init__(self, world_dir: Path, tok, n: int):
+        from miniglm.fileio import read_jsonl
+
+        self.tok = tok
+        self.splits = {}
+        for split, key in (("sft_test", "probe_heldout_em"), ("sft_train", "probe_train_em")):
+            rows = [r for _, r in read_jsonl(world_dir / f"{split}.jsonl")][:n]
+            self.splits[key] = ([tok.encode(qa_prompt(r["question"])) for r in rows], [r["answer"] for r in rows])
+
+    def __call__(self, model) -> dict:
+        from miniglm.engine import Engine, SamplingParams
+        from miniglm.metrics import exact_match
+
+        engine = Engine(model, self.tok)  # a decoding copy: the training model is left as it is
+        params = SamplingParams(max_new_tokens=16, fit_new_tokens=True, trim_prompt=True, stop_ids=[self.tok.eot_id])
+        result = {}
+        for key, (prompts, answers) in self.splits.items():
+            outs = [c.text.strip() for i in range(0, len(prompts), 256)
+                    for c in engine.generate(prompts[i:i + 256], params)]
+            result[key] = sum(map(exact_match, outs, answers)) / max(len(answers), 1)
+        return result
 
 
 def evaluate_demo(run: Path, log=print, n: int = 500) -> dict:

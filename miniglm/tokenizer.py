@@ -155,20 +155,28 @@ class BPETokenizer(Tokenizer):
                 copy_file(self.dir / name, out / name)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> BPETokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2,
+              han_chars: bool = False) -> BPETokenizer:
     """Train a byte-level BPE with GPT-2's split pattern and no normalizer.
 
     GPT-2's pattern keeps a run of Chinese characters (all \\p{L}) as one pre-token, so merges can
-    form whole words; punctuation and digits split off. The result loads in transformers as
-    PreTrainedTokenizerFast and its pre-tokenizer is llama.cpp's `gpt-2`.
+    form whole words; punctuation and digits split off. han_chars: every Chinese character is a
+    pre-token of its own, so a token never spans two characters: a name or a place is then the
+    same tokens in every sentence (苏州 in 来自苏州 and in 答：苏州), where GPT-2's pattern may fuse it
+    with its neighbours (来自苏州 one token). The result loads in transformers as
+    PreTrainedTokenizerFast and its pre-tokenizer is llama.cpp's `gpt-2` (merges within a character
+    give the same tokens under either pattern).
     """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
         raise UserError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + specials), got {vocab_size}")
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if han_chars:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated"), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -258,7 +259,10 @@ def write_chat_info(cfg: TrainConfig, out: Path) -> None:
 
 
 # --- the loop ------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, log=print) -> dict:
+def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] | None = None) -> dict:
+    """Train as cfg says; return the last evaluation and the run's totals. probe(model) -> {name: number}
+    is called at each evaluation (on the main process, the model in eval mode, no grad); its numbers go
+    into metrics.jsonl beside val_loss, and its time is left out of tokens/s."""
     if not cfg.data:
         raise UserError("no data: set data = \"FOLDER\" in the config or --set data=FOLDER")
     device, rank, world, dtype = setup_device(cfg)
@@ -431,6 +435,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
             is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
             if is_eval:
                 ev = evaluate()
+                if probe is not None and master:
+                    t_probe = time.perf_counter()
+                    model.eval()
+                    with torch.no_grad():
+                        ev.update(probe(model))
+                    model.train()
+                    t_start += time.perf_counter() - t_probe  # tokens/s counts training and val loss only
                 write_metrics({"step": step, **ev})
                 if master:
                     pbar.write(f"step {step}/{cfg.max_steps}: train loss {loss_avg:.4f}, "

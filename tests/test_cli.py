@@ -107,7 +107,35 @@ def test_demo_runs_the_pipeline(capsys, tmp_path):
     for stage in ["pretrain", "sft"]:
         assert (out / stage / "ckpt" / "model.safetensors").exists()
     assert json.loads((out / "sft" / "ckpt" / "state.json").read_text())["step"] == 3
+    probes = [r for r in map(json.loads, (out / "pretrain" / "metrics.jsonl").read_text().splitlines())
+              if "probe_heldout_em" in r]
+    assert probes and all(0 <= r["probe_heldout_em"] <= 1 and 0 <= r["probe_train_em"] <= 1 for r in probes)
+    assert (out / "report.html").exists() and "held-out" in (out / "report.md").read_text()
     assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0  # a second demo in the same folder
+
+
+def test_demo_data_never_shows_held_out_questions(tmp_path):
+    """No held-out character's question, Q&A pair or Q&A record reaches pretraining or SFT: their facts
+    are only in biographies, so answering them measures what pretraining stored."""
+    from miniglm.demo import DemoOptions, qa_prompt, run_demo
+
+    out = tmp_path / "demo"
+    run_demo(DemoOptions(out=str(out), characters=40, bios=3, vocab_size=300, questions=5, probe_questions=0,
+                         overrides=["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "max_steps=1",
+                                    "batch_size=2", "model.block_size=48"]), log=lambda *a: None)
+    rows = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    held = rows(out / "world" / "sft_test.jsonl")
+    held_out = {r["character"] for r in held}
+    assert held and held_out.isdisjoint(r["character"] for r in rows(out / "world" / "sft_train.jsonl"))
+    from miniglm.world import FACTS
+
+    every_question = [q.format(n=name) for name in held_out for _, questions in FACTS.values() for q in questions]
+    pretraining = "\n".join(r["text"] for split in ("train", "val") for r in rows(out / "corpus" / f"{split}.jsonl"))
+    sft = (out / "world" / "sft_train.jsonl").read_text()
+    for question in every_question:
+        assert question not in pretraining and question not in sft
+    for r in held:
+        assert qa_prompt(r["question"]) + r["answer"] not in pretraining
 
 
 def test_a_folder_killed_between_renames_is_recovered(tmp_path):
