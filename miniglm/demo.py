@@ -32,6 +32,18 @@ class DemoOptions:
     mix_qa: bool = True  # also pretrain on the training characters' Q&A (held-out characters' never)
     han_chars: bool = True  # a token never spans two Chinese characters: names are stable tokens
     probe_questions: int = 500  # per split, asked of the pretraining model at each evaluation (0: off)
+    long: bool = False  # LONG_FACTOR times the pretraining steps: where the knowledge probes saturate
+
+
+LONG_FACTOR = 4  # `miniglm demo --long`: ~45 minutes on 2 cores
+
+
+def pretrain_extra(opts: DemoOptions, vocab_size: int) -> list[str]:
+    """The pretraining stage's overrides of configs/demo.toml: the vocabulary, --long, then the user's."""
+    extra = [f"model.vocab_size={vocab_size}"]
+    if opts.long:
+        extra.append(f"max_steps={LONG_FACTOR * load_config(CONFIGS / 'demo.toml').max_steps}")
+    return [*extra, *opts.overrides, *opts.pretrain_overrides]
 
 
 def stage_config(name: str, run: Path, data: Path, extra: list[str]):
@@ -50,8 +62,7 @@ def check_options(opts: DemoOptions, run: Path) -> None:
             raise UserError(f"--{name} must be at least 1, got {getattr(opts, name)}")
     if opts.vocab_size < tokenizer.MIN_VOCAB_SIZE:
         raise UserError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE}, got {opts.vocab_size}")
-    stage_config("demo.toml", run / "pretrain", run / "data",
-                 [f"model.vocab_size={opts.vocab_size}", *opts.overrides, *opts.pretrain_overrides])
+    stage_config("demo.toml", run / "pretrain", run / "data", pretrain_extra(opts, opts.vocab_size))
     stage_config("demo-sft.toml", run / "sft", run / "sft_data",
                  [f"init_from={run / 'pretrain'}", *opts.overrides, *opts.sft_overrides])
 
@@ -95,8 +106,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     for stage in ("pretrain", "sft_data", "sft"):  # the data above was made anew: so are the models
         remove_output(run / stage)
     log(f"== 5/6 pretrain -> {run / 'pretrain'}")
-    pre_cfg = stage_config("demo.toml", run / "pretrain", run / "data",
-                           [f"model.vocab_size={tok.vocab_size}", *opts.overrides, *opts.pretrain_overrides])
+    pre_cfg = stage_config("demo.toml", run / "pretrain", run / "data", pretrain_extra(opts, tok.vocab_size))
     probe = KnowledgeProbe(run / "world", tok, opts.probe_questions) if opts.probe_questions else None
     pre = train(pre_cfg, log=log, probe=probe)
     log(f"   {pre['steps']} steps in {pre['seconds']:.0f}s ({pre['tok_per_s']:,.0f} tok/s), "

@@ -109,13 +109,18 @@ def test_gguf_export_reads_back(tmp_path, bpe_dir):
     assert (np.abs(got_k.reshape(-1, 32) - want) <= step * 0.51 + 1e-5).all()
 
 
-def test_gguf_matches_llama_cpp(tmp_path, bpe_dir):
-    """llama.cpp (llama-cpp-python, an optional extra) tokenizes identically and greedy-decodes the same tokens."""
+@pytest.mark.parametrize("han_chars", [False, True])
+def test_gguf_matches_llama_cpp(tmp_path, bpe_dir, world_dir, han_chars):
+    """llama.cpp (llama-cpp-python, an optional extra) tokenizes identically and greedy-decodes the same tokens;
+    a --han-chars tokenizer too (its merges never cross a character, so llama.cpp's gpt-2 split agrees)."""
     llama_cpp = pytest.importorskip("llama_cpp")
+    from miniglm.corpus import load_documents
     from miniglm.engine import Engine, SamplingParams
-    from miniglm.tokenizer import load_tokenizer
+    from miniglm.tokenizer import load_tokenizer, train_bpe
 
     tok = load_tokenizer(bpe_dir)
+    if han_chars:
+        tok = train_bpe(load_documents(world_dir / "corpus.jsonl"), 1000, tmp_path / "han", han_chars=True)
     torch.manual_seed(0)
     model = MiniGLM(ModelConfig(style="llama", vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4,
                                 n_kv_head=2, n_embd=64)).eval()

@@ -45,6 +45,26 @@ def test_bpe_merges_form_words(tmp_path):
     assert len(tok.encode("玉面书生")) == 1
 
 
+def test_han_chars_keep_a_name_the_same_tokens_everywhere(tmp_path):
+    """--han-chars: no token spans two Chinese characters, so 苏州 is the same ids in 来自苏州 and in
+    答：苏州 (GPT-2's split fuses it with its neighbours); transformers tokenizes as we do."""
+    from transformers import AutoTokenizer
+
+    from miniglm.tokenizer import train_bpe
+
+    texts = ["何瑶来自苏州。", "问：何瑶是哪里人？\n答：苏州", "李霜来自苏州。year 1106"] * 50
+    fused = train_bpe(texts, 400, tmp_path / "gpt2")
+    assert fused.encode("来自苏州")[-1:] != fused.encode("苏州")
+    tok = train_bpe(texts, 400, tmp_path / "han", han_chars=True)
+    suzhou = tok.encode("苏州")
+    assert tok.encode("来自苏州")[-2:] == suzhou == tok.encode("答：苏州")[-2:] and len(suzhou) == 2
+    ids = tok.encode(texts[1] + texts[2])
+    assert all(sum(map(str.isalpha, tok.decode([i]))) <= 1 or tok.decode([i]).isascii() for i in ids)
+    assert tok.decode(ids) == texts[1] + texts[2]
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "han"))(texts[1], add_special_tokens=False)["input_ids"] \
+        == tok.encode(texts[1])
+
+
 def test_tiktoken_from_local_file():
     tok = load_tokenizer(shared_file(CL100K_FILE))
     ids = tok.encode(SAMPLE_ZH)
