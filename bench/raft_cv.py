@@ -132,7 +132,8 @@ def sft_demo(demo: Path, train_csv: Path, run: Path, steps: int, extra: list[str
             "--max-len", block + 1, "--val-fraction", "0.05", "--out", data])
     cli_ok(["train", "--config", ROOT / "configs" / "demo-sft.toml", "--set", f"data={data}",
             "--set", f"init_from={demo / 'pretrain'}", "--set", f"out_dir={run}", "--set", f"max_steps={steps}",
-            "--set", "batch_size=16", "--set", "warmup_steps=10", "--set", f"eval_every={steps}",
+            "--set", "batch_size=16", "--set", "lr=1e-3", "--set", "min_lr=1e-4",
+            "--set", "warmup_steps=10", "--set", f"eval_every={steps}",
             "--set", "eval_batches=1", "--set", f"log_every={max(steps // 4, 1)}", "--set", "threads=1", *extra])
     return run
 
@@ -273,7 +274,7 @@ def main() -> None:
                  *["–"] * (k - len(results[0]["folds"])), f"{results[0]['majority_mean']:.1%}", "",
                  f"overall {results[0]['majority_overall']:.0%}", ""])
     preds = "; ".join(f"{r['model']}: " + ", ".join(json.dumps(x["predicted"]) for x in r["folds"]) for r in results)
-    settings = ("tiny: batch 8, lr 1e-3; demo: batch 16, configs/demo-sft.toml lr" if not real else
+    settings = ("tiny: batch 8, lr 1e-3; demo: batch 16, lr 1e-3" if not real else
                 f"instruction: \"{args.instruction}\"; lora: lr 1e-3, full: lr 5e-5, batch 8, template hf")
     tuned = set(models) - {"zero-shot", "zero-shot-plain"}
     steps = f"{args.steps} fine-tuning steps per fold" if tuned else "no fine-tuning"

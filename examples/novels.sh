@@ -55,7 +55,7 @@ stage sft-prepare "$OUT/sft_data, $OUT/sft_test.jsonl" \
     --test-out "$OUT/sft_test.jsonl" --test-fraction 0.05
 stage sft "$OUT/sft" \
     miniglm train --config "$CONFIGS"/demo-sft.toml --set data="$OUT/sft_data" --set init_from="$OUT/pretrain" \
-    --set out_dir="$OUT/sft" "${SFT_TRAIN[@]}"
+    --set out_dir="$OUT/sft" --set lr=1e-3 --set min_lr=1e-4 "${SFT_TRAIN[@]}"
 stage eval "$OUT/sft/eval" \
     miniglm eval --run "$OUT/sft" --data "$OUT/sft_test.jsonl" "${EVAL[@]}"
 stage report "$OUT/sft/eval/report.html" \
