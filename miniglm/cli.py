@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bios", type=at_least(1), default=24, help="biographies per character")
     d.add_argument("--vocab-size", type=at_least(1), default=4096)
     d.add_argument("--seed", type=int, default=1337)
-    d.add_argument("--questions", type=at_least(1), default=500, help="questions per split asked at the end")
+    d.add_argument("--questions", type=at_least(1), default=2250, help="questions per split asked at the end")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key in both stages, e.g. --set max_steps=50")
     d.add_argument("--mix-qa", action=argparse.BooleanOptionalAction, default=True,

@@ -25,7 +25,7 @@ class DemoOptions:
     bios: int = 24  # many phrasings of each fact: stored as knowledge, not memorised as text
     vocab_size: int = 4096
     seed: int = 1337
-    questions: int = 500  # asked of the fine-tuned model at the end, per split
+    questions: int = 2250  # asked of the fine-tuned model at the end, per split (all 2,250 held-out ones)
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE for both training stages
     pretrain_overrides: list[str] = field(default_factory=list)
     sft_overrides: list[str] = field(default_factory=list)

@@ -169,3 +169,14 @@ def test_serve_port_errors(capsys, tmp_path):
         busy.listen()
         err = run_error(capsys, ["serve", "--run", str(tmp_path), "--port", str(busy.getsockname()[1])])
     assert "in use" in err and "serving" not in capsys.readouterr().out
+
+
+def test_demo_long_pretrains_four_times_longer_and_set_still_wins():
+    from miniglm.config import load_config
+    from miniglm.demo import CONFIGS, LONG_FACTOR, DemoOptions, pretrain_extra
+
+    steps = load_config(CONFIGS / "demo.toml").max_steps
+    assert f"max_steps={LONG_FACTOR * steps}" in pretrain_extra(DemoOptions(long=True), 500)
+    assert not any(x.startswith("max_steps") for x in pretrain_extra(DemoOptions(), 500))
+    extra = pretrain_extra(DemoOptions(long=True, pretrain_overrides=["max_steps=7"]), 500)
+    assert extra[-1] == "max_steps=7" and extra[0] == "model.vocab_size=500"
