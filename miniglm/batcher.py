@@ -40,8 +40,13 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", max_batch: int = 32):
+    """on_step, if given, is called by the batcher thread after each step's events (and after events
+    outside a step: a refused submit, a shutdown), so a listener can take them in one hand-over per step."""
+
+    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", max_batch: int = 32,
+                 on_step: Callable[[], None] | None = None):
         self.model, self.tokenizer, self.device, self.max_batch = model.eval(), tokenizer, device, max_batch
+        self.on_step = on_step or (lambda: None)
         self.waiting: list[Job] = []
         self.active: list[Job] = []
         self.cache: KVCache | None = None
@@ -56,6 +61,7 @@ class Batcher:
         with self.cond:
             if not self.running:
                 _fail(job, "the server is shutting down", 503)
+                self.on_step()
                 return job
             self.waiting.append(job)
             self.cond.notify()
@@ -78,6 +84,7 @@ class Batcher:
                     for r in self.active + self.waiting:
                         _fail(r, "the server is shutting down", 503)
                     self.active, self.waiting, self.cache, self.logits = [], [], None, None
+                    self.on_step()
                     return
                 joining = self.waiting[:max(0, self.max_batch - len(self.active))]
                 self.waiting = self.waiting[len(joining):]
@@ -96,6 +103,7 @@ class Batcher:
                     for r in self.active:
                         _fail(r, f"{type(e).__name__}: {e}")
                     self.active, self.cache, self.logits = [], None, None
+            self.on_step()
 
     def _join(self, r: Job) -> None:
         r.row = Row(r.prompt, r.params, self.tokenizer)
@@ -157,11 +165,21 @@ class Batcher:
     def _dtype(self) -> torch.dtype:
         return self.model.embeddings.weight.dtype
 
+    def _greedy(self) -> dict[int, int]:
+        """The tokens of the plain greedy rows (no repetition penalty), by row: one argmax for all of them."""
+        rows = [i for i, r in enumerate(self.active) if r.params.temperature <= 0 and r.params.repetition_penalty == 1]
+        if not rows:
+            return {}
+        logits = self.logits if len(rows) == len(self.active) else self.logits[rows]
+        return dict(zip(rows, logits.argmax(-1).tolist(), strict=True))
+
     def _step(self) -> None:
         next_ids, keep = [], []
+        greedy = self._greedy()
         for i, r in enumerate(self.active):
-            try:  # each row samples from its own logits: one row's failure leaves the others' tokens as they are
-                t = int(sample_next(self.logits[i:i + 1], r.params, r.history, r.generator)[0])
+            try:  # the others sample alone, each from its own generator: a row that fails leaves the rest as they are
+                t = greedy[i] if i in greedy else sample_next(self.logits[i:i + 1], r.params, r.history,
+                                                              r.generator).item()
                 self._advance(r, t)
             except Exception as e:
                 _fail(r, f"{type(e).__name__}: {e}")
