@@ -165,21 +165,33 @@ class Batcher:
     def _dtype(self) -> torch.dtype:
         return self.model.embeddings.weight.dtype
 
-    def _greedy(self) -> dict[int, int]:
-        """The tokens of the plain greedy rows (no repetition penalty), by row: one argmax for all of them."""
-        rows = [i for i, r in enumerate(self.active) if r.params.temperature <= 0 and r.params.repetition_penalty == 1]
-        if not rows:
-            return {}
-        logits = self.logits if len(rows) == len(self.active) else self.logits[rows]
-        return dict(zip(rows, logits.argmax(-1).tolist(), strict=True))
+    def _sample_together(self) -> dict[int, int]:
+        """The tokens of the rows that can sample together, by row: rows with the same settings and neither
+        a generator nor a history of their own (greedy rows, rows without a seed; no repetition penalty)
+        share one sample_next call, as a batch does in Engine. If that fails, each samples alone."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(self.active):
+            p = r.params
+            if p.repetition_penalty == 1 and (p.temperature <= 0 or r.generator is None):
+                key = ("greedy",) if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p)
+                groups.setdefault(key, []).append(i)
+        tokens: dict[int, int] = {}
+        for rows in groups.values():
+            logits = self.logits if len(rows) == len(self.active) else self.logits[rows]
+            try:
+                tokens.update(zip(rows, sample_next(logits, self.active[rows[0]].params, None, None).tolist(),
+                                  strict=True))
+            except Exception:  # e.g. one row's logits are NaN: sampling alone, that row fails alone
+                pass
+        return tokens
 
     def _step(self) -> None:
         next_ids, keep = [], []
-        greedy = self._greedy()
+        together = self._sample_together()
         for i, r in enumerate(self.active):
             try:  # the others sample alone, each from its own generator: a row that fails leaves the rest as they are
-                t = greedy[i] if i in greedy else sample_next(self.logits[i:i + 1], r.params, r.history,
-                                                              r.generator).item()
+                t = together[i] if i in together else sample_next(self.logits[i:i + 1], r.params, r.history,
+                                                                  r.generator).item()
                 self._advance(r, t)
             except Exception as e:
                 _fail(r, f"{type(e).__name__}: {e}")
