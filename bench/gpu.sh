@@ -8,7 +8,7 @@
 #
 # With the device tool, from the repository root (the machine is bare and offline: the stages run from
 # source with PYTHONPATH and generate their data; everything they import is in its image, so nothing is
-# carried), then read device/files/summary.md:
+# carried; the summary names any that is missing there), then read summary.md among the files that come back:
 #   run(command="bash bench/gpu.sh", timeout_s=480)
 #   run(command="bash bench/gpu.sh decode pretrain", timeout_s=300)     # some stages only
 #
@@ -17,7 +17,7 @@
 # Writes $OUT (default /tmp/miniglm-gpu) summary.md: one table (stage, status, seconds, result) under the
 # machine's GPU and versions; a log per stage; results.md: the benches' records, to append to bench/RESULTS.md.
 # DRY_RUN=1 or --dry-run: every stage at tiny size on the CPU, in under a minute (tests/test_gpu_script.py).
-# Environment: PYTHON (default python3), OUT, PRETRAIN_SECONDS (150), PRETRAIN_STEPS (20000), TRAIN_ARGS,
+# Environment: PYTHON (default python3), OUT, PRETRAIN_SECONDS (140), PRETRAIN_STEPS (20000), TRAIN_ARGS,
 # DECODE_ARGS.
 set -uo pipefail
 
@@ -52,9 +52,9 @@ if [ "$DRY" = 1 ]; then
     DECODE_ARGS=${DECODE_ARGS:---device cpu --new 8 --no-cache-tokens 4 --threads 1}
 else
     DEVICE=cuda
-    LIMIT_TESTS=75 LIMIT_TRAIN=75 LIMIT_DECODE=50 LIMIT_DATA=40
-    PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-150}
-    WORLD=(--characters 6000 --bios 8) VOCAB=8192
+    LIMIT_TESTS=100 LIMIT_TRAIN=60 LIMIT_DECODE=50 LIMIT_DATA=45
+    PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-140}
+    WORLD=(--characters 4000 --bios 8) VOCAB=8192
     PRETRAIN_SETS=("max_steps=${PRETRAIN_STEPS:-20000}" eval_every=1000 eval_batches=20 compile=true)
     DECODE_ARGS=${DECODE_ARGS:---device cuda --new 256 --no-cache-tokens 64}
 fi
@@ -163,6 +163,12 @@ EOF
     date -u +"%Y-%m-%d %H:%M UTC"
     "$PY" -c "import platform, torch; print(f'Python {platform.python_version()}, torch {torch.__version__}, ' + (torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'))" 2>&1
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    "$PY" -c "
+import importlib.util
+need = ['numpy', 'safetensors', 'tokenizers', 'transformers', 'tqdm', 'pytest', 'hypothesis']
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    print('missing packages (carry them as wheels, see the device README): ' + ', '.join(missing))"
     echo
 } >"$WORK/head"
 for stage in "${STAGES[@]}"; do
