@@ -7,6 +7,8 @@
   GET  /                     the chat page
 
 Concurrent requests are decoded together by the Batcher; a client that disconnects stops its row.
+The batcher thread hands each step's events to the event loop at once (Outbox: one wake-up per step), and a
+stream writes what one wake-up brought as one event, framed ahead (only its text is encoded per event).
 Requests past --max-batch wait in order for a free row (a stream is answered at once, its first chunk
 then comes when its row starts). Every error is OpenAI's JSON error shape: 400 for malformed JSON,
 fields out of range (engine.SamplingParams.validate) and prompts past the context, 401 for a wrong API
