@@ -17,7 +17,8 @@
 # Writes $OUT (default /tmp/miniglm-gpu) summary.md: one table (stage, status, seconds, result) under the
 # machine's GPU and versions; a log per stage; results.md: the benches' records, to append to bench/RESULTS.md.
 # DRY_RUN=1 or --dry-run: every stage at tiny size on the CPU, in under a minute (tests/test_gpu_script.py).
-# Environment: PYTHON (default python3), OUT, PRETRAIN_SECONDS (140), PRETRAIN_STEPS (20000), TRAIN_ARGS,
+# Environment: PYTHON (default python3), OUT, PRETRAIN_SECONDS (140), PRETRAIN_STEPS (20000), PRETRAIN_COMPILE
+# (true), TRAIN_ARGS,
 # DECODE_ARGS.
 set -uo pipefail
 
@@ -55,7 +56,7 @@ else
     LIMIT_TESTS=100 LIMIT_TRAIN=60 LIMIT_DECODE=50 LIMIT_DATA=45
     PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-140}
     WORLD=(--characters 4000 --bios 8) VOCAB=8192
-    PRETRAIN_SETS=("max_steps=${PRETRAIN_STEPS:-20000}" eval_every=1000 eval_batches=20 compile=true)
+    PRETRAIN_SETS=("max_steps=${PRETRAIN_STEPS:-20000}" eval_every=1000 eval_batches=20 "compile=${PRETRAIN_COMPILE:-true}")
     DECODE_ARGS=${DECODE_ARGS:---device cuda --new 256 --no-cache-tokens 64}
 fi
 # eager only: compiling bench/train.py's ten configs would take minutes (its --no-compile is all or nothing)
