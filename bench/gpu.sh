@@ -17,9 +17,8 @@
 # Writes $OUT (default /tmp/miniglm-gpu) summary.md: one table (stage, status, seconds, result) under the
 # machine's GPU and versions; a log per stage; results.md: the benches' records, to append to bench/RESULTS.md.
 # DRY_RUN=1 or --dry-run: every stage at tiny size on the CPU, in under a minute (tests/test_gpu_script.py).
-# Environment: PYTHON (default python3), OUT, PRETRAIN_SECONDS (140), PRETRAIN_STEPS (20000), PRETRAIN_COMPILE
-# (true), TRAIN_ARGS,
-# DECODE_ARGS.
+# Environment: PYTHON (default python3), OUT, PRETRAIN_SECONDS (140), PRETRAIN_STEPS (20000),
+# PRETRAIN_COMPILE (true), TRAIN_ARGS, DECODE_ARGS.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
