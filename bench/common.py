@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-RESULTS = Path(__file__).with_name("RESULTS.md")
+# MINIGLM_BENCH_RESULTS: record elsewhere (bench/gpu.sh writes its records under $OUT; its dry run, to a temp folder)
+RESULTS = Path(os.environ.get("MINIGLM_BENCH_RESULTS") or Path(__file__).with_name("RESULTS.md"))
 
 
 def machine() -> str:
@@ -31,7 +32,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def record(title: str, body: str) -> None:
-    """Print a result and append it to bench/RESULTS.md with the machine and date."""
+    """Print a result and append it to bench/RESULTS.md (or $MINIGLM_BENCH_RESULTS) with the machine and date."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     text = f"\n## {title}\n\n{stamp}, {machine()}\n\n{body}\n"
     print(text)

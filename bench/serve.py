@@ -1,7 +1,12 @@
-"""Serving: 1, 8 and 32 concurrent streaming clients against `miniglm serve` on loopback.
+"""Serving: one streaming client against the engine alone, then 1, 8 and 32 concurrent clients, on loopback.
 
-Reports aggregate tokens/s, time to first token and p50/p95 request latency. The server runs in this
-process (uvicorn in a thread) on a run folder, or on a random-weight model of the demo's shape.
+Side by side in one run, on the same model, prompt, sampling and token count: the engine's batch-1
+tokens/s (Engine.stream) and one streaming client's tokens/s, both counted after the first token (time
+to first token reported apart), best of --repeats interleaved pairs; then aggregate tokens/s, time to
+first token and p50/p95 request latency for 1, 8 and 32 concurrent clients. The server runs in this
+process (uvicorn in a thread, as `miniglm serve` runs it) on a run folder, or on a random-weight model
+of the demo's shape; the clients run in another process, so that their parsing does not take the
+server's GIL (a real client is another program).
 
 --soak: `miniglm serve` in its own process under hostile but realistic traffic for --duration seconds:
 64 streaming chat clients (over the default batch of 32, so some wait), a third of them disconnecting
@@ -9,7 +14,7 @@ mid-stream, 1 request in 10 malformed, one 5 MB body a minute. Checks that every
 its whole answer (greedy answers identical each time), that no response is a 5xx, and records the
 server's RSS growth and /health latency (polled from another process).
 
-    .venv/bin/python bench/serve.py [--run runs/demo/sft] [--tokens 96] [--requests 2]
+    .venv/bin/python bench/serve.py [--run runs/demo/sft] [--tokens 96] [--requests 2] [--repeats 3]
     .venv/bin/python bench/serve.py --soak --run runs/demo/sft [--duration 180] [--clients 64]
 """
 
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, record, table  # noqa: E402
 
 from miniglm.chat import load_run  # noqa: E402
+from miniglm.engine import SamplingParams  # noqa: E402
 from miniglm.serve import create_app  # noqa: E402
 
 
@@ -56,14 +62,19 @@ def random_run(tmp: Path) -> Path:
     return tmp / "run"
 
 
+PROMPT = "司徒沧霄与蔡尘淑是至交好友。"
+
+
 def client(base: str, n_requests: int, tokens: int, out: list) -> None:
+    """Stream n_requests completions one after another; per request its time to first text, latency,
+    tokens and the seconds from its first text to its last."""
     with httpx.Client(timeout=600) as http:
         for i in range(n_requests):
             t0 = time.perf_counter()
-            first, count = None, 0
-            body = {"prompt": "司徒沧霄与蔡尘淑是至交好友。", "max_tokens": tokens, "stream": True,
-                    "temperature": 1.0, "seed": i, "ignore_eos": True,
-                    "stream_options": {"include_usage": True}}
+            first = last = None
+            count = 0
+            body = {"prompt": PROMPT, "max_tokens": tokens, "stream": True, "temperature": 1.0, "seed": i,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
             with http.stream("POST", base + "/v1/completions", json=body) as r:
                 if r.status_code != 200:
                     sys.exit(f"HTTP {r.status_code}: {r.read().decode()}")
@@ -74,8 +85,34 @@ def client(base: str, n_requests: int, tokens: int, out: list) -> None:
                     if event.get("usage"):
                         count = event["usage"]["completion_tokens"]
                     elif event["choices"][0]["text"]:
-                        first = first or time.perf_counter() - t0
-            out.append({"ttft": first or 0.0, "latency": time.perf_counter() - t0, "tokens": count})
+                        last = time.perf_counter()
+                        first = first or last
+            out.append({"ttft": first - t0, "latency": time.perf_counter() - t0, "tokens": count,
+                        "decode": last - first})
+
+
+def clients(base: str, n: int, n_requests: int, tokens: int) -> tuple[float, list[dict]]:
+    """n concurrent clients (threads of the process this runs in): the wall time and every request's figures."""
+    results: list[dict] = []
+    threads = [threading.Thread(target=client, args=(base, n_requests, tokens, results)) for _ in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, results
+
+
+def engine_stream(engine, prompt: list[int], tokens: int, seed: int) -> tuple[float, float]:
+    """The engine alone at batch 1, as the server samples (temperature 1, a seed, no stop token): its
+    tokens/s after the first text chunk, and the seconds to that chunk."""
+    params = SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=seed)
+    t0 = time.perf_counter()
+    first = last = None
+    for _ in engine.stream(prompt, params):
+        last = time.perf_counter()
+        first = first or last
+    return (tokens - 1) / (last - first), first - t0
 
 
 QUESTIONS = ["蔡义是哪个门派的？", "南宫静骏属于哪一派？", "司徒沧霄的师父是谁？", "谁是古墓派的掌门？"]
@@ -234,6 +271,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None,
                     help="new tokens per request (prompt + tokens <= context; default 96, --soak 48)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--repeats", type=int, default=3, help="engine / one-stream pairs; each figure is the best")
     ap.add_argument("--soak", action="store_true", help="the robustness soak instead of the throughput table")
     ap.add_argument("--duration", type=float, default=180, help="--soak: seconds of traffic")
     ap.add_argument("--clients", type=int, default=64, help="--soak: streaming clients")
@@ -243,7 +281,8 @@ def main() -> None:
         return soak(args)
     args.tokens = args.tokens or 96
     run_dir = Path(args.run) if args.run else random_run(Path(tempfile.mkdtemp(prefix="miniglm-serve-")))
-    app = create_app(load_run(run_dir, "cpu"))
+    run = load_run(run_dir, "cpu")
+    app = create_app(run)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -255,25 +294,38 @@ def main() -> None:
             break
         except httpx.HTTPError:
             time.sleep(0.05)
-    rows = []
-    for n in (1, 8, 32):
-        results: list[dict] = []
-        threads = [threading.Thread(target=client, args=(base, args.requests, args.tokens, results)) for _ in range(n)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        lat = sorted(r["latency"] for r in results)
-        total = sum(r["tokens"] for r in results)
-        rows.append([n, len(results), f"{total / wall:,.0f}", f"{statistics.median(r['ttft'] for r in results):.3f}",
-                     f"{statistics.median(lat):.2f}", f"{lat[min(len(lat) - 1, int(0.95 * len(lat)))]:.2f}"])
-        print(" | ".join(map(str, rows[-1])), flush=True)
+    prompt = run.engine.tokenizer.encode(PROMPT)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(clients, (base, 1, 1, 8))  # warm-up: the client's imports, the server's first request
+        engine_stream(run.engine, prompt, 8, 0)
+        engine, stream = [], []
+        for rep in range(args.repeats):  # interleaved, so that both see the same machine
+            engine.append(engine_stream(run.engine, prompt, args.tokens, rep))
+            stream += pool.apply(clients, (base, 1, 1, args.tokens))[1]
+        e_tok_s, e_first = max(engine)
+        s = max(stream, key=lambda r: (r["tokens"] - 1) / r["decode"])
+        s_tok_s = (s["tokens"] - 1) / s["decode"]
+        print(f"engine {e_tok_s:,.0f} tok/s, one stream {s_tok_s:,.0f} tok/s", flush=True)
+        one = table(["engine b=1 tok/s", "one stream tok/s", "stream / engine", "engine first chunk s",
+                     "stream TTFT s (p50)"],
+                    [[f"{e_tok_s:,.0f}", f"{s_tok_s:,.0f}", f"{s_tok_s / e_tok_s:.2f}", f"{e_first:.3f}",
+                      f"{statistics.median(r['ttft'] for r in stream):.3f}"]])
+        rows = []
+        for n in (1, 8, 32):
+            wall, results = pool.apply(clients, (base, n, args.requests, args.tokens))
+            lat = sorted(r["latency"] for r in results)
+            total = sum(r["tokens"] for r in results)
+            rows.append([n, len(results), f"{total / wall:,.0f}",
+                         f"{statistics.median(r['ttft'] for r in results):.3f}",
+                         f"{statistics.median(lat):.2f}", f"{lat[min(len(lat) - 1, int(0.95 * len(lat)))]:.2f}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
     server.should_exit = True
-    body = table(["clients", "requests", "aggregate tok/s", "TTFT p50 s", "latency p50 s", "latency p95 s"], rows)
-    body += (f"\n\n{args.tokens} tokens per request (max_tokens with ignore_eos), streaming "
-             f"/v1/completions, model: {run_dir}; torch threads {torch.get_num_threads()}")
+    body = one + "\n\n" + table(["clients", "requests", "aggregate tok/s", "TTFT p50 s", "latency p50 s",
+                                  "latency p95 s"], rows)
+    body += (f"\n\n{args.tokens} tokens per request (max_tokens with ignore_eos, temperature 1, a seed), streaming "
+             f"/v1/completions; the clients in another process; tokens/s of one stream and of the engine count "
+             f"from the first text to the last (best of {args.repeats} interleaved pairs); model: {run_dir}; "
+             f"torch threads {torch.get_num_threads()}")
     record("Serving (bench/serve.py)", body)
 
 

@@ -40,8 +40,13 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", max_batch: int = 32):
+    """on_step, if given, is called by the batcher thread after each step's events (and after events
+    outside a step: a refused submit, a shutdown), so a listener can take them in one hand-over per step."""
+
+    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", max_batch: int = 32,
+                 on_step: Callable[[], None] | None = None):
         self.model, self.tokenizer, self.device, self.max_batch = model.eval(), tokenizer, device, max_batch
+        self.on_step = on_step or (lambda: None)
         self.waiting: list[Job] = []
         self.active: list[Job] = []
         self.cache: KVCache | None = None
@@ -56,6 +61,7 @@ class Batcher:
         with self.cond:
             if not self.running:
                 _fail(job, "the server is shutting down", 503)
+                self.on_step()
                 return job
             self.waiting.append(job)
             self.cond.notify()
@@ -78,6 +84,7 @@ class Batcher:
                     for r in self.active + self.waiting:
                         _fail(r, "the server is shutting down", 503)
                     self.active, self.waiting, self.cache, self.logits = [], [], None, None
+                    self.on_step()
                     return
                 joining = self.waiting[:max(0, self.max_batch - len(self.active))]
                 self.waiting = self.waiting[len(joining):]
@@ -96,6 +103,7 @@ class Batcher:
                     for r in self.active:
                         _fail(r, f"{type(e).__name__}: {e}")
                     self.active, self.cache, self.logits = [], None, None
+            self.on_step()
 
     def _join(self, r: Job) -> None:
         r.row = Row(r.prompt, r.params, self.tokenizer)
@@ -157,11 +165,33 @@ class Batcher:
     def _dtype(self) -> torch.dtype:
         return self.model.embeddings.weight.dtype
 
+    def _sample_together(self) -> dict[int, int]:
+        """The tokens of the rows that can sample together, by row: rows with the same settings and neither
+        a generator nor a history of their own (greedy rows, rows without a seed; no repetition penalty)
+        share one sample_next call, as a batch does in Engine. If that fails, each samples alone."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(self.active):
+            p = r.params
+            if p.repetition_penalty == 1 and (p.temperature <= 0 or r.generator is None):
+                key = ("greedy",) if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p)
+                groups.setdefault(key, []).append(i)
+        tokens: dict[int, int] = {}
+        for rows in groups.values():
+            logits = self.logits if len(rows) == len(self.active) else self.logits[rows]
+            try:
+                tokens.update(zip(rows, sample_next(logits, self.active[rows[0]].params, None, None).tolist(),
+                                  strict=True))
+            except Exception:  # e.g. one row's logits are NaN: sampling alone, that row fails alone
+                pass
+        return tokens
+
     def _step(self) -> None:
         next_ids, keep = [], []
+        together = self._sample_together()
         for i, r in enumerate(self.active):
-            try:  # each row samples from its own logits: one row's failure leaves the others' tokens as they are
-                t = int(sample_next(self.logits[i:i + 1], r.params, r.history, r.generator)[0])
+            try:  # the others sample alone, each from its own generator: a row that fails leaves the rest as they are
+                t = together[i] if i in together else sample_next(self.logits[i:i + 1], r.params, r.history,
+                                                                  r.generator).item()
                 self._advance(r, t)
             except Exception as e:
                 _fail(r, f"{type(e).__name__}: {e}")

@@ -7,6 +7,8 @@
   GET  /                     the chat page
 
 Concurrent requests are decoded together by the Batcher; a client that disconnects stops its row.
+The batcher thread hands each step's events to the event loop at once (Outbox: one wake-up per step), and a
+stream writes what one wake-up brought as one event, framed ahead (only its text is encoded per event).
 Requests past --max-batch wait in order for a free row (a stream is answered at once, its first chunk
 then comes when its row starts). Every error is OpenAI's JSON error shape: 400 for malformed JSON,
 fields out of range (engine.SamplingParams.validate) and prompts past the context, 401 for a wrong API
@@ -20,6 +22,7 @@ import asyncio
 import json
 import socket
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -93,6 +96,46 @@ def sampling_from(body: dict, prompt_len: int, block_size: int, vocab_size: int)
     return params
 
 
+def sse(obj: dict) -> str:
+    """One server-sent event holding a JSON object."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+DELTA = "\x00delta\x00"  # stands for a text event's delta while its frame is built (see respond)
+
+
+class Outbox:
+    """Events from the batcher thread to one event loop, handed over once per decode step: the loop wakes
+    once per step, not once per token per request, and a request gets the events of every step since its
+    last wake-up as one list (a stream then writes them as one event)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: deque[tuple[asyncio.Queue, dict]] = deque()  # appended by the batcher thread
+        self.scheduled = False
+
+    def put(self, queue: asyncio.Queue, event: dict) -> None:
+        self.events.append((queue, event))
+
+    def wake(self) -> None:
+        """The batcher thread, after a step: have the loop deliver what is waiting (once, however many steps)."""
+        if self.events and not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _deliver(self) -> None:
+        self.scheduled = False  # first: an event put while this runs schedules the next delivery
+        batches: dict[asyncio.Queue, list[dict]] = {}
+        while self.events:
+            queue, event = self.events.popleft()
+            batches.setdefault(queue, []).append(event)
+        for queue, events in batches.items():
+            queue.put_nowait(events)
+
+
 def longest_token(tok: Tokenizer) -> int | None:
     """The most bytes one token covers, or None if the tokenizer cannot say. A character is at least one
     byte, so a text of more than block_size * this many characters is past the context for sure, and is
@@ -134,7 +177,13 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
     if not isinstance(run.engine.model, MiniGLM):  # continuous batching drives MiniGLM's own KV cache
         raise UserError(f"{run.name}: serve runs MiniGLM models; for a Hugging Face run, `miniglm merge RUN --out DIR` "
                         "and serve DIR with vLLM or `transformers serve` (generate and chat work on it as it is)")
-    batcher = Batcher(run.engine.model, run.engine.tokenizer, run.engine.device, max_batch)
+    outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}  # one per event loop (uvicorn runs one)
+
+    def wake() -> None:
+        for outbox in list(outboxes.values()):
+            outbox.wake()
+
+    batcher = Batcher(run.engine.model, run.engine.tokenizer, run.engine.device, max_batch, on_step=wake)
 
     @asynccontextmanager
     async def lifespan(_):
@@ -200,8 +249,9 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
 
     def start(prompt: list[int], params: SamplingParams) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        req = Job(prompt, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        outbox = outboxes.get(loop) or outboxes.setdefault(loop, Outbox(loop))
+        queue: asyncio.Queue = asyncio.Queue()  # lists of events: what one or more steps gave this request
+        req = Job(prompt, params, lambda ev: outbox.put(queue, ev))
         batcher.submit(req)
         return req, queue
 
@@ -235,13 +285,12 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
             text, done = "", None
             try:
                 while done is None:
-                    ev = await queue.get()
-                    if "error" in ev:
-                        raise APIError(ev.get("status", 500), ev["error"])
-                    if "delta" in ev:
-                        text += ev["delta"]
-                    if ev.get("done"):
-                        done = ev
+                    for ev in await queue.get():
+                        if "error" in ev:
+                            raise APIError(ev.get("status", 500), ev["error"])
+                        text += ev.get("delta", "")
+                        if ev.get("done"):
+                            done = ev
             finally:
                 req.cancelled = done is None
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
@@ -250,28 +299,33 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
             return JSONResponse({"id": cid, "object": kind, "created": created, "model": model_name,
                                  "choices": [choice], "usage": usage(done)})
 
+        # Every text event is the same JSON but for its delta: frame it once, encode only the delta per event.
+        head, tail = sse(chunk(DELTA, None)).split(json.dumps(DELTA), 1)
+
         async def events():
-            finished = False
+            ended = False
             try:
                 if chat:
-                    yield f"data: {json.dumps(chunk(None, None, first=True), ensure_ascii=False)}\n\n"
-                while True:
-                    ev = await queue.get()
-                    if "error" in ev:  # the row failed, or the server is shutting down
-                        yield f"data: {json.dumps(error_body(APIError(ev.get('status', 500), ev['error'])))}\n\n"
-                        break
-                    if "delta" in ev:
-                        yield f"data: {json.dumps(chunk(ev['delta'], None), ensure_ascii=False)}\n\n"
-                    if ev.get("done"):
-                        finished = True
-                        yield f"data: {json.dumps(chunk(None, ev['finish_reason']), ensure_ascii=False)}\n\n"
-                        if include_usage:
-                            last = {**chunk(None, None), "choices": [], "usage": usage(ev)}
-                            yield f"data: {json.dumps(last)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
+                    yield sse(chunk(None, None, first=True))
+                while not ended:
+                    # One body write per wake-up: the text of every step since the last one as one event,
+                    # then the row's end (its finish and usage, or an error) if it ended.
+                    delta, end = "", []
+                    for ev in await queue.get():
+                        if "error" in ev:  # the row failed, or the server is shutting down
+                            end.append(sse(error_body(APIError(ev.get("status", 500), ev["error"]))))
+                        else:
+                            delta += ev.get("delta", "")
+                        if ev.get("done"):
+                            end.append(sse(chunk(None, ev["finish_reason"])))
+                            if include_usage:
+                                end.append(sse({**chunk(None, None), "choices": [], "usage": usage(ev)}))
+                    ended = bool(end)
+                    if ended:
+                        end.append("data: [DONE]\n\n")
+                    yield (head + json.dumps(delta, ensure_ascii=False) + tail if delta else "") + "".join(end)
             finally:
-                if not finished:  # the client went away: free its row
+                if not ended:  # the client went away: free its row
                     req.cancelled = True
 
         return StreamingResponse(events(), media_type="text/event-stream",

@@ -210,7 +210,7 @@ def setup_device(cfg: TrainConfig) -> tuple[str, int, int, torch.dtype]:
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world > 1:
+    if device == "cuda":  # torch.cuda.set_device refuses "cuda" without an index
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)

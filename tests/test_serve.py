@@ -375,3 +375,50 @@ def test_sigterm_with_streams_in_flight_exits_quickly(run_dir):
         assert all("error" in e for e in ends), ends
     finally:
         proc.kill()
+
+
+def test_outbox_hands_over_once_per_step():
+    """Events of several steps put before the loop runs reach the request as one list, after one wake-up."""
+    import asyncio
+
+    from miniglm.serve import Outbox
+
+    loop = asyncio.new_event_loop()
+    try:
+        outbox, queue = Outbox(loop), asyncio.Queue()
+        scheduled = []
+        loop.call_soon_threadsafe = lambda fn: scheduled.append(fn)  # count the hand-overs
+        for step in range(3):
+            outbox.put(queue, {"delta": str(step)})
+            outbox.wake()
+        assert len(scheduled) == 1
+        scheduled[0]()
+        assert queue.get_nowait() == [{"delta": "0"}, {"delta": "1"}, {"delta": "2"}] and queue.empty()
+        outbox.put(queue, {"done": True})
+        outbox.wake()
+        assert len(scheduled) == 2
+    finally:
+        loop.close()
+
+
+def test_unseeded_rows_sample_together(run_dir, one_thread):
+    """Rows without a seed sample in one call beside a greedy row (alone-identical) and a seeded one."""
+    eng = load_run(run_dir, "cpu").engine
+    tok = eng.tokenizer
+    prompt = tok.encode(STREAM_PROMPTS[0])
+    alone = eng.generate([prompt], SamplingParams(max_new_tokens=20))[0].ids
+    batcher = Batcher(eng.model, tok)
+    done = threading.Semaphore(0)
+
+    def on(ev):
+        if ev.get("done"):
+            done.release()
+
+    free = [batcher.submit(Job(prompt, SamplingParams(max_new_tokens=20, temperature=1.0), on)) for _ in range(3)]
+    greedy = batcher.submit(Job(prompt, SamplingParams(max_new_tokens=20), on))
+    seeded = batcher.submit(Job(prompt, SamplingParams(max_new_tokens=20, temperature=1.0, seed=3), on))
+    for _ in range(5):
+        assert done.acquire(timeout=30)
+    batcher.stop()
+    assert greedy.row.ids == alone and all(len(j.row.ids) == 20 or j.row.finish_reason == "stop" for j in free)
+    assert seeded.row.ids == eng.generate([prompt], SamplingParams(max_new_tokens=20, temperature=1.0, seed=3))[0].ids

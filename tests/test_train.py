@@ -245,3 +245,16 @@ def test_init_from_a_hugging_face_model(tmp_path, data_dir):
     assert summary["steps"] == 3
     # it starts where the base model ended (~5.4), not from scratch (ln 400 = 6.0)
     assert losses(run)[1] < 5.8 and abs(losses(run)[1] - losses(base)[30]) < 0.3
+
+
+def test_cuda_device_gets_an_index(monkeypatch):
+    """device=cuda (or auto on a GPU machine) names an index: torch.cuda.set_device refuses a bare "cuda"."""
+    from torch.cuda._utils import _get_device_index
+
+    from miniglm.train import setup_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(_get_device_index(d)))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    device, rank, world, dtype = setup_device(load_config(None, ["device=cuda"]))
+    assert (device, chosen, world, dtype) == ("cuda:0", [0], 1, torch.bfloat16)

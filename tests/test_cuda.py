@@ -1,0 +1,142 @@
+"""CUDA checks for a lent GPU machine (bench/gpu.sh runs them there); skipped where there is no GPU.
+
+bf16 autocast against fp32, torch.compile of the model, DDP over NCCL under torchrun, and `miniglm train`
+on CUDA under torchrun. Tiny models: each test takes seconds, compilation aside.
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from miniglm.config import load_config
+from miniglm.model import MiniGLM, ModelConfig
+from miniglm.train import make_optimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def tiny(style: str = "llama") -> MiniGLM:
+    torch.manual_seed(0)
+    return MiniGLM(ModelConfig(style=style, **CONFIG)).cuda()
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, CONFIG["vocab_size"], (8, CONFIG["block_size"] + 1), generator=g).cuda()
+    return x[:, :-1], x[:, 1:]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+            "--master_addr=127.0.0.1", *args]
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_bf16_autocast_step_is_finite_and_close_to_fp32(style):
+    model = tiny(style)
+    x, y = batch()
+    _, fp32 = model(x, y)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, bf16 = model(x, y)
+    assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()
+    opt = make_optimizer(model, load_config(None), "cuda")  # fused AdamW
+    bf16.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt.step()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, after = model(x, y)
+    assert torch.isfinite(after) and after.item() < bf16.item()  # one step on the batch lowers its loss
+
+
+def test_compile_matches_eager():
+    model = tiny()
+    x, y = batch()
+    _, eager = model(x, y)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _, compiled = torch.compile(model)(x, y)
+    compiled.backward()
+    assert abs(compiled.item() - eager.item()) < 1e-4
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.allclose(p.grad, grads[n], rtol=1e-2, atol=1e-4), n
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_cuda import batch, tiny
+from miniglm.config import load_config
+from miniglm.train import make_optimizer
+
+dist.init_process_group("nccl")
+torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+losses = {{}}
+for name in ("plain", "ddp"):
+    model = tiny()
+    opt = make_optimizer(model, load_config(None), "cuda")
+    run = torch.nn.parallel.DistributedDataParallel(model) if name == "ddp" else model
+    losses[name] = []
+    for step in range(3):
+        x, y = batch(step)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = run(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses[name].append(loss.item())
+print("LOSSES " + json.dumps({{"backend": dist.get_backend(), **losses}}))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_over_nccl_under_torchrun(tmp_path):
+    """One process, NCCL, DDP: the same losses as the model trained without DDP."""
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests")))
+    out = subprocess.run(torchrun(str(script)), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("LOSSES "))[7:])
+    assert result["backend"] == "nccl"
+    assert all(torch.isfinite(torch.tensor(result["ddp"])))
+    assert max(abs(a - b) for a, b in zip(result["plain"], result["ddp"], strict=True)) < 1e-3
+
+
+def test_miniglm_train_on_cuda_under_torchrun(tmp_path, world_dir, bpe_dir):
+    """`miniglm train` on the GPU (bf16 autocast, fused AdamW) launched by torchrun, a few steps."""
+    from miniglm.corpus import PrepareOptions, prepare_corpus
+    from miniglm.shards import tokenize_corpus
+    from miniglm.tokenizer import load_tokenizer
+
+    prepare_corpus([str(world_dir / "corpus.jsonl")], tmp_path / "corpus", PrepareOptions(split="file"))
+    tokenize_corpus(tmp_path / "corpus", load_tokenizer(bpe_dir), tmp_path / "data")
+    sets = [f"data={tmp_path / 'data'}", f"out_dir={tmp_path / 'run'}", "device=cuda", "max_steps=8", "eval_every=4",
+            "eval_batches=2", "log_every=1", "batch_size=4", "warmup_steps=2", "model.n_layer=2", "model.n_head=2",
+            "model.n_embd=32", "model.block_size=32", "model.vocab_size=400"]
+    cmd = torchrun("-m", "miniglm.cli", "train", *sum((["--set", s] for s in sets), []))
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8 and all(math.isfinite(v) and v < 20 for v in losses)
+    assert [r["val_bpb"] for r in rows if "val_bpb" in r][-1] > 0
