@@ -1,16 +1,25 @@
-"""Training throughput: tokens/s and achieved GFLOP/s against the machine's fp32 matmul ceiling.
+"""Training throughput side by side with nanoGPT: tokens/s, and achieved GFLOP/s against the machine's matmul ceiling.
 
-Side by side in one run: the demo config, a 13.8M gpt2-style config (nanoGPT's reference size:
-6 layers, width 384, vocab 8192, batch 16 x 256) and a ~25M llama-style config, eager and with
-torch.compile. FLOPs per token follow nanoGPT's estimate: 6*N + 12*layers*heads*head_dim*T.
-On CUDA (--device cuda) it also reports MFU of a GPT-2-small config against the bf16 peak.
+Two sizes, each with nanoGPT's `GPT` (the model.py under --nanogpt) and miniglm's gpt2 and llama styles at
+equal width, depth, vocab, batch and block: the demo config (4 x 128, vocab 4096, 16 x 128: what `miniglm
+demo` trains; its llama has 2 key/value heads) and 13.8M (6 x 384, vocab 8192, 16 x 256: nanoGPT's size).
+A step is what both training loops do: forward, backward, clip the gradient norm at 1.0, AdamW, zero_grad
+(each with its own optimizer setup: miniglm's make_optimizer, nanoGPT's configure_optimizers). The
+contestants of a size run in interleaved rounds in one process, so a shared machine's load hits them alike;
+each one's tok/s is its best round. FLOPs per token follow nanoGPT's estimate, 6N + 12*L*H*Q*T, with each
+model's own N (they differ: biases, SwiGLU's rounded width). On CUDA (--device cuda, bf16 autocast) a
+GPT-2-small size is added, with MFU against the bf16 peak.
 
-    .venv/bin/python bench/train.py [--steps 20] [--device cpu|cuda] [--no-compile]
+    .venv/bin/python bench/train.py [--steps 2] [--rounds 5] [--modes eager,compile] [--sizes demo,13.8M]
+                                    [--nanogpt PATH] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import sys
 import time
 from pathlib import Path
@@ -25,6 +34,7 @@ from miniglm.model import MiniGLM, ModelConfig  # noqa: E402
 from miniglm.train import make_optimizer  # noqa: E402
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+NANOGPT = ROOT.parent / "shared" / "reference" / "nanogpt"
 
 
 def matmul_ceiling(device: str, dtype=torch.float32, n: int = 2048, reps: int = 5, trials: int = 5) -> float:
@@ -49,91 +59,135 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def flops_per_token(model: MiniGLM, T: int) -> float:
-    c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
+def load_nanogpt(path: Path):
+    """nanoGPT's model.py as a module (a folder holding it, or the file), or None if there is none."""
+    file = path / "model.py" if path.is_dir() else path
+    if not file.is_file():
+        print(f"no nanoGPT model.py at {path}: its rows are left out", file=sys.stderr)
+        return None
+    spec = importlib.util.spec_from_file_location("nanogpt_model", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def measure(config: ModelConfig, batch: int, steps: int, device: str, compile: bool) -> dict:
-    torch.manual_seed(0)
-    model = MiniGLM(config).to(device)
-    cfg = load_config(None)
-    opt = make_optimizer(model, cfg, "cuda" if device.startswith("cuda") else "cpu")
-    step_model = torch.compile(model) if compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
-    T = config.block_size
-    x = torch.randint(0, config.vocab_size, (batch, T), device=device)
-    y = torch.randint(0, config.vocab_size, (batch, T), device=device)
+class Contestant:
+    """One model, its optimizer and a fixed random batch; step() is one training step."""
 
-    def step():
-        with autocast:
-            _, loss = step_model(x, y)
+    def __init__(self, name: str, size: str, model, opt, cfg: ModelConfig, batch: int, device: str, compile: bool):
+        self.name, self.size, self.model, self.opt, self.cfg, self.batch = name, size, model, opt, cfg, batch
+        self.device, self.compile = device, compile
+        self.step_model = torch.compile(model) if compile else model
+        self.n_params = sum(p.numel() for p in model.parameters()) - (  # nanoGPT's count: no position table
+            model.transformer.wpe.weight.numel() if hasattr(model, "transformer") else 0)
+        T = cfg.block_size
+        self.x = torch.randint(0, cfg.vocab_size, (batch, T), device=device)
+        self.y = torch.randint(0, cfg.vocab_size, (batch, T), device=device)
+        cuda = device.startswith("cuda")
+        self.autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
+        self.best, self.warm = 0.0, 0.0
+
+    def step(self) -> None:
+        with self.autocast:
+            _, loss = self.step_model(self.x, self.y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    for _ in range(3):  # warm-up (and compilation)
-        step()
-    sync(device)
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    dt = time.perf_counter() - t0
-    tok_s = batch * T * steps / dt
-    return {"params": model.num_params(), "tok_s": tok_s, "flops": flops_per_token(model, T) * tok_s, "warm": warm}
+    def run(self, steps: int) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def flops_per_token(self) -> float:
+        c = self.cfg
+        return 6 * self.n_params + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+
+def contestants(size: str, cfg: ModelConfig, batch: int, device: str, compile: bool, nanogpt) -> list[Contestant]:
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    train_cfg = load_config(None)
+    out = []
+    if nanogpt is not None:
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count and optimizer
+            model = nanogpt.GPT(nanogpt.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                                  dropout=0.0, bias=True)).to(device)
+            opt = model.configure_optimizers(train_cfg.weight_decay, train_cfg.lr, (train_cfg.beta1, train_cfg.beta2),
+                                             device_type)
+        out.append(Contestant("nanoGPT", size, model, opt, cfg, batch, device, compile))
+    for style in ("gpt2", "llama"):
+        c = cfg if cfg.style == style else ModelConfig(**{**cfg.to_dict(), "style": style, "n_kv_head": 0,
+                                                          "intermediate_size": 0})
+        torch.manual_seed(0)
+        model = MiniGLM(c).to(device)
+        out.append(Contestant(f"miniglm {style}", size, model, make_optimizer(model, train_cfg, device_type), c,
+                              batch, device, compile))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=0, help="steps per round (default: ~8k tokens' worth, at least 2)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--modes", default="eager,compile", help="eager, compile or both (comma-separated)")
+    ap.add_argument("--sizes", default="demo,13.8M", help="demo, 13.8M (and 124M on CUDA), comma-separated")
+    ap.add_argument("--nanogpt", type=Path, default=NANOGPT, help="nanoGPT's model.py, or the folder holding it")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     device = args.device
+    cuda = device.startswith("cuda")
+    nanogpt = load_nanogpt(args.nanogpt)
     demo = load_config(ROOT / "configs" / "demo.toml")
-    configs = [
-        ("demo (llama)", demo.model, demo.batch_size),
-        ("13.8M gpt2 (nanoGPT size)", ModelConfig(style="gpt2", vocab_size=8192, block_size=256, n_layer=6,
-                                                  n_head=6, n_embd=384), 16),
-        ("13.8M llama", ModelConfig(style="llama", vocab_size=8192, block_size=256, n_layer=6, n_head=6,
-                                    n_embd=384), 16),
-        ("~25M llama", ModelConfig(style="llama", vocab_size=8192, block_size=256, n_layer=8, n_head=7,
-                                   n_embd=448), 16),
-    ]
-    if device.startswith("cuda"):
-        configs.append(("GPT-2 small 124M", ModelConfig(style="gpt2", vocab_size=50304, block_size=1024,
-                                                        n_layer=12, n_head=12, n_embd=768), 16))
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    sizes = {"demo": (demo.model, demo.batch_size),
+             "13.8M": (ModelConfig(style="gpt2", vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=384),
+                       16)}
+    if cuda:
+        sizes["124M"] = (ModelConfig(style="gpt2", vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
+                                     n_embd=768), 16)
+    dtype = torch.bfloat16 if cuda else torch.float32
     ceiling = matmul_ceiling(device, dtype)
     results = []
-    for name, cfg, batch in configs:
-        for compile in [False] + ([] if args.no_compile else [True]):
-            r = measure(cfg, batch, args.steps, device, compile)
-            results.append((name, cfg, batch, compile, r))
-            print(name, "compile" if compile else "eager", f"{r['tok_s']:,.0f} tok/s", flush=True)
+    for size in args.sizes.split(",") + (["124M"] if cuda and "124M" not in args.sizes else []):
+        cfg, batch = sizes[size]
+        steps = args.steps or max(2, 8192 // (batch * cfg.block_size))
+        for mode in args.modes.split(","):
+            group = contestants(size, cfg, batch, device, mode == "compile", nanogpt)
+            for c in group:  # warm-up (and compilation)
+                c.warm = c.run(3)
+            for _ in range(args.rounds):
+                for c in group:
+                    c.best = max(c.best, batch * cfg.block_size * steps / c.run(steps))
+            for c in group:
+                print(f"{size} {c.name} {mode}: {c.best:,.0f} tok/s (warm-up {c.warm:.1f}s)", flush=True)
+            results += group
     ceiling = max(ceiling, matmul_ceiling(device, dtype))  # the best of before and after the runs
-    peak = None
-    if device.startswith("cuda"):
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
+    peak = next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None) if cuda else None
     rows = []
-    for name, cfg, batch, compile, r in results:
-        row = [name, "compile" if compile else "eager", f"{r['params'] / 1e6:.1f}M", f"{batch}x{cfg.block_size}",
-               f"{r['tok_s']:,.0f}", f"{r['flops'] / 1e9:.1f}", f"{100 * r['flops'] / ceiling:.0f}%"]
-        if device.startswith("cuda"):
-            row.append(f"{100 * r['flops'] / peak:.1f}%" if peak else "n/a")
+    for c in results:
+        ref = next((r for r in results if r.name == "nanoGPT" and r.size == c.size and r.compile == c.compile), None)
+        flops = c.flops_per_token() * c.best
+        row = [c.size, c.name, "compile" if c.compile else "eager", f"{c.n_params / 1e6:.2f}M",
+               f"{c.batch}x{c.cfg.block_size}", f"{c.best:,.0f}", f"{c.best / ref.best:.2f}x" if ref else "n/a",
+               f"{flops / 1e9:.1f}", f"{100 * flops / ceiling:.0f}%", f"{c.warm:.1f}"]
+        if cuda:
+            row.append(f"{100 * flops / peak:.1f}%" if peak else "n/a")
         rows.append(row)
-    headers = ["config", "mode", "params", "batch", "tok/s", "GFLOP/s", "of matmul ceiling"]
-    if device.startswith("cuda"):
+    headers = ["size", "model", "mode", "params", "batch", "tok/s", "vs nanoGPT", "GFLOP/s", "of matmul ceiling",
+               "warm-up s (3 steps, compile included)"]
+    if cuda:
         headers.append("MFU (bf16 peak)")
     body = table(headers, rows)
-    body += (f"\n\n{device} {'bf16' if device.startswith('cuda') else 'fp32'} matmul ceiling (2048^3): "
-             f"{ceiling / 1e9:,.0f} GFLOP/s; threads {torch.get_num_threads()}; {args.steps} timed steps after 3 "
-             "warm-up steps; FLOPs/token = 6N + 12*L*H*Q*T")
-    record(f"Training throughput on {device} (bench/train.py)", body)
+    body += (f"\n\n{device} {'bf16 autocast' if cuda else 'fp32'}; matmul ceiling (2048^3): {ceiling / 1e9:,.0f} "
+             f"GFLOP/s; threads {torch.get_num_threads()}; best of {args.rounds} interleaved rounds; a step is "
+             "forward, backward, clip_grad_norm_, AdamW, zero_grad; FLOPs/token = 6N + 12*L*H*Q*T; nanoGPT: "
+             f"{args.nanogpt if nanogpt else 'not found'}")
+    record(f"Training throughput on {device}, side by side with nanoGPT (bench/train.py)", body)
 
 
 if __name__ == "__main__":
