@@ -51,8 +51,11 @@ REPEATS = 3  # the machine is shared: each figure is the best of a few runs
 
 
 def engine_tok_s(model: MiniGLM, prompts: list[list[int]], new: int, int8: bool = False,
-                 transposed: bool = True) -> float:
-    eng = Engine(model, _Ids(), int8=int8, transposed=transposed)
+                 transposed: bool = True, step: bool = True, device: str = "cpu") -> float:
+    """step=False: every decoding step through MiniGLM.forward instead of the engine's DecodeStep."""
+    eng = Engine(model, _Ids(), device=device, int8=int8, transposed=transposed)
+    if not step:
+        eng.decode_step = None
     params = SamplingParams(max_new_tokens=new)
     eng.generate([p[:8] for p in prompts], SamplingParams(max_new_tokens=8))  # warm-up
     best = 0.0
@@ -66,8 +69,9 @@ def engine_tok_s(model: MiniGLM, prompts: list[list[int]], new: int, int8: bool 
 @torch.inference_mode()
 def no_cache_tok_s(model: MiniGLM, prompt: list[int], new: int) -> float:
     best = 0.0
+    device = model.embeddings.weight.device
     for _ in range(REPEATS):
-        idx = torch.tensor([prompt])
+        idx = torch.tensor([prompt], device=device)
         t0 = time.perf_counter()
         for _ in range(new):
             logits, _ = model(idx)
@@ -84,8 +88,9 @@ def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
     hf = AutoModelForCausalLM.from_config(hf_config(model.config, 0, 0))
     hf.load_state_dict(to_hf_state_dict(model), strict=False)
     hf.tie_weights()
-    hf.eval()
-    idx = torch.tensor([prompt])
+    device = model.embeddings.weight.device
+    hf.eval().to(device)
+    idx = torch.tensor([prompt], device=device)
     with torch.inference_mode():
         hf.generate(idx, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         best = 0.0
@@ -150,102 +155,123 @@ def step_bytes(model: MiniGLM) -> int:
     return total + (head.numel() * head.element_size() if model.config.tie_embeddings else 0)
 
 
-def smollm2_row(run: Path, new: int, threads: int, tmp: Path) -> str:
-    """Engine b=1 / b=8, transformers generate, llama.cpp F32 / Q8_0 on the real model; tok/s and the
+def smollm2_row(run: Path, new: int, threads: int, tmp: Path, device: str = "cpu") -> str:
+    """Engine b=1 / b=8 / int8, transformers generate, llama.cpp F32 / Q8_0 on the real model; tok/s and the
     fraction of the bandwidth bound."""
     from miniglm.runs import load_model
 
-    model = load_model(run).eval()
+    model = load_model(run).eval().to(device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, model.config.vocab_size, (32,), generator=g).tolist() for _ in range(8)]
-    bandwidth = copy_bandwidth() * 1e9
+    bandwidth = copy_bandwidth() * 1e9 if device == "cpu" else None
     weights = step_bytes(model)
 
     def cell(tok_s: float, batch: int = 1, bytes_per_step: float = weights) -> str:
-        return f"{tok_s:,.1f} ({bytes_per_step * tok_s / batch / bandwidth:.0%})"
+        share = f" ({bytes_per_step * tok_s / batch / bandwidth:.0%})" if bandwidth else ""
+        return f"{tok_s:,.1f}{share}"
 
-    eng1 = engine_tok_s(model, prompts[:1], new)
-    eng8 = engine_tok_s(model, prompts, new)
+    eng1 = engine_tok_s(model, prompts[:1], new, device=device)
+    eng8 = engine_tok_s(model, prompts, new, device=device)
+    int8 = engine_tok_s(model, prompts[:1], new, int8=True) if device == "cpu" else None
     hf = hf_tok_s(model, prompts[0], new, tmp)
     state = json.loads((run / "ckpt" / "state.json").read_text())
     original = Path(state["imported_from"]) if Path(state.get("imported_from", "")).is_file() else None
-    cpp = llama_cpp_tok_s(model, prompts[0], new, tmp, threads, run=run, original=original)
+    cpp = llama_cpp_tok_s(model, prompts[0], new, tmp, threads, run=run, original=original) if device == "cpu" else {}
     q8_bytes = weights * 34 / 128  # Q8_0: 34 bytes per 32 weights
     q41_bytes = weights * 20 / 128  # Q4_1: 20 bytes per 32 weights (its few Q8_0/F32 tensors not counted)
-    cols = [cell(eng1), cell(eng8, 8), cell(hf),
-            *([cell(cpp["f32"]), cell(cpp["q8_0"], 1, q8_bytes)] if cpp else ["not installed", "not installed"]),
+    cols = [cell(eng1), cell(eng8, 8), f"{eng8 / eng1:.1f}x", cell(int8, 1, weights / 4) if int8 else "-", cell(hf),
+            *([cell(cpp["f32"]), f"**{eng1 / cpp['f32']:.2f}x**", cell(cpp["q8_0"], 1, q8_bytes),
+               f"**{int8 / cpp['q8_0']:.2f}x**"] if cpp else ["-"] * 4),
             cell(cpp["original"], 1, q41_bytes) if "original" in cpp else "-"]
     body = table(["model", "params", "weight MB read per step", "engine b=1 tok/s", "engine b=8 tok/s (aggregate)",
-                  "transformers generate tok/s", "llama.cpp F32 tok/s", "llama.cpp Q8_0 tok/s",
-                   "llama.cpp original Q4_1 tok/s"],
+                  "b8/b1", "engine b=1 int8", "transformers generate tok/s", "llama.cpp F32 tok/s",
+                  "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine int8/llama.cpp Q8_0",
+                  "llama.cpp original Q4_1 tok/s"],
                  [[f"SmolLM2-135M-Instruct ({run})", f"{model.num_params() / 1e6:.1f}M", f"{weights / 2**20:,.0f}",
                    *cols]])
-    return body + (f"\n\n{new} new tokens after a 32-token prompt, greedy, fp32, {threads} thread(s); in brackets "
-                   "the fraction of the memory bandwidth bound: weight bytes read per step x steps/s (tok/s / batch) "
-                   f"against the copy bandwidth measured here, {bandwidth / 1e9:.2f} GB/s (read + write of a 256 MB "
-                   "tensor, best of 5; KV cache reads not counted); every figure the best of "
-                   f"{REPEATS} runs")
+    body += (f"\n\n{new} new tokens after a 32-token prompt, greedy, fp32 unless int8, {threads} thread(s), {device}; "
+             f"every figure the best of {REPEATS} runs")
+    if bandwidth:
+        body += ("; in brackets the fraction of the memory bandwidth bound: weight bytes read per step x steps/s "
+                 "(tok/s / batch) against the copy bandwidth measured here, "
+                 f"{bandwidth / 1e9:.2f} GB/s (read + write of a 256 MB tensor, best of 5; KV cache reads not counted)")
+    return body
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp and int8 rows are CPU only)")
     ap.add_argument("--no-cache-tokens", type=int, default=0, help="time the no-cache loop over fewer tokens (0: all)")
     ap.add_argument("--smollm2", default=None, help="an imported SmolLM2-135M-Instruct run: adds its row")
     ap.add_argument("--smollm2-new", type=int, default=256)
     ap.add_argument("--only-smollm2", action="store_true", help="skip the small random-weight models")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cpu = args.device == "cpu"
     if args.smollm2:
         with tempfile.TemporaryDirectory() as tmp:
-            body = smollm2_row(Path(args.smollm2), args.smollm2_new, args.threads, Path(tmp))
-        record("Decoding speed, SmolLM2-135M-Instruct (bench/decode.py --smollm2)", body)
+            body = smollm2_row(Path(args.smollm2), args.smollm2_new, args.threads, Path(tmp), args.device)
+        record(f"Decoding speed, SmolLM2-135M-Instruct (bench/decode.py --smollm2, {args.device})", body)
         if args.only_smollm2:
             return
     demo = load_config(ROOT / "configs" / "demo.toml").model
-    demo.block_size = 32 + args.new
     models = {
         "demo": ModelConfig(**{**demo.to_dict(), "block_size": 32 + args.new}),
         "15M llama": ModelConfig(style="llama", vocab_size=8192, block_size=32 + args.new, n_layer=6, n_head=6,
                                  n_embd=384),
     }
     tmp = Path(tempfile.mkdtemp(prefix="miniglm-decode-"))
+    bandwidth = copy_bandwidth() * 1e9 if cpu else None
     rows = []
     for name, cfg in models.items():
         torch.manual_seed(0)
-        model = MiniGLM(cfg).eval()
+        model = MiniGLM(cfg).eval().to(args.device)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(1, cfg.vocab_size, (32,), generator=g).tolist() for _ in range(8)]
-        eng1 = engine_tok_s(model, prompts[:1], args.new)
-        eng8 = engine_tok_s(model, prompts, args.new)
+        weights = step_bytes(model)
+
+        def cell(tok_s: float, batch: int = 1, bytes_per_step: float = weights) -> str:
+            share = f" ({bytes_per_step * tok_s / batch / bandwidth:.0%})" if bandwidth else ""
+            return f"{tok_s:,.0f}{share}"
+
+        eng1 = engine_tok_s(model, prompts[:1], args.new, device=args.device)
+        eng8 = engine_tok_s(model, prompts, args.new, device=args.device)
+        eng1_forward = engine_tok_s(model, prompts[:1], args.new, step=False, device=args.device)
         model_mod.DECODE_ATTENTION = "matmul"
-        eng1_matmul = engine_tok_s(model, prompts[:1], args.new)
+        eng1_matmul = engine_tok_s(model, prompts[:1], args.new, device=args.device)
         model_mod.DECODE_ATTENTION = "sdpa"
-        eng1_int8 = engine_tok_s(model, prompts[:1], args.new, int8=True)
-        eng1_linear = engine_tok_s(model, prompts[:1], args.new, transposed=False)
+        eng1_linear = engine_tok_s(model, prompts[:1], args.new, transposed=False, device=args.device)
+        eng1_int8 = engine_tok_s(model, prompts[:1], args.new, int8=True) if cpu else None
         nocache = no_cache_tok_s(model, prompts[0], args.no_cache_tokens or args.new)
         hf = hf_tok_s(model, prompts[0], args.new, tmp)
-        cpp = llama_cpp_tok_s(model, prompts[0], args.new, tmp, args.threads)
-        rows.append([name, f"{model.num_params() / 1e6:.1f}M", f"{eng1:,.0f}", f"{eng1_linear:,.0f}",
-                     f"{eng1_matmul:,.0f}",
-                     f"{eng1_int8:,.0f}",
-                     f"{eng8:,.0f}", f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
-                     f"{hf:,.0f}", f"{eng1 / hf:.2f}x ({eng1_int8 / hf:.2f}x int8)",
-                     *(cell for t in ("f32", "q8_0")
-                       for cell in ([f"{cpp[t]:,.0f}", f"{eng1 / cpp[t]:.2f}x"] if cpp else ["not installed", "-"]))])
+        cpp = llama_cpp_tok_s(model, prompts[0], args.new, tmp, args.threads) if cpu else {}
+        int8_bytes = weights / 4  # int8 weights (their per-channel scales are a few KB)
+        q8_bytes = weights * 34 / 128  # Q8_0: 34 bytes per 32 weights
+        rows.append([name, f"{model.num_params() / 1e6:.1f}M", cell(eng1), cell(eng1_forward), cell(eng1_linear),
+                     cell(eng1_matmul), cell(eng1_int8, 1, int8_bytes) if eng1_int8 else "-",
+                     cell(eng8, 8), f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
+                     f"{hf:,.0f}", f"{eng1 / hf:.2f}x",
+                     *([cell(cpp["f32"]), f"**{eng1 / cpp['f32']:.2f}x**", cell(cpp["q8_0"], 1, q8_bytes),
+                        f"**{eng1_int8 / cpp['q8_0']:.2f}x**"] if cpp else ["-"] * 4)])
         print(" | ".join(rows[-1]), flush=True)
-    body = table(["model", "params", "engine b=1 tok/s", "engine b=1, nn.Linear layout",
-                  "engine b=1, matmul decode attention", "engine b=1 int8",
-                  "engine b=8 tok/s (aggregate)",
-                  "b8/b1", "no-cache tok/s", "engine/no-cache", "transformers generate tok/s", "engine/transformers",
-                  "llama.cpp F32 tok/s", "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine/llama.cpp Q8_0"],
-                 rows)
-    body += (f"\n\n{args.new} new tokens after a 32-token prompt, greedy, fp32 unless int8, {args.threads} threads; "
-             f"the no-cache loop timed over {args.no_cache_tokens or args.new} tokens; int8 = weight-only dynamic "
-             "quantization of the linear layers (not bit-exact with fp32); every figure the best of "
+    body = table(["model", "params", "engine b=1 tok/s", "b=1, steps through MiniGLM.forward",
+                  "b=1, (out, in) layout alone", "b=1, matmul decode attention", "engine b=1 int8",
+                  "engine b=8 tok/s (aggregate)", "b8/b1", "no-cache tok/s", "engine/no-cache",
+                  "transformers generate tok/s", "engine/transformers", "llama.cpp F32 tok/s",
+                  "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine int8/llama.cpp Q8_0"], rows)
+    body += (f"\n\n{args.new} new tokens after a 32-token prompt, greedy, fp32 unless int8, {args.threads} threads, "
+             f"{args.device}; the no-cache loop timed over {args.no_cache_tokens or args.new} tokens; int8 = int8 "
+             "weights with per-channel scales, activations quantized per row on the fly (engine.Int8Linear; not "
+             "bit-exact with fp32); every figure the best of "
              f"{REPEATS} runs")
-    record("Decoding speed (bench/decode.py)", body)
+    if bandwidth:
+        body += (f"; in brackets the fraction of the memory bandwidth bound: weight bytes read per step x steps/s "
+                 f"against the copy bandwidth measured here, {bandwidth / 1e9:.2f} GB/s (read + write of a 256 MB "
+                 "tensor; KV cache reads not counted; these models' weights fit in the 48 MB L3 partly or "
+                 "wholly, so the fraction can pass 100%)")
+    record(f"Decoding speed (bench/decode.py, {args.device})", body)
 
 
 if __name__ == "__main__":
