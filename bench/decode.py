@@ -19,10 +19,12 @@ the tied embedding again as the output layer) x steps/s, against the machine's c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,23 +49,39 @@ class _Ids:
         return b"x"
 
 
-REPEATS = 3  # the machine is shared: each figure is the best of a few runs
+REPEATS = 3  # the machine is shared: each figure is the best of a few runs, the variants taking turns
 
 
-def engine_tok_s(model: MiniGLM, prompts: list[list[int]], new: int, int8: bool = False,
-                 transposed: bool = True, step: bool = True, device: str = "cpu") -> float:
-    """step=False: every decoding step through MiniGLM.forward instead of the engine's DecodeStep."""
-    eng = Engine(model, _Ids(), device=device, int8=int8, transposed=transposed)
+def fastest(timers: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Each timer's best tokens/s over REPEATS rounds; the timers take turns within a round, so a busy
+    spell on the shared machine slows every variant alike rather than one."""
+    best = dict.fromkeys(timers, 0.0)
+    for _ in range(REPEATS):
+        for name, once in timers.items():
+            best[name] = max(best[name], once())
+    return best
+
+
+def engine_timer(model: MiniGLM, prompts: list[list[int]], new: int, step: bool = True,
+                 attention: str = "sdpa", **kw) -> Callable[[], float]:
+    """A warmed-up engine's generate() as a timer (tokens/s of one run). step=False: every decoding step
+    through MiniGLM.forward instead of the engine's DecodeStep; attention: model.DECODE_ATTENTION."""
+    eng = Engine(model, _Ids(), **kw)
     if not step:
         eng.decode_step = None
     params = SamplingParams(max_new_tokens=new)
-    eng.generate([p[:8] for p in prompts], SamplingParams(max_new_tokens=8))  # warm-up
-    best = 0.0
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        outs = eng.generate(prompts, params)
-        best = max(best, sum(len(o.ids) for o in outs) / (time.perf_counter() - t0))
-    return best
+    # warm-up; with compile=True it compiles every length bucket and the batch size
+    eng.generate(prompts, params if kw.get("compile") else SamplingParams(max_new_tokens=8))
+
+    def once() -> float:
+        model_mod.DECODE_ATTENTION = attention
+        try:
+            t0 = time.perf_counter()
+            outs = eng.generate(prompts, params)
+            return sum(len(o.ids) for o in outs) / (time.perf_counter() - t0)
+        finally:
+            model_mod.DECODE_ATTENTION = "sdpa"
+    return once
 
 
 @torch.inference_mode()
@@ -80,7 +98,7 @@ def no_cache_tok_s(model: MiniGLM, prompt: list[int], new: int) -> float:
     return best
 
 
-def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
+def hf_timer(model: MiniGLM, prompt: list[int], new: int) -> Callable[[], float]:
     from transformers import AutoModelForCausalLM
 
     from miniglm.export import hf_config, to_hf_state_dict
@@ -91,19 +109,20 @@ def hf_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path) -> float:
     device = model.embeddings.weight.device
     hf.eval().to(device)
     idx = torch.tensor([prompt], device=device)
+
+    @torch.inference_mode()
+    def once() -> float:
+        t0 = time.perf_counter()
+        out = hf.generate(idx, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        return (out.shape[1] - len(prompt)) / (time.perf_counter() - t0)
     with torch.inference_mode():
         hf.generate(idx, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        best = 0.0
-        for _ in range(REPEATS):
-            t0 = time.perf_counter()
-            out = hf.generate(idx, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            best = max(best, (out.shape[1] - len(prompt)) / (time.perf_counter() - t0))
-    return best
+    return once
 
 
-def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int,
-                    run: Path | None = None, original: Path | None = None) -> dict[str, float]:
-    """tokens/s of llama.cpp on GGUF exports of the same weights, per GGUF type ({} when not installed).
+def llama_cpp_timers(model: MiniGLM, prompt: list[int], new: int, tmp: Path, threads: int,
+                     run: Path | None = None, original: Path | None = None) -> dict[str, Callable[[], float]]:
+    """Timers of llama.cpp on GGUF exports of the same weights, per GGUF type ({} when not installed).
     run: the model's run folder (with its tokenizer); else one is made with a BPE trained on a small world.
     original: a GGUF the run was imported from, timed as well ("original")."""
     try:
@@ -137,13 +156,13 @@ def llama_cpp_tok_s(model: MiniGLM, prompt: list[int], new: int, tmp: Path, thre
         files[outtype] = tmp / f"m-{outtype}.gguf"
     if original is not None:
         files["original"] = original
-    speeds = {}
+    timers = {}
     for kind, path in files.items():
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=min(model.config.block_size, 2048),
                               n_threads=threads, n_batch=64, verbose=False)
         run_once(llm, 8)
-        speeds[kind] = max(run_once(llm, new) for _ in range(REPEATS))
-    return speeds
+        timers[kind] = functools.partial(run_once, llm, new)
+    return timers
 
 
 def step_bytes(model: MiniGLM) -> int:
@@ -170,18 +189,21 @@ def smollm2_row(run: Path, new: int, threads: int, tmp: Path, device: str = "cpu
         share = f" ({bytes_per_step * tok_s / batch / bandwidth:.0%})" if bandwidth else ""
         return f"{tok_s:,.1f}{share}"
 
-    eng1 = engine_tok_s(model, prompts[:1], new, device=device)
-    eng8 = engine_tok_s(model, prompts, new, device=device)
-    int8 = engine_tok_s(model, prompts[:1], new, int8=True) if device == "cpu" else None
-    hf = hf_tok_s(model, prompts[0], new, tmp)
     state = json.loads((run / "ckpt" / "state.json").read_text())
     original = Path(state["imported_from"]) if Path(state.get("imported_from", "")).is_file() else None
-    cpp = llama_cpp_tok_s(model, prompts[0], new, tmp, threads, run=run, original=original) if device == "cpu" else {}
+    timers = {"eng1": engine_timer(model, prompts[:1], new, device=device),
+              "eng8": engine_timer(model, prompts, new, device=device),
+              "hf": hf_timer(model, prompts[0], new)}
+    if device == "cpu":
+        timers["int8"] = engine_timer(model, prompts[:1], new, int8=True)
+        timers.update(llama_cpp_timers(model, prompts[0], new, tmp, threads, run=run, original=original))
+    speeds = fastest(timers)
+    eng1, eng8, hf, int8, cpp = speeds["eng1"], speeds["eng8"], speeds["hf"], speeds.get("int8"), speeds
     q8_bytes = weights * 34 / 128  # Q8_0: 34 bytes per 32 weights
     q41_bytes = weights * 20 / 128  # Q4_1: 20 bytes per 32 weights (its few Q8_0/F32 tensors not counted)
     cols = [cell(eng1), cell(eng8, 8), f"{eng8 / eng1:.1f}x", cell(int8, 1, weights / 4) if int8 else "-", cell(hf),
             *([cell(cpp["f32"]), f"**{eng1 / cpp['f32']:.2f}x**", cell(cpp["q8_0"], 1, q8_bytes),
-               f"**{int8 / cpp['q8_0']:.2f}x**"] if cpp else ["-"] * 4),
+               f"**{int8 / cpp['q8_0']:.2f}x**"] if "f32" in cpp else ["-"] * 4),
             cell(cpp["original"], 1, q41_bytes) if "original" in cpp else "-"]
     body = table(["model", "params", "weight MB read per step", "engine b=1 tok/s", "engine b=8 tok/s (aggregate)",
                   "b8/b1", "engine b=1 int8", "transformers generate tok/s", "llama.cpp F32 tok/s",
@@ -238,6 +260,8 @@ def main() -> None:
     ap.add_argument("--smollm2", default=None, help="an imported SmolLM2-135M-Instruct run: adds its row")
     ap.add_argument("--smollm2-new", type=int, default=256)
     ap.add_argument("--only-smollm2", action="store_true", help="skip the small random-weight models")
+    ap.add_argument("--compile", action="store_true", help="add the engine with a compiled decoding step "
+                    "(compiles for minutes on 2 cores)")
     ap.add_argument("--agreement", default=None, help="a trained MiniGLM run (e.g. runs/demo/pretrain): int8 "
                     "against fp32 greedy tokens over 512 positions")
     args = ap.parse_args()
@@ -270,28 +294,33 @@ def main() -> None:
             share = f" ({bytes_per_step * tok_s / batch / bandwidth:.0%})" if bandwidth else ""
             return f"{tok_s:,.0f}{share}"
 
-        eng1 = engine_tok_s(model, prompts[:1], args.new, device=args.device)
-        eng8 = engine_tok_s(model, prompts, args.new, device=args.device)
-        eng1_forward = engine_tok_s(model, prompts[:1], args.new, step=False, device=args.device)
-        model_mod.DECODE_ATTENTION = "matmul"
-        eng1_matmul = engine_tok_s(model, prompts[:1], args.new, device=args.device)
-        model_mod.DECODE_ATTENTION = "sdpa"
-        eng1_linear = engine_tok_s(model, prompts[:1], args.new, transposed=False, device=args.device)
-        eng1_int8 = engine_tok_s(model, prompts[:1], args.new, int8=True) if cpu else None
+        dev = {"device": args.device}
+        timers = {"eng1": engine_timer(model, prompts[:1], args.new, **dev),
+                  "eng8": engine_timer(model, prompts, args.new, **dev),
+                  "forward": engine_timer(model, prompts[:1], args.new, step=False, **dev),
+                  "matmul": engine_timer(model, prompts[:1], args.new, attention="matmul", **dev),
+                  "linear": engine_timer(model, prompts[:1], args.new, transposed=False, **dev),
+                  "hf": hf_timer(model, prompts[0], args.new)}
+        if args.compile:
+            timers["compile"] = engine_timer(model, prompts[:1], args.new, compile=True, **dev)
+        if cpu:
+            timers["int8"] = engine_timer(model, prompts[:1], args.new, int8=True)
+            timers.update(llama_cpp_timers(model, prompts[0], args.new, tmp, args.threads))
+        t = fastest(timers)
+        eng1, eng8 = t["eng1"], t["eng8"]
         nocache = no_cache_tok_s(model, prompts[0], args.no_cache_tokens or args.new)
-        hf = hf_tok_s(model, prompts[0], args.new, tmp)
-        cpp = llama_cpp_tok_s(model, prompts[0], args.new, tmp, args.threads) if cpu else {}
         int8_bytes = weights / 4  # int8 weights (their per-channel scales are a few KB)
         q8_bytes = weights * 34 / 128  # Q8_0: 34 bytes per 32 weights
-        rows.append([name, f"{model.num_params() / 1e6:.1f}M", cell(eng1), cell(eng1_forward), cell(eng1_linear),
-                     cell(eng1_matmul), cell(eng1_int8, 1, int8_bytes) if eng1_int8 else "-",
+        rows.append([name, f"{model.num_params() / 1e6:.1f}M", cell(eng1), cell(t["forward"]), cell(t["linear"]),
+                     cell(t["matmul"]), cell(t["compile"]) if "compile" in t else "-",
+                     cell(t["int8"], 1, int8_bytes) if "int8" in t else "-",
                      cell(eng8, 8), f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
-                     f"{hf:,.0f}", f"{eng1 / hf:.2f}x",
-                     *([cell(cpp["f32"]), f"**{eng1 / cpp['f32']:.2f}x**", cell(cpp["q8_0"], 1, q8_bytes),
-                        f"**{eng1_int8 / cpp['q8_0']:.2f}x**"] if cpp else ["-"] * 4)])
+                     f"{t['hf']:,.0f}", f"{eng1 / t['hf']:.2f}x",
+                     *([cell(t["f32"]), f"**{eng1 / t['f32']:.2f}x**", cell(t["q8_0"], 1, q8_bytes),
+                        f"**{t['int8'] / t['q8_0']:.2f}x**"] if "f32" in t else ["-"] * 4)])
         print(" | ".join(rows[-1]), flush=True)
     body = table(["model", "params", "engine b=1 tok/s", "b=1, steps through MiniGLM.forward",
-                  "b=1, (out, in) layout alone", "b=1, matmul decode attention", "engine b=1 int8",
+                  "b=1, (out, in) layout alone", "b=1, matmul decode attention", "b=1 --compile", "engine b=1 int8",
                   "engine b=8 tok/s (aggregate)", "b8/b1", "no-cache tok/s", "engine/no-cache",
                   "transformers generate tok/s", "engine/transformers", "llama.cpp F32 tok/s",
                   "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine int8/llama.cpp Q8_0"], rows)
