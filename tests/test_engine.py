@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -194,3 +196,16 @@ def test_decoding_copy_keeps_logits_and_the_callers_model(monkeypatch):
             mine = {p.data_ptr() for p in model.parameters()}
             assert not mine & {p.data_ptr() for p in fast.parameters()}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.skipif(not os.environ.get("MINIGLM_COMPILE_TESTS"), reason="compiles for tens of seconds: set "
+                    "MINIGLM_COMPILE_TESTS=1 (bench/decode.py --compile measures it)")
+def test_compiled_step_gives_the_eager_tokens():
+    """--compile: the same greedy tokens as eager decoding, across a length bucket (256) and with padding."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(vocab_size=97, block_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    prompts, params = [[5, 6, 7, 8, 9], [3, 4, 5]], SamplingParams(max_new_tokens=280)
+    eager = Engine(model, _Ids(), device=device).generate(prompts, params)
+    compiled = Engine(model, _Ids(), device=device, compile=True).generate(prompts, params)
+    assert [c.ids for c in compiled] == [e.ids for e in eager]
