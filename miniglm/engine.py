@@ -172,35 +172,35 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
 
 def fused_weight(linears: Sequence[torch.nn.Module], scale: torch.Tensor | None) -> torch.Tensor:
     """The linears' weights stacked (out, in), their input columns times `scale` (a norm's weight) if given."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])
+    weight = torch.cat([lin.out_in() if isinstance(lin, DecodeLinear) else lin.weight.detach() for lin in linears])
     return weight if scale is None else weight * scale
 
 
 class DecodeLinear(torch.nn.Module):
-    """One or more nn.Linear layers of the same input as one product (fewer, wider products), with the
-    weight kept in both layouts: a single row (batch-1 decoding) multiplies fastest by the transposed
-    (in, out) copy on CPU, several rows by the usual (out, in) one (bench/decode.py measures both).
-    transposed=False keeps the (out, in) layout alone."""
+    """One or more nn.Linear layers of the same input as one product (fewer, wider products), its weight
+    stored transposed, (in, out): on CPU a few rows (decoding, batch 1 to 8) multiply by it up to 2.5x
+    faster than by nn.Linear's (out, in) layout, and a prefill's hundreds of rows as fast (bench/decode.py,
+    2-core Xeon). transposed=False keeps the (out, in) layout (F.linear)."""
 
-    def __init__(self, *linears: torch.nn.Linear, transposed: bool = True, scale: torch.Tensor | None = None):
+    def __init__(self, *linears: torch.nn.Module, transposed: bool = True, scale: torch.Tensor | None = None):
         super().__init__()
         weight = fused_weight(linears, scale)
-        self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
-        self.weight_t = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False) if transposed else None
+        self.transposed = transposed
+        self.weight = torch.nn.Parameter((weight.t() if transposed else weight).contiguous(), requires_grad=False)
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.nn.Parameter(torch.cat([b.detach() for b in biases]),
                                                                       requires_grad=False)
 
+    def out_in(self) -> torch.Tensor:
+        """The weight as nn.Linear holds it, (out, in)."""
+        return self.weight.t() if self.transposed else self.weight
+
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T + bias, plus `add` (a residual) when given: one addmm for 2-D rows without a bias."""
-        one_row = self.weight_t is not None and x.numel() == x.size(-1)
+        w = self.weight if self.transposed else self.weight.t()  # (in, out), a view when not transposed
         if add is not None and self.bias is None and x.dim() == 2:
-            return torch.addmm(add, x, self.weight_t if one_row else self.weight.t())
-        if one_row:
-            y = x @ self.weight_t
-            y = y if self.bias is None else y + self.bias
-        else:
-            y = F.linear(x, self.weight, self.bias)
+            return torch.addmm(add, x, w)
+        y = x @ w if self.bias is None else torch.addmm(self.bias, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
         return y if add is None else y + add
 
 
@@ -229,19 +229,12 @@ class Int8Linear(torch.nn.Module):
         return y if add is None else y.add_(add)
 
 
-# The transposed copy pays on small models' matrices; past ~50M parameters (SmolLM2-135M) one row is
-# memory-bound in either layout (the same tokens/s) and the copy would double the weights' memory.
-TRANSPOSED_MAX_PARAMS = 50_000_000
-
-
-def for_decoding(model: MiniGLM, transposed: bool | None = None, int8: bool = False) -> MiniGLM:
+def for_decoding(model: MiniGLM, transposed: bool = True, int8: bool = False) -> MiniGLM:
     """A copy of the model for decoding (the caller's model is left as it is): llama's q/k/v and gate/up
     projections fused, each RMSNorm's scale folded into the product after it (the norm's weight set to 1),
-    every linear layer a DecodeLinear (transposed copies: None = on small models only), or an Int8Linear."""
+    every linear layer a DecodeLinear (transposed: its weight stored (in, out)) or an Int8Linear."""
     from miniglm.model import LlamaBlock
 
-    if transposed is None:
-        transposed = sum(p.numel() for p in model.parameters()) <= TRANSPOSED_MAX_PARAMS
     # The linear layers are rebuilt below from their weights: the copy shares them rather than copying
     # them first (not a tied embedding's, which the copy keeps). Halves the peak memory of a 135M model.
     kept = {id(p) for m in model.modules() if type(m) is not torch.nn.Linear for p in m.parameters(recurse=False)}
@@ -365,9 +358,9 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 class Engine:
     def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", int8: bool = False,
                  transposed: bool = True, compile: bool = False):
-        """The model is decoded through a copy (for_decoding): fused products, and on CPU transposed
-        weights for one row (transposed=False: the (out, in) layout alone); llama-style models take
-        their decoding steps through DecodeStep. Same logits as the model, to float rounding.
+        """The model is decoded through a copy (for_decoding): fused products, on CPU with (in, out)
+        weights (transposed=False: nn.Linear's (out, in)); llama-style models take their decoding steps
+        through DecodeStep. Same logits as the model, to float rounding.
         int8: int8 weights with per-channel scales (Int8Linear, CPU). Decoding a small model on a CPU
         streams every weight once per token, so a quarter of the bytes is up to ~4x the speed; the logits
         move slightly, so greedy output may differ from fp32.
@@ -376,7 +369,7 @@ class Engine:
         if int8 and device != "cpu":
             raise UserError("--int8 is for CPU decoding; leave it off on this device")
         model = model.eval().to(device)
-        self.model = for_decoding(model, None if transposed and device == "cpu" else False, int8)
+        self.model = for_decoding(model, transposed and device == "cpu", int8)
         self.decode_step = DecodeStep(self.model, compile) if self.model.config.style == "llama" else None
         self.compile = compile
         self.tokenizer = tokenizer
