@@ -35,7 +35,8 @@ class LoadedRun:
         return r.ids, r.stop_ids
 
 
-def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: bool = False) -> LoadedRun:
+def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: bool = False,
+             compile: bool = False) -> LoadedRun:
     """A run opened by miniglm.runs (files checked), ready to decode: a MiniGLM with Engine, a Hugging
     Face run (`miniglm finetune`) with HFEngine, the same interface over transformers' generate()."""
     opened = runs.open_run(run)
@@ -45,13 +46,14 @@ def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: boo
     if opened.hf:
         from miniglm.hf_engine import HFEngine
 
-        if int8:
-            raise UserError("--int8 is for MiniGLM runs; this run is a Hugging Face model")
+        if int8 or compile:
+            raise UserError(f"--{'int8' if int8 else 'compile'} is for MiniGLM runs; this run is a Hugging Face model")
         model = runs.load_model(opened)
         engine = HFEngine(model, runs.load_run_tokenizer(opened), device)
     else:
         tok = runs.load_run_tokenizer(opened, runs.read_model_config(opened.ckpt).vocab_size)  # before the weights
-        engine = Engine(head_over(runs.load_model(opened, device), tok.vocab_size), tok, device, int8)
+        engine = Engine(head_over(runs.load_model(opened, device), tok.vocab_size), tok, device, int8,
+                        compile=compile)
     template, options = chat if chat is not None else (None, TemplateOptions())
     return LoadedRun(engine, template, options, opened.name)
 

@@ -303,7 +303,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         texts = [args.prompt]
     params = _sampling(args)
-    run = load_run(args.run, args.device, args.raw, args.int8)
+    run = load_run(args.run, args.device, args.raw, args.int8, args.compile)
     for r in generate_texts(run, texts, params, args.batch_size, args.system, _note(args)):
         print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"], flush=True)
     return 0
@@ -313,7 +313,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from miniglm.chat import chat_repl, load_run
 
     params = _sampling(args)
-    chat_repl(load_run(args.run, args.device, args.raw, args.int8), params, read=_stdin_reader(args.encoding))
+    chat_repl(load_run(args.run, args.device, args.raw, args.int8, args.compile), params,
+              read=_stdin_reader(args.encoding))
     return 0
 
 
@@ -367,7 +368,13 @@ def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None
                    help="keep special tokens such as <|end|> in the output text (left out by default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--int8", action="store_true",
-                   help="int8 weights on CPU: ~2x faster decoding, slightly different logits")
+                   help="int8 weights on CPU: faster decoding, slightly different logits")
+
+
+def _add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (llama-style runs): compiling costs tens of seconds per batch "
+                        "size and length bucket; faster or slower than eager depending on the model and machine")
 
 
 def _eval_out(args: argparse.Namespace) -> None:
@@ -624,11 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(g, "--file")
     g.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     _add_sampling(g)
+    _add_compile(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat with a run in the terminal",
                        description="Multi-turn chat with streaming output; /reset, /system TEXT, /exit.")
     _add_sampling(c)
+    _add_compile(c)
     _add_encoding(c, "what you type (stdin)")
     c.set_defaults(func=cmd_chat)
 

@@ -15,6 +15,7 @@ from dataclasses import InitVar, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from miniglm import model as model_mod
 from miniglm.fileio import UserError
 from miniglm.model import KVCache, MiniGLM
 from miniglm.tokenizer import StreamDecoder, Tokenizer
@@ -169,57 +170,177 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-class DecodeLinear(torch.nn.Module):
-    """One or more nn.Linear layers of the same input as one product (fewer, wider products), with the
-    weight kept in both layouts: a single row (batch-1 decoding) multiplies fastest by the transposed
-    (in, out) copy on CPU, several rows by the usual (out, in) one (bench/decode.py measures both).
-    transposed=False keeps the (out, in) layout alone."""
+def fused_weight(linears: Sequence[torch.nn.Module], scale: torch.Tensor | None) -> torch.Tensor:
+    """The linears' weights stacked (out, in), their input columns times `scale` (a norm's weight) if given."""
+    weight = torch.cat([lin.out_in() if isinstance(lin, DecodeLinear) else lin.weight.detach() for lin in linears])
+    return weight if scale is None else weight * scale
 
-    def __init__(self, *linears: torch.nn.Linear, transposed: bool = True):
+
+class DecodeLinear(torch.nn.Module):
+    """One or more nn.Linear layers of the same input as one product (fewer, wider products), its weight
+    stored transposed, (in, out): on CPU a few rows (decoding, batch 1 to 8) multiply by it up to 2.5x
+    faster than by nn.Linear's (out, in) layout, and a prefill's hundreds of rows as fast (bench/decode.py,
+    2-core Xeon). transposed=False keeps the (out, in) layout (F.linear)."""
+
+    def __init__(self, *linears: torch.nn.Module, transposed: bool = True, scale: torch.Tensor | None = None):
         super().__init__()
-        weight = torch.cat([lin.weight.detach() for lin in linears])
-        self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
-        self.weight_t = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False) if transposed else None
+        weight = fused_weight(linears, scale)
+        self.transposed = transposed
+        self.weight = torch.nn.Parameter((weight.t() if transposed else weight).contiguous(), requires_grad=False)
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.nn.Parameter(torch.cat([b.detach() for b in biases]),
                                                                       requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_t is not None and x.numel() == x.size(-1):  # one row
-            y = x @ self.weight_t
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+    def out_in(self) -> torch.Tensor:
+        """The weight as nn.Linear holds it, (out, in)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T + bias, plus `add` (a residual) when given: one addmm for 2-D rows without a bias."""
+        w = self.weight if self.transposed else self.weight.t()  # (in, out), a view when not transposed
+        if add is not None and self.bias is None and x.dim() == 2:
+            return torch.addmm(add, x, w)
+        y = x @ w if self.bias is None else torch.addmm(self.bias, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
+        return y if add is None else y + add
 
 
-# The transposed copy pays on small models' matrices; past ~50M parameters (SmolLM2-135M) one row is
-# memory-bound in either layout (the same tokens/s) and the copy would double the weights' memory.
-TRANSPOSED_MAX_PARAMS = 50_000_000
+class Int8Linear(torch.nn.Module):
+    """One or more nn.Linear layers of the same input as one int8 product: weights rounded to int8 with
+    one scale per output channel (symmetric), each input row quantized to int8 on the fly (one scale per
+    row, as llama.cpp's Q8_0 does with its activations) and multiplied in int32 by torch._int_mm."""
+
+    def __init__(self, *linears: torch.nn.Linear, scale: torch.Tensor | None = None):
+        super().__init__()
+        weight = fused_weight(linears, scale)
+        w_scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q = torch.round(weight / w_scale[:, None]).to(torch.int8)
+        self.register_buffer("weight_t", q.t().contiguous())  # (in, out)
+        self.register_buffer("w_scale", w_scale)
+        biases = [lin.bias for lin in linears]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1))
+        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127
+        y = torch._int_mm(torch.round(rows / x_scale).to(torch.int8), self.weight_t) * (x_scale * self.w_scale)
+        if self.bias is not None:
+            y += self.bias
+        y = y.view(*x.shape[:-1], -1)
+        return y if add is None else y.add_(add)
 
 
-def for_decoding(model: MiniGLM) -> MiniGLM:
-    """A copy of the model for CPU decoding (the caller's model is left as it is): llama's q/k/v and
-    gate/up projections fused, every linear layer a DecodeLinear (with transposed copies on small models)."""
-    from miniglm.model import LlamaAttention, LlamaMLP
+def for_decoding(model: MiniGLM, transposed: bool = True, int8: bool = False) -> MiniGLM:
+    """A copy of the model for decoding (the caller's model is left as it is): llama's q/k/v and gate/up
+    projections fused, each RMSNorm's scale folded into the product after it (the norm's weight set to 1),
+    every linear layer a DecodeLinear (transposed: its weight stored (in, out)) or an Int8Linear."""
+    from miniglm.model import LlamaBlock
 
-    transposed = sum(p.numel() for p in model.parameters()) <= TRANSPOSED_MAX_PARAMS
     # The linear layers are rebuilt below from their weights: the copy shares them rather than copying
     # them first (not a tied embedding's, which the copy keeps). Halves the peak memory of a 135M model.
     kept = {id(p) for m in model.modules() if type(m) is not torch.nn.Linear for p in m.parameters(recurse=False)}
     memo = {id(p): p for m in model.modules() if type(m) is torch.nn.Linear
             for p in m.parameters(recurse=False) if id(p) not in kept}
     model = copy.deepcopy(model, memo)
-    for module in list(model.modules()):
-        if isinstance(module, LlamaAttention):
-            module.qkv_proj = DecodeLinear(module.q_proj, module.k_proj, module.v_proj, transposed=transposed)
-            del module.q_proj, module.k_proj, module.v_proj
-        elif isinstance(module, LlamaMLP):
-            module.gate_up_proj = DecodeLinear(module.gate_proj, module.up_proj, transposed=transposed)
-            del module.gate_proj, module.up_proj
+
+    def fused(*linears: torch.nn.Module, norm: torch.nn.RMSNorm | None = None) -> torch.nn.Module:
+        scale = None
+        if norm is not None:
+            scale = norm.weight.detach().clone()
+            norm.weight.data.fill_(1.0)
+        return Int8Linear(*linears, scale=scale) if int8 else DecodeLinear(*linears, transposed=transposed,
+                                                                           scale=scale)
+
+    for block in model.blocks:
+        if isinstance(block, LlamaBlock) and block.self_attn.qkv_proj is None:  # not a decoding copy already
+            attn, mlp = block.self_attn, block.mlp
+            attn.qkv_proj = fused(attn.q_proj, attn.k_proj, attn.v_proj, norm=block.input_layernorm)
+            mlp.gate_up_proj = fused(mlp.gate_proj, mlp.up_proj, norm=block.post_attention_layernorm)
+            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(module, name, DecodeLinear(child, transposed=transposed))
+            if type(child) is torch.nn.Linear or (int8 and type(child) is DecodeLinear):
+                setattr(module, name, fused(child))
     return model
+
+
+class DecodeStep:
+    """One decoding step of a llama-style decoding copy (for_decoding): the next token of every row through
+    the KV cache, as a flat loop over the layers' weights. The same arithmetic as MiniGLM.forward with one
+    new token, in fewer ops: at batch 1 a small model's step is mostly per-op dispatch, not arithmetic.
+    Per layer: the RMSNorms' scales are already in the products after them, RoPE rotates q and k together
+    (sin carries rotate-half's sign), the cache is written in place and each residual add rides in its
+    product (addmm).
+
+    compile=True: the step through torch.compile, over static shapes: the cache holds the whole block
+    (Engine allocates it so) and attention reads a bucket of it (a power of two >= 256 positions, the
+    positions past the new one masked out), so a few compiles serve every length (one per bucket and
+    batch size), not one per step."""
+
+    def __init__(self, model: MiniGLM, compile: bool = False):
+        c = model.config
+        self.model, self.eps = model, c.norm_eps
+        self.n_head, self.n_kv, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        half = c.head_dim // 2
+        self.cos = model.rope_cos
+        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
+        self.layers = [(b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj, b.mlp.down_proj)
+                       for b in model.blocks]
+        self.compiled = torch.compile(self.forward, dynamic=False) if compile else None
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens (B,) -> logits (B, V); the cache advances one position."""
+        pos, block = cache.pos, self.cos.size(0)
+        if pos >= cache.max_len or pos - cache.max_pad >= block:
+            raise ValueError(f"no room for position {pos}: cache of {cache.max_len}, block size {block}")
+        if self.compiled is not None:
+            S = min(max(256, 1 << pos.bit_length()), cache.max_len)  # a bucket of the cache: pos < S
+            at = (pos - cache.n_pad).clamp(0, block - 1)
+            new = torch.tensor([pos], device=tokens.device)
+            mask = (cache.mask[:, :S] & (torch.arange(S, device=tokens.device) <= new))[:, None, None]
+            logits = self.compiled(tokens, self.cos[at].unsqueeze(1), self.sin[at].unsqueeze(1),
+                                   cache.k[:, :, :, :S], cache.v[:, :, :, :S], new, mask)
+        elif cache.padded:  # left padding: each row's position counts its real tokens; padding is masked out
+            at = (pos - cache.n_pad).clamp(0, block - 1)
+            logits = self.forward(tokens, self.cos[at].unsqueeze(1), self.sin[at].unsqueeze(1),
+                                  cache.k[:, :, :, :pos + 1], cache.v[:, :, :, :pos + 1], pos,
+                                  cache.mask[:, None, None, :pos + 1])
+        else:
+            logits = self.forward(tokens, self.cos[pos], self.sin[pos], cache.k[:, :, :, :pos + 1],
+                                  cache.v[:, :, :, :pos + 1], pos, None)
+        cache.pos += 1
+        return logits
+
+    def rms(self, x: torch.Tensor) -> torch.Tensor:  # the scale is in the next product
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                pos: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """k, v: every layer's cache up to the positions attended to; the new keys and values go to `pos`
+        (an int, or a (1,) tensor when compiled); mask (B, 1, 1, S) or None (attend to all)."""
+        B, H, Hkv, D = tokens.size(0), self.n_head, self.n_kv, self.head_dim
+        attention = model_mod.decode_attention if model_mod.DECODE_ATTENTION == "matmul" else sdpa
+        x = self.model.model.embed_tokens(tokens)
+        for (qkv_proj, o_proj, gate_up_proj, down_proj), k_cache, v_cache in zip(
+                self.layers, k.unbind(0), v.unbind(0), strict=True):
+            qkv = qkv_proj(self.rms(x))
+            qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
+            new_k, new_v = qk[:, H:], qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
+            if isinstance(pos, int):
+                k_cache.select(2, pos).copy_(new_k)
+                v_cache.select(2, pos).copy_(new_v)
+            else:
+                k_cache.index_copy_(2, pos, new_k.unsqueeze(2))
+                v_cache.index_copy_(2, pos, new_v.unsqueeze(2))
+            y = attention(qk[:, :H, None], k_cache, v_cache, mask)
+            x = o_proj(y.view(B, H * D), x)
+            gate, up = gate_up_proj(self.rms(x)).chunk(2, dim=-1)
+            x = down_proj(F.silu(gate).mul_(up), x)
+        return self.model.lm_head(self.model.model.norm(x))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
 
 
 def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,23 +357,29 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 class Engine:
     def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", int8: bool = False,
-                 transposed: bool = True):
-        """transposed: decode with DecodeLinear layers on CPU (same logits, faster).
-        int8: weight-only dynamic int8 quantization of the linear layers (CPU). Decoding a small model
-        on a CPU streams every weight once per token, so a quarter of the bytes is ~2x the speed; the
-        logits move slightly, so greedy output may differ from fp32."""
+                 transposed: bool = True, compile: bool = False):
+        """The model is decoded through a copy (for_decoding): fused products, on CPU with (in, out)
+        weights (transposed=False: nn.Linear's (out, in)); llama-style models take their decoding steps
+        through DecodeStep. Same logits as the model, to float rounding.
+        int8: int8 weights with per-channel scales (Int8Linear, CPU). Decoding a small model on a CPU
+        streams every weight once per token, so a quarter of the bytes is up to ~4x the speed; the logits
+        move slightly, so greedy output may differ from fp32.
+        compile: decoding steps through torch.compile (DecodeStep; llama style): tens of seconds of compiling
+        per new batch size or length bucket, then faster steps on some models (bench/decode.py measures)."""
+        if int8 and device != "cpu":
+            raise UserError("--int8 is for CPU decoding; leave it off on this device")
         model = model.eval().to(device)
-        if transposed and not int8 and device == "cpu":
-            model = for_decoding(model)
-        if int8:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        self.model = model
+        self.model = for_decoding(model, transposed and device == "cpu", int8)
+        self.decode_step = DecodeStep(self.model, compile) if self.model.config.style == "llama" else None
+        self.compile = compile
         self.tokenizer = tokenizer
         self.device = device
+
+    def forward_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row (B,) through the cache -> the next logits (B, V)."""
+        if self.decode_step is not None:
+            return self.decode_step(tokens, cache)
+        return self.model(tokens[:, None], cache=cache)[0][:, -1]
 
     def _fit(self, ids: list[int], params: SamplingParams) -> Row:
         """A row for one prompt: its new tokens capped at the context's room (fit_new_tokens), or its
@@ -283,8 +410,9 @@ class Engine:
         B, L = idx.shape
         padded = bool((mask == 0).any())
         steps = max(r.max_new for r in rows)
-        cache = KVCache(self.model.config, B, L + steps, device=self.device,
-                        dtype=self.model.embeddings.weight.dtype)
+        block = self.model.config.block_size
+        length = max(block, L + steps) if self.compile else L + steps  # compiled: one cache shape per batch size
+        cache = KVCache(self.model.config, B, length, device=self.device, dtype=self.model.embeddings.weight.dtype)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -292,14 +420,15 @@ class Engine:
         logits, _ = self.model(idx, attention_mask=mask.to(self.device) if padded else None, cache=cache)
         history = idx if params.repetition_penalty != 1.0 else None
         stop_ids = set(params.stop_ids)
+        logits = logits[:, -1]
         for _ in range(steps):
-            nxt = sample_next(logits[:, -1], params, history, generator)
+            nxt = sample_next(logits, params, history, generator)
             yield self._accept(rows, nxt.tolist(), stop_ids)
             if all(r.done for r in rows):
                 return
             if history is not None:
                 history = torch.cat([history, nxt[:, None]], dim=1)
-            logits, _ = self.model(nxt[:, None], cache=cache)
+            logits = self.forward_step(nxt, cache)
 
     @staticmethod
     def _accept(rows: list[Row], tokens: list[int], stop_ids: set[int]) -> list[tuple[int, int]]:
