@@ -280,9 +280,7 @@ class DecodeStep:
         c = model.config
         self.model, self.eps = model, c.norm_eps
         self.n_head, self.n_kv, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
-        half = c.head_dim // 2
-        self.cos = model.rope_cos
-        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
+        self.cos, self.sin = model.rope_cos, model.rope_sin  # sin carries rotate-half's sign (rope_tables)
         self.layers = [(b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj, b.mlp.down_proj)
                        for b in model.blocks]
         self.compiled = torch.compile(self.forward, dynamic=False) if compile else None

@@ -140,6 +140,12 @@ def test_decode_step_equals_the_models_forward(int8):
 
     torch.manual_seed(0)
     model = MiniGLM(ModelConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    with torch.no_grad():  # as a trained model: norms' scales not 1, attention sharp enough that RoPE matters
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(20)
     eng = Engine(model, _Ids(), int8=int8)
     idx = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 3, 4, 5]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -152,7 +158,7 @@ def test_decode_step_equals_the_models_forward(int8):
             for t in range(6):
                 nxt = torch.full((len(rows),), 10 + t)
                 want = eng.model(nxt[:, None], cache=a)[0][:, -1]
-                assert torch.allclose(eng.forward_step(nxt, b), want, atol=1e-5)
+                assert torch.allclose(eng.forward_step(nxt, b), want, atol=1e-4, rtol=1e-4)
         assert a.pos == b.pos and torch.allclose(a.k, b.k, atol=1e-6)
 
 
