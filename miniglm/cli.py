@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a token never spans two Chinese characters, so a name is the same tokens in a biography "
                         "and in an answer (default on; --no-han-chars: GPT-2's split, names fused with neighbours)")
     d.add_argument("--long", action="store_true",
-                   help="pretrain four times longer (~45 minutes on 2 cores): where the knowledge probes saturate")
+                   help="pretrain six times longer (~45 minutes on 2 cores): where the knowledge probes saturate")
     d.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the pretraining stage only (configs/demo.toml)")
     d.add_argument("--set-sft", action="append", default=[], metavar="KEY=VALUE",

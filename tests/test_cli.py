@@ -171,7 +171,7 @@ def test_serve_port_errors(capsys, tmp_path):
     assert "in use" in err and "serving" not in capsys.readouterr().out
 
 
-def test_demo_long_pretrains_four_times_longer_and_set_still_wins():
+def test_demo_long_pretrains_longer_and_set_still_wins():
     from miniglm.config import load_config
     from miniglm.demo import CONFIGS, LONG_FACTOR, DemoOptions, pretrain_extra
 
