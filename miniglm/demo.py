@@ -128,8 +128,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     md, _ = write_demo_report(run, summary)
     log(f"   the demo's report (knowledge probes during pretraining, exact match per fact): {md.with_suffix('.html')}")
     log(f"demo done in {seconds:.1f}s: {run}")
-    return {"world": ws.__dict__, "corpus": cs.__dict__, "tokenizer": rep, "shards": meta, "pretrain": pre,
-            "sft": sft, "eval": scores, "seconds": seconds}
+    return summary
 
 
 def write_demo_report(run: Path, summary: dict):
@@ -147,7 +146,10 @@ def write_demo_report(run: Path, summary: dict):
     held, train = load_eval(run / "sft" / "eval")[0], load_eval(run / "sft" / "eval-train")[0]
     doc.heading("Exact match of the fine-tuned model (greedy)")
     facts = sorted(set(held.get("groups", {})) | set(train.get("groups", {})))
-    cell = lambda s, f: fmt("exact_match", s["groups"][f]["exact_match"]) if f in s.get("groups", {}) else "-"  # noqa: E731
+
+    def cell(scores: dict, fact: str) -> str:
+        return fmt("exact_match", scores["groups"][fact]["exact_match"]) if fact in scores.get("groups", {}) else "-"
+
     doc.table(["fact", f"held-out characters (n={held['n']})", f"training characters (n={train['n']})"],
               [["all", fmt("exact_match", held["all"]["exact_match"]), fmt("exact_match", train["all"]["exact_match"])],
                *([f, cell(held, f), cell(train, f)] for f in facts)])
