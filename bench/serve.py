@@ -3,10 +3,10 @@
 Side by side in one run, on the same model, prompt, sampling and token count: the engine's batch-1
 tokens/s (Engine.stream) and one streaming client's tokens/s, both counted after the first token (time
 to first token reported apart), best of --repeats interleaved pairs; then aggregate tokens/s, time to
-first token and p50/p95 request latency for 1, 8 and 32 concurrent clients. The server runs in this
-process (uvicorn in a thread, as `miniglm serve` runs it) on a run folder, or on a random-weight model
-of the demo's shape; the clients run in another process, so that their parsing does not take the
-server's GIL (a real client is another program).
+first token and p50/p95 request latency for 1, 8 and 32 concurrent clients. The server is `miniglm
+serve` in its own process (--batchers main,thread: beside it, the batcher in a thread of its own, as it
+ran before) on a run folder, or on a random-weight model of the demo's shape; the engine runs in this
+process, and the clients in another (a real client is another program).
 
 --soak: `miniglm serve` in its own process under hostile but realistic traffic for --duration seconds:
 64 streaming chat clients (over the default batch of 32, so some wait), a third of them disconnecting
@@ -15,6 +15,7 @@ its whole answer (greedy answers identical each time), that no response is a 5xx
 server's RSS growth and /health latency (polled from another process).
 
     .venv/bin/python bench/serve.py [--run runs/demo/sft] [--tokens 96] [--requests 2] [--repeats 3]
+                                    [--batchers main,thread]
     .venv/bin/python bench/serve.py --soak --run runs/demo/sft [--duration 180] [--clients 64]
 """
 
@@ -26,7 +27,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +44,7 @@ from common import ROOT, record, table  # noqa: E402
 
 from miniglm.chat import load_run  # noqa: E402
 from miniglm.engine import SamplingParams  # noqa: E402
-from miniglm.serve import create_app  # noqa: E402
+from miniglm.serve import create_app, listen  # noqa: E402
 
 
 def random_run(tmp: Path) -> Path:
@@ -209,15 +209,33 @@ def big_bodies(base: str, deadline: float, stats: Counter, lock: threading.Lock)
         time.sleep(60)
 
 
-def soak(args: argparse.Namespace) -> None:
-    run_dir = Path(args.run) if args.run else random_run(Path(tempfile.mkdtemp(prefix="miniglm-serve-")))
-    proc = subprocess.Popen([sys.executable, "-m", "miniglm.cli", "serve", "--run", str(run_dir), "--port", "0",
-                             "--device", "cpu"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+def start_server(run_dir: Path, batcher: str = "main") -> tuple[subprocess.Popen, str]:
+    """A server in its own process and its base URL. batcher "main": `miniglm serve` (decoding on its main
+    thread); "thread": the app with its batcher in a thread of its own, uvicorn on the main thread (how
+    `miniglm serve` ran before 2026-11-30, and how the tests run it)."""
+    cmd = ["-m", "miniglm.cli", "serve", "--run", str(run_dir), "--port", "0", "--device", "cpu"]
+    if batcher == "thread":
+        cmd = [__file__, "--serve-threaded", str(run_dir)]
+    proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = proc.stdout.readline()
     if not line.startswith("serving"):
         sys.exit(f"the server did not start: {line}")
-    base = line.split(" on ")[1].split()[0]
+    return proc, line.split(" on ")[1].split()[0]
+
+
+def serve_threaded(run_dir: str) -> None:
+    import uvicorn
+
+    sock = listen("127.0.0.1", 0)
+    app = create_app(load_run(run_dir, "cpu"))
+    print(f"serving {run_dir} on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def soak(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run) if args.run else random_run(Path(tempfile.mkdtemp(prefix="miniglm-serve-")))
+    proc, base = start_server(run_dir)
     rss0 = rss_mb(proc.pid)
     stop, out = multiprocessing.Event(), multiprocessing.Queue()
     poller = multiprocessing.Process(target=poll_health, args=(base, stop, out))
@@ -264,68 +282,73 @@ def soak(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    import uvicorn
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=None)
     ap.add_argument("--tokens", type=int, default=None,
-                    help="new tokens per request (prompt + tokens <= context; default 96, --soak 48)")
+                    help="tokens per request (default 96; --soak: 48)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     ap.add_argument("--repeats", type=int, default=3, help="engine / one-stream pairs; each figure is the best")
+    ap.add_argument("--batchers", default="main",
+                    help="servers side by side, comma-separated: main (`miniglm serve`), thread (the batcher in "
+                         "a thread, as before)")
     ap.add_argument("--soak", action="store_true", help="the robustness soak instead of the throughput table")
     ap.add_argument("--duration", type=float, default=180, help="--soak: seconds of traffic")
     ap.add_argument("--clients", type=int, default=64, help="--soak: streaming clients")
+    ap.add_argument("--serve-threaded", metavar="RUN", help=argparse.SUPPRESS)  # start_server's "thread"
     args = ap.parse_args()
+    if args.serve_threaded:
+        return serve_threaded(args.serve_threaded)
     if args.soak:
         args.tokens = args.tokens or 48
         return soak(args)
     args.tokens = args.tokens or 96
     run_dir = Path(args.run) if args.run else random_run(Path(tempfile.mkdtemp(prefix="miniglm-serve-")))
-    run = load_run(run_dir, "cpu")
-    app = create_app(run)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while True:
-        try:
-            httpx.get(base + "/health")
-            break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    prompt = run.engine.tokenizer.encode(PROMPT)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        pool.apply(clients, (base, 1, 1, 8))  # warm-up: the client's imports, the server's first request
-        engine_stream(run.engine, prompt, 8, 0)
-        engine, stream = [], []
-        for rep in range(args.repeats):  # interleaved, so that both see the same machine
-            engine.append(engine_stream(run.engine, prompt, args.tokens, rep))
-            stream += pool.apply(clients, (base, 1, 1, args.tokens))[1]
-        e_tok_s, e_first = max(engine)
-        s = max(stream, key=lambda r: (r["tokens"] - 1) / r["decode"])
-        s_tok_s = (s["tokens"] - 1) / s["decode"]
-        print(f"engine {e_tok_s:,.0f} tok/s, one stream {s_tok_s:,.0f} tok/s", flush=True)
-        one = table(["engine b=1 tok/s", "one stream tok/s", "stream / engine", "engine first chunk s",
-                     "stream TTFT s (p50)"],
-                    [[f"{e_tok_s:,.0f}", f"{s_tok_s:,.0f}", f"{s_tok_s / e_tok_s:.2f}", f"{e_first:.3f}",
-                      f"{statistics.median(r['ttft'] for r in stream):.3f}"]])
-        rows = []
-        for n in (1, 8, 32):
-            wall, results = pool.apply(clients, (base, n, args.requests, args.tokens))
-            lat = sorted(r["latency"] for r in results)
-            total = sum(r["tokens"] for r in results)
-            rows.append([n, len(results), f"{total / wall:,.0f}",
-                         f"{statistics.median(r['ttft'] for r in results):.3f}",
-                         f"{statistics.median(lat):.2f}", f"{lat[min(len(lat) - 1, int(0.95 * len(lat)))]:.2f}"])
-            print(" | ".join(map(str, rows[-1])), flush=True)
-    server.should_exit = True
-    body = one + "\n\n" + table(["clients", "requests", "aggregate tok/s", "TTFT p50 s", "latency p50 s",
-                                  "latency p95 s"], rows)
+    engine = load_run(run_dir, "cpu").engine  # decoding on this process's main thread, as `miniglm generate`
+    prompt = engine.tokenizer.encode(PROMPT)
+    batchers = args.batchers.split(",")
+    servers = {b: start_server(run_dir, b) for b in batchers}
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            for _, base in servers.values():  # warm-up: the client's imports, each server's first request
+                pool.apply(clients, (base, 1, 1, 8))
+            engine_stream(engine, prompt, 8, 0)
+            e_runs, s_runs = [], {b: [] for b in batchers}
+            for rep in range(args.repeats):  # interleaved, so that all see the same machine
+                e_runs.append(engine_stream(engine, prompt, args.tokens, rep))
+                for b, (_, base) in servers.items():
+                    s_runs[b] += pool.apply(clients, (base, 1, 1, args.tokens))[1]
+            e_tok_s, e_first = max(e_runs)
+            one_rows = []
+            for b in batchers:
+                s = max(s_runs[b], key=lambda r: (r["tokens"] - 1) / r["decode"])
+                s_tok_s = (s["tokens"] - 1) / s["decode"]
+                one_rows.append([b, f"{e_tok_s:,.0f}", f"{s_tok_s:,.0f}", f"{s_tok_s / e_tok_s:.2f}",
+                                 f"{e_first:.3f}", f"{statistics.median(r['ttft'] for r in s_runs[b]):.3f}"])
+                print(" | ".join(map(str, one_rows[-1])), flush=True)
+            rows = []
+            for n in (1, 8, 32):
+                for b, (_, base) in servers.items():
+                    wall, results = pool.apply(clients, (base, n, args.requests, args.tokens))
+                    lat = sorted(r["latency"] for r in results)
+                    p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+                    total = sum(r["tokens"] for r in results)
+                    rows.append([b, n, len(results), f"{total / wall:,.0f}",
+                                 f"{statistics.median(r['ttft'] for r in results):.3f}",
+                                 f"{statistics.median(lat):.2f}", f"{p95:.2f}"])
+                    print(" | ".join(map(str, rows[-1])), flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    body = table(["batcher", "engine b=1 tok/s", "one stream tok/s", "stream / engine", "engine first chunk s",
+                  "stream TTFT s (p50)"], one_rows)
+    body += "\n\n" + table(["batcher", "clients", "requests", "aggregate tok/s", "TTFT p50 s", "latency p50 s",
+                             "latency p95 s"], rows)
     body += (f"\n\n{args.tokens} tokens per request (max_tokens with ignore_eos, temperature 1, a seed), streaming "
-             f"/v1/completions; the clients in another process; tokens/s of one stream and of the engine count "
-             f"from the first text to the last (best of {args.repeats} interleaved pairs); model: {run_dir}; "
-             f"torch threads {torch.get_num_threads()}")
+             f"/v1/completions; each server in its own process (batcher main: `miniglm serve`; thread: the batcher "
+             f"in a thread of its own), the clients in another; tokens/s of one stream and of the engine (in this "
+             f"process, on its main thread) count from the first text to the last (best of {args.repeats} "
+             f"interleaved rounds); model: {run_dir}; torch threads {torch.get_num_threads()}")
     record("Serving (bench/serve.py)", body)
 
 

@@ -40,12 +40,23 @@ class Job:
 
 
 class Batcher:
-    """on_step, if given, is called by the batcher thread after each step's events (and after events
-    outside a step: a refused submit, a shutdown), so a listener can take them in one hand-over per step."""
+    """on_step, if given, is called by the batcher's loop after each step's events (and after events
+    outside a step: a refused submit, a shutdown), so a listener can take them in one hand-over per step.
+
+    thread=True runs the loop in a thread of its own; thread=False leaves it to the caller's run(), which
+    `miniglm serve` calls on the main thread. Why it matters: torch's OpenMP (libgomp) keeps a pool of
+    worker threads per thread that has run a parallel op, and once the process has more of them than
+    cores, every parallel op wakes its workers through the kernel (~0.2 ms on the 2-core machine, against
+    ~0.01 ms in the main thread alone). The model was loaded on the main thread, so the decoding belongs
+    there too: one pool, and decoding at the engine's speed."""
 
     def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", max_batch: int = 32,
-                 on_step: Callable[[], None] | None = None):
+                 on_step: Callable[[], None] | None = None, thread: bool = True,
+                 step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None):
         self.model, self.tokenizer, self.device, self.max_batch = model.eval(), tokenizer, device, max_batch
+        # one token per row (B,) through the cache -> logits (B, V): Engine.forward_step for an engine's
+        # decoding copy (DecodeStep's fewer ops), else the model's forward
+        self.forward_step = step or (lambda tokens, cache: self.model(tokens[:, None], cache=cache)[0][:, -1])
         self.on_step = on_step or (lambda: None)
         self.waiting: list[Job] = []
         self.active: list[Job] = []
@@ -54,8 +65,9 @@ class Batcher:
         self.cond = threading.Condition()
         self.running = True
         self.steps = 0
-        self.thread = threading.Thread(target=self._loop, name="miniglm-batcher", daemon=True)
-        self.thread.start()
+        self.finished = threading.Event()
+        if thread:
+            threading.Thread(target=self.run, name="miniglm-batcher", daemon=True).start()
 
     def submit(self, job: Job) -> Job:
         with self.cond:
@@ -68,13 +80,21 @@ class Batcher:
         return job
 
     def stop(self, timeout: float = 10) -> None:
-        """End the loop; every row in flight or waiting gets an error event (503)."""
+        """End the loop, waiting up to timeout seconds for it; every row in flight or waiting gets an error
+        event (503). Call it from any thread but the loop's."""
         with self.cond:
             self.running = False
             self.cond.notify()
-        self.thread.join(timeout=timeout)
+        self.finished.wait(timeout)
 
-    # --- the loop (batcher thread) ---------------------------------------------------------------
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Decode until stop(): in the batcher's thread, or in the caller's (thread=False)."""
+        try:
+            self._loop()
+        finally:
+            self.finished.set()
+
     def _loop(self) -> None:
         while True:
             with self.cond:
@@ -211,9 +231,7 @@ class Batcher:
             c.mask, c.n_pad = c.mask.index_select(0, rows), c.n_pad.index_select(0, rows)
         if self.cache.pos >= self.cache.max_len:
             self._compact()
-        x = torch.tensor(next_ids, device=self.device)[:, None]
-        logits, _ = self.model(x, cache=self.cache)
-        self.logits = logits[:, -1]
+        self.logits = self.forward_step(torch.tensor(next_ids, device=self.device), self.cache)
         for r, t in zip(self.active, next_ids, strict=True):
             if r.history is not None:
                 r.history = torch.cat([r.history, torch.tensor([[t]], device=self.device)], 1)

@@ -7,7 +7,7 @@
   GET  /                     the chat page
 
 Concurrent requests are decoded together by the Batcher; a client that disconnects stops its row.
-The batcher thread hands each step's events to the event loop at once (Outbox: one wake-up per step), and a
+The batcher hands each step's events to the event loop at once (Outbox: one wake-up per step), and a
 stream writes what one wake-up brought as one event, framed ahead (only its text is encoded per event).
 Requests past --max-batch wait in order for a free row (a stream is answered at once, its first chunk
 then comes when its row starts). Every error is OpenAI's JSON error shape: 400 for malformed JSON,
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -171,7 +173,10 @@ def parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, max_body: int = MAX_BODY):
+def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, max_body: int = MAX_BODY,
+               batcher_thread: bool = True):
+    """The app; its batcher decodes in a thread of its own, or (batcher_thread=False) in the caller's
+    app.state.batcher.run(), as serve() runs it."""
     from fastapi import Request as Request
 
     if not isinstance(run.engine.model, MiniGLM):  # continuous batching drives MiniGLM's own KV cache
@@ -183,7 +188,8 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
         for outbox in list(outboxes.values()):
             outbox.wake()
 
-    batcher = Batcher(run.engine.model, run.engine.tokenizer, run.engine.device, max_batch, on_step=wake)
+    batcher = Batcher(run.engine.model, run.engine.tokenizer, run.engine.device, max_batch, on_step=wake,
+                      thread=batcher_thread, step=run.engine.forward_step)
 
     @asynccontextmanager
     async def lifespan(_):
@@ -383,7 +389,9 @@ def listen(host: str, port: int) -> socket.socket:
         raise UserError(f"--port {port}: a port is a number from 0 to 65535")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it every
+        # response written in two parts (headers, then body) waits ~40 ms on the client's delayed ACK
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(2048)
@@ -398,11 +406,36 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         raise UserError("--max-batch and --max-body must be at least 1")
     sock = listen(host, port)  # before loading the model: a port in use fails at once
     try:
-        app = create_app(load_run(run_dir, device, int8=int8), api_key, max_batch, max_body)
+        app = create_app(load_run(run_dir, device, int8=int8), api_key, max_batch, max_body, batcher_thread=False)
     except BaseException:  # a damaged run: let the port go with the error
         sock.close()
         raise
     port = sock.getsockname()[1]
     print(f"serving {run_dir} on http://{host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
     # the graceful timeout is a backstop: rows end at once on shutdown, but a client may not read its stream
-    Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[sock])
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    batcher: Batcher = app.state.batcher
+    caught: list[int] = []
+
+    def run_server() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:  # however uvicorn ends, the decoding loop ends with it
+            batcher.stop(0)
+
+    def on_signal(signum: int, _frame) -> None:  # uvicorn handles signals only on the main thread: here
+        caught.append(signum)
+        server.force_exit = server.should_exit  # a second Ctrl-C: do not wait for open connections
+        server.should_exit = True
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread = threading.Thread(target=run_server, name="uvicorn")
+        thread.start()
+        batcher.run()  # decoding on the main thread, where the model was loaded (see Batcher)
+        thread.join()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    for signum in caught[:1]:  # end as the signal would have ended us (Ctrl-C: "interrupted", 130)
+        signal.raise_signal(signum)
