@@ -18,7 +18,11 @@ DEFAULT_NEW_TOKENS = 128
 
 # --- option checks: argparse reports a bad value as "miniglm: error: argument --FLAG: ..." ------------
 class Parser(argparse.ArgumentParser):
-    """Every error, argparse's own too, ends with one line starting "miniglm: error:"."""
+    """Every error, argparse's own too, ends with one line starting "miniglm: error:". No abbreviated
+    options (every subcommand's parser is one of these): `demo --lon` is a typo, not `--long`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.print_usage(sys.stderr)

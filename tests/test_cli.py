@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -16,7 +17,6 @@ def run_error(capsys, argv):
 
 
 def subcommands(parser, prefix=()):
-    import argparse
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
@@ -32,6 +32,20 @@ def test_help_on_every_subcommand(capsys):
             main([*cmd, "--help"])
         assert e.value.code == 0
         assert "usage: miniglm" in capsys.readouterr().out
+
+
+def test_no_abbreviated_options(capsys):
+    """A typo that is a prefix of an option (`demo --lon`) is an error on every subcommand, not that option:
+    `--lon` would otherwise start the 45-minute `--long` demo."""
+    parser = build_parser()
+    for cmd in subcommands(parser):
+        sub = parser
+        for name in cmd:
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        assert not sub.allow_abbrev, cmd
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--lon"])
+    assert e.value.code == 2 and "unrecognized arguments: --lon" in capsys.readouterr().err
 
 
 def test_console_script():
