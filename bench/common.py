@@ -56,3 +56,28 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return 2 * src.numel() * 4 / best / 1e9
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::addmm_", "aten::baddbmm")
+
+
+def profile_shares(prof, groups: dict[str, tuple[str, ...]] | None = None, top: int = 4) -> tuple[dict, str, int]:
+    """Where a torch.profiler run's time went: the shares of the aten ops' own CPU time in matrix products,
+    attention (any op named *attention*), each extra group (a name -> substrings of op names) and the rest;
+    the `top` largest of the rest as text; and how many aten ops ran."""
+    groups = {"matmul": MATMUL_OPS, "attention": ("attention",), **(groups or {})}
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    share = dict.fromkeys(groups, 0.0)
+    rest = []
+    for e in events:
+        kind = next((g for g, names in groups.items()
+                     if (e.key in names if g == "matmul" else any(n in e.key for n in names))), None)
+        if kind:
+            share[kind] += e.self_cpu_time_total / total
+        else:
+            rest.append(e)
+    share["other"] = 1 - sum(share.values())
+    rest.sort(key=lambda e: -e.self_cpu_time_total)
+    largest = ", ".join(f"{e.key[6:]} {e.self_cpu_time_total / total:.0%}" for e in rest[:top])
+    return share, largest, sum(e.count for e in events)

@@ -13,6 +13,7 @@ the tied embedding again as the output layer) x steps/s, against the machine's c
 (common.copy_bandwidth). --only-smollm2 skips the small models.
 
     .venv/bin/python bench/decode.py [--new 512] [--threads 2]
+    .venv/bin/python bench/decode.py --profile --new 128    # where a step's time goes, per model
     .venv/bin/python bench/decode.py --smollm2 runs/smollm2 --only-smollm2 --threads 1   # long (~10 min)
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, copy_bandwidth, record, table  # noqa: E402
+from common import ROOT, copy_bandwidth, profile_shares, record, table  # noqa: E402
 
 from miniglm import model as model_mod  # noqa: E402
 from miniglm.config import load_config  # noqa: E402
@@ -165,6 +166,28 @@ def llama_cpp_timers(model: MiniGLM, prompt: list[int], new: int, tmp: Path, thr
     return timers
 
 
+def profile_row(name: str, model: MiniGLM, prompt: list[int], new: int, **kw) -> list[str]:
+    """Where a batch-1 decoding step's time goes (torch.profiler over `new` tokens of a warmed-up engine):
+    ops dispatched per token, wall microseconds per token, and the shares of the ops' own CPU time in
+    matrix products, attention and everything else (norms, RoPE, cache writes, views, sampling)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = Engine(model, _Ids(), **kw)
+    params = SamplingParams(max_new_tokens=new)
+    eng.generate([prompt], SamplingParams(max_new_tokens=8))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        eng.generate([prompt], params)
+        wall = time.perf_counter() - t0
+    share, largest, ops = profile_shares(prof)
+    return [name, f"{ops / new:.0f}", f"{wall / new * 1e6:,.0f}", f"{share['matmul']:.0%}",
+            f"{share['attention']:.0%}", f"{share['other']:.0%}", largest]
+
+
+PROFILE_HEADER = ["model", "ops per token", "us per token (profiled)", "matmul", "attention", "other",
+                  "largest others"]
+
+
 def step_bytes(model: MiniGLM) -> int:
     """Bytes of weights one decoding step reads: every parameter but the embedding table (one row of it is
     read), plus the output layer (a tied embedding is read whole there)."""
@@ -262,6 +285,8 @@ def main() -> None:
     ap.add_argument("--only-smollm2", action="store_true", help="skip the small random-weight models")
     ap.add_argument("--compile", action="store_true", help="add the engine with a compiled decoding step "
                     "(compiles for minutes on 2 cores)")
+    ap.add_argument("--profile", action="store_true", help="only where a batch-1 step's time goes (torch.profiler): "
+                    "fp32 and int8, per model")
     ap.add_argument("--agreement", default=None, help="a trained MiniGLM run (e.g. runs/demo/pretrain): int8 "
                     "against fp32 greedy tokens over 512 positions")
     args = ap.parse_args()
@@ -280,6 +305,20 @@ def main() -> None:
         "15M llama": ModelConfig(style="llama", vocab_size=8192, block_size=32 + args.new, n_layer=6, n_head=6,
                                  n_embd=384),
     }
+    if args.profile:
+        rows = []
+        for name, cfg in models.items():
+            torch.manual_seed(0)
+            model = MiniGLM(cfg).eval()
+            prompt = torch.randint(1, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+            rows += [profile_row(name, model, prompt, args.new), profile_row(f"{name} int8", model, prompt, args.new,
+                                                                            int8=True)]
+            print(" | ".join(rows[-2]), "\n" + " | ".join(rows[-1]), flush=True)
+        record(f"Decoding profile (bench/decode.py --profile, {args.threads} threads)",
+               table(PROFILE_HEADER, rows) + f"\n\nengine batch 1, {args.new} new tokens after 32, greedy; shares "
+               "of the aten ops' own CPU time (torch.profiler; it adds its own cost per op, so the microseconds "
+               "run above the unprofiled step's)")
+        return
     tmp = Path(tempfile.mkdtemp(prefix="miniglm-decode-"))
     bandwidth = copy_bandwidth() * 1e9 if cpu else None
     rows = []

@@ -12,6 +12,7 @@ GPT-2-small size is added, with MFU against the bf16 peak.
 
     .venv/bin/python bench/train.py [--steps 2] [--rounds 5] [--modes eager,compile] [--sizes demo,13.8M]
                                     [--nanogpt PATH] [--device cpu|cuda]
+    .venv/bin/python bench/train.py --profile [--sizes 13.8M]     # where a step's time goes, per model
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, record, table  # noqa: E402
+from common import ROOT, profile_shares, record, table  # noqa: E402
 
 from miniglm.config import load_config  # noqa: E402
 from miniglm.model import MiniGLM, ModelConfig  # noqa: E402
@@ -131,6 +132,31 @@ def contestants(size: str, cfg: ModelConfig, batch: int, device: str, compile: b
     return out
 
 
+PROFILE_GROUPS = {"loss": ("log_softmax", "nll_loss", "cross_entropy"), "optimizer": ("adam", "foreach"),
+                  "norm": ("norm",)}
+
+
+def profile(sizes: dict, nanogpt, device: str) -> None:
+    """Where one eager training step's time goes, per contestant: the shares of the aten ops' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for size, (cfg, batch) in sizes.items():
+        for c in contestants(size, cfg, batch, device, False, nanogpt):
+            c.run(2)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                wall = c.run(2) / 2
+            share, largest, ops = profile_shares(prof, PROFILE_GROUPS)
+            rows.append([size, c.name, f"{wall * 1e3:,.0f}", f"{ops / 2:,.0f}",
+                         *(f"{share[k]:.0%}" for k in ("matmul", "attention", *PROFILE_GROUPS, "other")), largest])
+            print(" | ".join(rows[-1]), flush=True)
+    record(f"Training step profile (bench/train.py --profile, {device})",
+           table(["size", "model", "ms per step (profiled)", "ops per step", "matmul", "attention",
+                  *PROFILE_GROUPS, "other", "largest others"], rows)
+           + f"\n\neager fp32, threads {torch.get_num_threads()}; a step as in the throughput table; shares of the "
+           "aten ops' own CPU time (torch.profiler), backward ops included")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=0, help="steps per round (default: ~8k tokens' worth, at least 2)")
@@ -139,6 +165,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="demo,13.8M", help="demo, 13.8M (and 124M on CUDA), comma-separated")
     ap.add_argument("--nanogpt", type=Path, default=NANOGPT, help="nanoGPT's model.py, or the folder holding it")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", action="store_true", help="only where one eager step's time goes, per model")
     args = ap.parse_args()
     device = args.device
     cuda = device.startswith("cuda")
@@ -150,6 +177,8 @@ def main() -> None:
     if cuda:
         sizes["124M"] = (ModelConfig(style="gpt2", vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
                                      n_embd=768), 16)
+    if args.profile:
+        return profile({k: v for k, v in sizes.items() if k in args.sizes.split(",")}, nanogpt, device)
     dtype = torch.bfloat16 if cuda else torch.float32
     ceiling = matmul_ceiling(device, dtype)
     results = []

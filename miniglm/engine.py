@@ -200,7 +200,10 @@ class DecodeLinear(torch.nn.Module):
         w = self.weight if self.transposed else self.weight.t()  # (in, out), a view when not transposed
         if add is not None and self.bias is None and x.dim() == 2:
             return torch.addmm(add, x, w)
-        y = x @ w if self.bias is None else torch.addmm(self.bias, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
+        if self.bias is None:
+            y = torch.mm(x, w) if x.dim() == 2 else x @ w  # mm: no trip through matmul's shape logic
+        else:
+            y = torch.addmm(self.bias, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
         return y if add is None else y + add
 
 
@@ -308,8 +311,8 @@ class DecodeStep:
         cache.pos += 1
         return logits
 
-    def rms(self, x: torch.Tensor) -> torch.Tensor:  # the scale is in the next product
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+    def rms(self, x: torch.Tensor) -> torch.Tensor:  # the scale is in the next product: one op, no weight
+        return F.rms_norm(x, (x.size(-1),), None, self.eps)
 
     def forward(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 pos: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -320,17 +323,16 @@ class DecodeStep:
         x = self.model.model.embed_tokens(tokens)
         for (qkv_proj, o_proj, gate_up_proj, down_proj), k_cache, v_cache in zip(
                 self.layers, k.unbind(0), v.unbind(0), strict=True):
-            qkv = qkv_proj(self.rms(x))
-            qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
+            qk, new_v = qkv_proj(self.rms(x)).view(B, H + 2 * Hkv, D).split([H + Hkv, Hkv], 1)
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
-            new_k, new_v = qk[:, H:], qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
+            q, new_k = qk.split([H, Hkv], 1)
             if isinstance(pos, int):
                 k_cache.select(2, pos).copy_(new_k)
                 v_cache.select(2, pos).copy_(new_v)
             else:
                 k_cache.index_copy_(2, pos, new_k.unsqueeze(2))
                 v_cache.index_copy_(2, pos, new_v.unsqueeze(2))
-            y = attention(qk[:, :H, None], k_cache, v_cache, mask)
+            y = attention(q.unsqueeze(2), k_cache, v_cache, mask)
             x = o_proj(y.view(B, H * D), x)
             gate, up = gate_up_proj(self.rms(x)).chunk(2, dim=-1)
             x = down_proj(F.silu(gate).mul_(up), x)
