@@ -13,6 +13,7 @@ GPT-2-small size is added, with MFU against the bf16 peak.
     .venv/bin/python bench/train.py [--steps 2] [--rounds 5] [--modes eager,compile] [--sizes demo,13.8M]
                                     [--nanogpt PATH] [--device cpu|cuda]
     .venv/bin/python bench/train.py --profile [--sizes 13.8M]     # where a step's time goes, per model
+    .venv/bin/python bench/train.py --modes eager --malloc          # also under glibc's default allocator
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from common import ROOT, profile_shares, record, table  # noqa: E402
 
 from miniglm.config import load_config  # noqa: E402
 from miniglm.model import MiniGLM, ModelConfig  # noqa: E402
-from miniglm.train import make_optimizer  # noqa: E402
+from miniglm.train import make_optimizer, reuse_freed_memory  # noqa: E402
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
 NANOGPT = ROOT.parent / "shared" / "reference" / "nanogpt"
@@ -72,11 +73,25 @@ def load_nanogpt(path: Path):
     return module
 
 
-class Contestant:
-    """One model, its optimizer and a fixed random batch; step() is one training step."""
+def default_malloc() -> None:
+    """glibc's allocator back to its defaults (as far as mallopt can say them): freed blocks over 128 kB
+    unmapped, the heap's free top trimmed; what is held now goes back to the kernel."""
+    import ctypes
 
-    def __init__(self, name: str, size: str, model, opt, cfg: ModelConfig, batch: int, device: str, compile: bool):
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    libc.malloc_trim(0)
+
+
+class Contestant:
+    """One model, its optimizer and a fixed random batch; step() is one training step. malloc: "reuse" (as
+    `miniglm train` runs on CPU: train.reuse_freed_memory) or "default" (glibc's defaults)."""
+
+    def __init__(self, name: str, size: str, model, opt, cfg: ModelConfig, batch: int, device: str, compile: bool,
+                 malloc: str = "reuse"):
         self.name, self.size, self.model, self.opt, self.cfg, self.batch = name, size, model, opt, cfg, batch
+        self.malloc = malloc
         self.device, self.compile = device, compile
         self.step_model = torch.compile(model) if compile else model
         self.n_params = sum(p.numel() for p in model.parameters()) - (  # nanoGPT's count: no position table
@@ -97,6 +112,10 @@ class Contestant:
         self.opt.zero_grad(set_to_none=True)
 
     def run(self, steps: int) -> float:
+        if self.device == "cpu" and self.malloc == "reuse":
+            reuse_freed_memory()
+        elif self.device == "cpu":
+            default_malloc()
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -109,7 +128,8 @@ class Contestant:
         return 6 * self.n_params + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
 
-def contestants(size: str, cfg: ModelConfig, batch: int, device: str, compile: bool, nanogpt) -> list[Contestant]:
+def contestants(size: str, cfg: ModelConfig, batch: int, device: str, compile: bool, nanogpt,
+                malloc: str = "reuse") -> list[Contestant]:
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     train_cfg = load_config(None)
     out = []
@@ -121,14 +141,14 @@ def contestants(size: str, cfg: ModelConfig, batch: int, device: str, compile: b
                                                   dropout=0.0, bias=True)).to(device)
             opt = model.configure_optimizers(train_cfg.weight_decay, train_cfg.lr, (train_cfg.beta1, train_cfg.beta2),
                                              device_type)
-        out.append(Contestant("nanoGPT", size, model, opt, cfg, batch, device, compile))
+        out.append(Contestant("nanoGPT", size, model, opt, cfg, batch, device, compile, malloc))
     for style in ("gpt2", "llama"):
         c = cfg if cfg.style == style else ModelConfig(**{**cfg.to_dict(), "style": style, "n_kv_head": 0,
                                                           "intermediate_size": 0})
         torch.manual_seed(0)
         model = MiniGLM(c).to(device)
         out.append(Contestant(f"miniglm {style}", size, model, make_optimizer(model, train_cfg, device_type), c,
-                              batch, device, compile))
+                              batch, device, compile, malloc))
     return out
 
 
@@ -166,6 +186,8 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, default=NANOGPT, help="nanoGPT's model.py, or the folder holding it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true", help="only where one eager step's time goes, per model")
+    ap.add_argument("--malloc", action="store_true", help="CPU: every contestant also under glibc's default "
+                    "allocator settings, in the same interleaved rounds (miniglm train keeps freed memory for reuse)")
     args = ap.parse_args()
     device = args.device
     cuda = device.startswith("cuda")
@@ -187,21 +209,26 @@ def main() -> None:
         steps = args.steps or max(2, 8192 // (batch * cfg.block_size))
         for mode in args.modes.split(","):
             group = contestants(size, cfg, batch, device, mode == "compile", nanogpt)
+            if args.malloc and not cuda:
+                group += contestants(size, cfg, batch, device, mode == "compile", nanogpt, malloc="default")
             for c in group:  # warm-up (and compilation)
                 c.warm = c.run(3)
             for _ in range(args.rounds):
                 for c in group:
                     c.best = max(c.best, batch * cfg.block_size * steps / c.run(steps))
             for c in group:
-                print(f"{size} {c.name} {mode}: {c.best:,.0f} tok/s (warm-up {c.warm:.1f}s)", flush=True)
+                print(f"{size} {c.name} {mode} malloc {c.malloc}: {c.best:,.0f} tok/s (warm-up {c.warm:.1f}s)",
+                      flush=True)
             results += group
     ceiling = max(ceiling, matmul_ceiling(device, dtype))  # the best of before and after the runs
     peak = next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None) if cuda else None
     rows = []
     for c in results:
-        ref = next((r for r in results if r.name == "nanoGPT" and r.size == c.size and r.compile == c.compile), None)
+        ref = next((r for r in results if r.name == "nanoGPT" and r.size == c.size and r.compile == c.compile
+                    and r.malloc == "reuse"), None)
         flops = c.flops_per_token() * c.best
-        row = [c.size, c.name, "compile" if c.compile else "eager", f"{c.n_params / 1e6:.2f}M",
+        name = c.name + (" (default malloc)" if c.malloc == "default" else "")
+        row = [c.size, name, "compile" if c.compile else "eager", f"{c.n_params / 1e6:.2f}M",
                f"{c.batch}x{c.cfg.block_size}", f"{c.best:,.0f}", f"{c.best / ref.best:.2f}x" if ref else "n/a",
                f"{flops / 1e9:.1f}", f"{100 * flops / ceiling:.0f}%", f"{c.warm:.1f}"]
         if cuda:
@@ -213,7 +240,9 @@ def main() -> None:
         headers.append("MFU (bf16 peak)")
     body = table(headers, rows)
     body += (f"\n\n{device} {'bf16 autocast' if cuda else 'fp32'}; matmul ceiling (2048^3): {ceiling / 1e9:,.0f} "
-             f"GFLOP/s; threads {torch.get_num_threads()}; best of {args.rounds} interleaved rounds; a step is "
+             f"GFLOP/s; threads {torch.get_num_threads()}; best of {args.rounds} interleaved rounds; freed memory "
+             "kept for reuse as `miniglm train` keeps it (train.reuse_freed_memory; \"default malloc\": glibc's "
+             "defaults; \"vs nanoGPT\" against nanoGPT with reuse); a step is "
              "forward, backward, clip_grad_norm_, AdamW, zero_grad; FLOPs/token = 6N + 12*L*H*Q*T; nanoGPT: "
              f"{args.nanogpt if nanogpt else 'not found'}")
     record(f"Training throughput on {device}, side by side with nanoGPT (bench/train.py)", body)

@@ -258,3 +258,22 @@ def test_cuda_device_gets_an_index(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     device, rank, world, dtype = setup_device(load_config(None, ["device=cuda"]))
     assert (device, chosen, world, dtype) == ("cuda:0", [0], 1, torch.bfloat16)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_without_page_faults():
+    """With reuse_freed_memory (as training on CPU sets it), a freed 64 MB activation's memory is reused by
+    the next one: no page faults, where glibc's defaults unmap it and fault every page in again."""
+    code = """if 1:
+        import resource, sys, torch
+        from miniglm.train import reuse_freed_memory
+        if sys.argv[1] == "reuse":
+            assert reuse_freed_memory()
+        for _ in range(3):  # a training step's pattern: a large activation, used, freed
+            torch.ones(16 << 20).sum()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 << 20).sum()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "reuse")}
+    assert faults["reuse"] * 10 < faults["default"], faults  # 0 against 16,385 with 4 kB pages
