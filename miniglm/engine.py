@@ -445,11 +445,15 @@ class Engine:
             new.append((i, t))
         return new
 
+    def decode_all(self, rows: list[Row], params: SamplingParams) -> None:
+        """Every row to its end (its stop, its limit)."""
+        for _ in self.steps(rows, params):
+            pass
+
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Completion]:
         """Complete a batch of tokenised prompts (left padding, per-sequence stopping)."""
         rows = self.start(prompts, params)
-        for _ in self.steps(rows, params):
-            pass
+        self.decode_all(rows, params)
         for r in rows:
             r.finish("length")
         return [Completion(r.ids, r.text, r.finish_reason, len(r.prompt), r.max_new < params.max_new_tokens)

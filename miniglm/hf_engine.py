@@ -1,15 +1,16 @@
 """Generation for HF runs: the Engine interface (generate, stream) over transformers' model.generate.
 
-Prompts are left-padded into one batch; generate() runs in a worker thread and hands each step's new
-tokens to a streamer, and `steps` turns those into Engine's (row, token) pairs, so per-row stopping,
-stop strings, UTF-8-safe streaming and finish reasons are Engine's own code.
+Prompts are left-padded into one batch; transformers' generate() hands each step's new tokens to a
+streamer, which turns them into Engine's (row, token) pairs, so per-row stopping, stop strings, UTF-8-safe
+streaming and finish reasons are Engine's own code. A whole batch (generate) decodes on the calling thread;
+a stream runs generate() in a worker thread and yields each step as it comes.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,22 +21,23 @@ from miniglm.tokenizer import Tokenizer
 
 
 class _Steps:
-    """A transformers streamer (each step's new tokens into a queue) and a stopping criterion (the
-    reader has what it needs) in one."""
+    """A transformers streamer and a stopping criterion in one. Each step's new tokens go to on_tokens
+    (called on generate()'s thread), which returns True once the reader has what it needs; generate() then
+    stops at its next check."""
 
-    def __init__(self) -> None:
-        self.tokens: queue.Queue = queue.Queue()
+    def __init__(self, on_tokens: Callable[[list[int]], bool]) -> None:
+        self.on_tokens = on_tokens
         self.halt = threading.Event()
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() hands over the prompt first
             self.prompt_seen = True
-            return
-        self.tokens.put(value.view(-1).tolist())
+        elif self.on_tokens(value.view(-1).tolist()):
+            self.halt.set()
 
-    def end(self) -> None:
-        self.tokens.put(None)
+    def end(self) -> None:  # the streamer's end of generation: the caller sees generate() return
+        pass
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.halt.is_set(), dtype=torch.bool, device=input_ids.device)
@@ -59,35 +61,61 @@ class HFEngine(Engine):
                                 repetition_penalty=params.repetition_penalty, eos_token_id=sorted(stop_ids),
                                 pad_token_id=self.tokenizer.pad_id)
 
-    def steps(self, rows: list[Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
+    def _generate(self, rows: list[Row], params: SamplingParams, hooks: _Steps) -> None:
+        """transformers' generate() over the rows' prompts, its steps through hooks; an error as a UserError."""
         from transformers import StoppingCriteriaList
 
         idx, mask = left_pad([r.prompt for r in rows], self.tokenizer.pad_id)
-        stop_ids = set(params.stop_ids) | self.end_ids
-        hooks, errors = _Steps(), []
-        kwargs = {"input_ids": idx.to(self.device), "attention_mask": mask.to(self.device), "streamer": hooks,
-                  "generation_config": self._generation_config(params, stop_ids, max(r.max_new for r in rows)),
-                  "stopping_criteria": StoppingCriteriaList([hooks])}
+        stop_ids = self.stop_ids(params)
         if params.seed is not None:  # generate() samples from torch's global generator
             torch.manual_seed(params.seed)
+        try:
+            self.model.model.generate(input_ids=idx.to(self.device), attention_mask=mask.to(self.device),
+                                      streamer=hooks, stopping_criteria=StoppingCriteriaList([hooks]),
+                                      generation_config=self._generation_config(params, stop_ids,
+                                                                                max(r.max_new for r in rows)))
+        except Exception as e:
+            raise UserError(f"generation failed: {type(e).__name__}: {e}") from None
+
+    def stop_ids(self, params: SamplingParams) -> set[int]:
+        return set(params.stop_ids) | self.end_ids
+
+    def decode_all(self, rows: list[Row], params: SamplingParams) -> None:
+        """Every row to its end, on this thread: a worker thread would run torch's ops through a second
+        OpenMP thread pool, which on a 2-core machine costs every parallel op a kernel wake-up (Batcher)."""
+        stop_ids = self.stop_ids(params)
+
+        def take(tokens: list[int]) -> bool:
+            self._accept(rows, tokens, stop_ids)
+            return all(r.done for r in rows)
+        self._generate(rows, params, _Steps(take))
+
+    def steps(self, rows: list[Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
+        """Each step's (row, token) pairs as they come (stream): generate() runs in a worker thread."""
+        stop_ids, tokens, errors = self.stop_ids(params), queue.Queue(), []
+
+        def hand_over(step: list[int]) -> bool:
+            tokens.put(step)
+            return False  # the reader sets halt when it has what it needs
+        hooks = _Steps(hand_over)
 
         def work() -> None:
             try:
-                self.model.model.generate(**kwargs)
-            except Exception as e:  # raised again in the reader's thread
+                self._generate(rows, params, hooks)
+            except UserError as e:  # raised again in the reader's thread
                 errors.append(e)
             finally:
-                hooks.end()
+                tokens.put(None)
 
         worker = threading.Thread(target=work, name="miniglm-hf-generate", daemon=True)
         worker.start()
         try:
-            while (tokens := hooks.tokens.get()) is not None:
-                yield self._accept(rows, tokens, stop_ids)
+            while (step := tokens.get()) is not None:
+                yield self._accept(rows, step, stop_ids)
                 if all(r.done for r in rows):
                     break
         finally:
             hooks.halt.set()  # all rows done, or the reader left (a stop string, a closed stream)
             worker.join()
         if errors:
-            raise UserError(f"generation failed: {type(errors[0]).__name__}: {errors[0]}")
+            raise errors[0]
