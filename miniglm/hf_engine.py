@@ -100,11 +100,16 @@ class HFEngine(Engine):
         hooks = _Steps(hand_over)
 
         def work() -> None:
+            # One torch thread here: the caller's thread keeps its OpenMP pool (it loaded the model), and a
+            # second pool beside it makes every parallel op wait on a kernel wake-up (see decode_all)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             try:
                 self._generate(rows, params, hooks)
             except UserError as e:  # raised again in the reader's thread
                 errors.append(e)
             finally:
+                torch.set_num_threads(threads)
                 tokens.put(None)
 
         worker = threading.Thread(target=work, name="miniglm-hf-generate", daemon=True)
