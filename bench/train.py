@@ -73,20 +73,10 @@ def load_nanogpt(path: Path):
     return module
 
 
-def default_malloc() -> None:
-    """glibc's allocator back to its defaults (as far as mallopt can say them): freed blocks over 128 kB
-    unmapped, the heap's free top trimmed; what is held now goes back to the kernel."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    libc.malloc_trim(0)
-
-
 class Contestant:
     """One model, its optimizer and a fixed random batch; step() is one training step. malloc: "reuse" (as
-    `miniglm train` runs on CPU: train.reuse_freed_memory) or "default" (glibc's defaults)."""
+    `miniglm train` runs on CPU: train.reuse_freed_memory) or "default" (glibc's defaults: only in a process
+    that never calls mallopt, DefaultMallocGroup)."""
 
     def __init__(self, name: str, size: str, model, opt, cfg: ModelConfig, batch: int, device: str, compile: bool,
                  malloc: str = "reuse"):
@@ -114,8 +104,6 @@ class Contestant:
     def run(self, steps: int) -> float:
         if self.device == "cpu" and self.malloc == "reuse":
             reuse_freed_memory()
-        elif self.device == "cpu":
-            default_malloc()
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -177,6 +165,52 @@ def profile(sizes: dict, nanogpt, device: str) -> None:
            "aten ops' own CPU time (torch.profiler), backward ops included")
 
 
+class Measured:
+    """A contestant measured in another process: what the table needs of it."""
+
+    def __init__(self, name: str, size: str, cfg: ModelConfig, batch: int, compile: bool, n_params: int,
+                 flops: float):
+        self.name, self.size, self.cfg, self.batch, self.compile = name, size, cfg, batch, compile
+        self.n_params, self.flops, self.malloc, self.best, self.warm = n_params, flops, "default", 0.0, 0.0
+
+    def flops_per_token(self) -> float:
+        return self.flops
+
+
+def _default_malloc_worker(conn, size: str, cfg: dict, batch: int, compile: bool, nanogpt_path) -> None:
+    torch.set_num_threads(conn.recv())
+    group = contestants(size, ModelConfig(**cfg), batch, "cpu", compile,
+                        load_nanogpt(nanogpt_path) if nanogpt_path else None, malloc="default")
+    conn.send([(c.name, c.n_params, c.flops_per_token()) for c in group])
+    while (steps := conn.recv()) is not None:
+        conn.send([c.run(steps) for c in group])
+
+
+class DefaultMallocGroup:
+    """The same contestants in a fresh process that never calls mallopt, so glibc keeps its defaults (its
+    mmap threshold rises with the blocks freed; mallopt would fix it, and cannot give the dynamic one back).
+    run(steps) runs each one `steps` steps there, between the rounds of this process's contestants."""
+
+    def __init__(self, size: str, cfg: ModelConfig, batch: int, compile: bool, nanogpt_path):
+        import multiprocessing
+
+        self.conn, child = multiprocessing.Pipe()
+        self.proc = multiprocessing.get_context("spawn").Process(
+            target=_default_malloc_worker, args=(child, size, cfg.to_dict(), batch, compile, nanogpt_path))
+        self.proc.start()
+        self.conn.send(torch.get_num_threads())
+        self.contestants = [Measured(f"{name} (default malloc)", size, cfg, batch, compile, n, flops)
+                            for name, n, flops in self.conn.recv()]
+
+    def run(self, steps: int) -> list[float]:
+        self.conn.send(steps)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=0, help="steps per round (default: ~8k tokens' worth, at least 2)")
@@ -186,8 +220,8 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, default=NANOGPT, help="nanoGPT's model.py, or the folder holding it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true", help="only where one eager step's time goes, per model")
-    ap.add_argument("--malloc", action="store_true", help="CPU: every contestant also under glibc's default "
-                    "allocator settings, in the same interleaved rounds (miniglm train keeps freed memory for reuse)")
+    ap.add_argument("--malloc", action="store_true", help="CPU: every contestant also under glibc's defaults (in "
+                    "a second process, its rounds interleaved with these; miniglm train keeps freed memory for reuse)")
     args = ap.parse_args()
     device = args.device
     cuda = device.startswith("cuda")
@@ -209,13 +243,22 @@ def main() -> None:
         steps = args.steps or max(2, 8192 // (batch * cfg.block_size))
         for mode in args.modes.split(","):
             group = contestants(size, cfg, batch, device, mode == "compile", nanogpt)
-            if args.malloc and not cuda:
-                group += contestants(size, cfg, batch, device, mode == "compile", nanogpt, malloc="default")
+            remote = (DefaultMallocGroup(size, cfg, batch, mode == "compile", args.nanogpt if nanogpt else None)
+                      if args.malloc and not cuda else None)
             for c in group:  # warm-up (and compilation)
                 c.warm = c.run(3)
+            if remote:
+                for c, t in zip(remote.contestants, remote.run(3), strict=True):
+                    c.warm = t
             for _ in range(args.rounds):
                 for c in group:
                     c.best = max(c.best, batch * cfg.block_size * steps / c.run(steps))
+                if remote:
+                    for c, t in zip(remote.contestants, remote.run(steps), strict=True):
+                        c.best = max(c.best, batch * cfg.block_size * steps / t)
+            if remote:
+                remote.close()
+                group += remote.contestants
             for c in group:
                 print(f"{size} {c.name} {mode} malloc {c.malloc}: {c.best:,.0f} tok/s (warm-up {c.warm:.1f}s)",
                       flush=True)
@@ -227,8 +270,7 @@ def main() -> None:
         ref = next((r for r in results if r.name == "nanoGPT" and r.size == c.size and r.compile == c.compile
                     and r.malloc == "reuse"), None)
         flops = c.flops_per_token() * c.best
-        name = c.name + (" (default malloc)" if c.malloc == "default" else "")
-        row = [c.size, name, "compile" if c.compile else "eager", f"{c.n_params / 1e6:.2f}M",
+        row = [c.size, c.name, "compile" if c.compile else "eager", f"{c.n_params / 1e6:.2f}M",
                f"{c.batch}x{c.cfg.block_size}", f"{c.best:,.0f}", f"{c.best / ref.best:.2f}x" if ref else "n/a",
                f"{flops / 1e9:.1f}", f"{100 * flops / ceiling:.0f}%", f"{c.warm:.1f}"]
         if cuda:
@@ -242,7 +284,8 @@ def main() -> None:
     body += (f"\n\n{device} {'bf16 autocast' if cuda else 'fp32'}; matmul ceiling (2048^3): {ceiling / 1e9:,.0f} "
              f"GFLOP/s; threads {torch.get_num_threads()}; best of {args.rounds} interleaved rounds; freed memory "
              "kept for reuse as `miniglm train` keeps it (train.reuse_freed_memory; \"default malloc\": glibc's "
-             "defaults; \"vs nanoGPT\" against nanoGPT with reuse); a step is "
+             "defaults, in a second process whose rounds alternate with these; \"vs nanoGPT\" against nanoGPT with "
+             "reuse); a step is "
              "forward, backward, clip_grad_norm_, AdamW, zero_grad; FLOPs/token = 6N + 12*L*H*Q*T; nanoGPT: "
              f"{args.nanogpt if nanogpt else 'not found'}")
     record(f"Training throughput on {device}, side by side with nanoGPT (bench/train.py)", body)

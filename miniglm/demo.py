@@ -35,7 +35,7 @@ class DemoOptions:
     long: bool = False  # LONG_FACTOR times the pretraining steps: where the knowledge probes saturate
 
 
-LONG_FACTOR = 6  # `miniglm demo --long`: 18,000 steps, ~45 minutes on 2 cores (pretraining 444 s by default)
+LONG_FACTOR = 6  # `miniglm demo --long`: 18,000 steps, ~45 minutes on 2 cores (pretraining 421 s by default)
 
 
 def pretrain_extra(opts: DemoOptions, vocab_size: int) -> list[str]:

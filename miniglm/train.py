@@ -209,9 +209,9 @@ def reuse_freed_memory() -> bool:
     """Have glibc keep freed memory for reuse rather than give it back to the kernel at once. By default a
     block over its mmap threshold (128 kB, rising to at most 32 MB) is unmapped when freed, so every
     training step maps its large activations anew and the kernel zeroes them page by page as they are first
-    touched (a 16 x 256 batch's logits over an 8k vocabulary are 134 MB): 17-28% of a 13.8M model's step
-    time on the 2-core CPU (bench/train.py --malloc). The cost: the process holds its peak memory until it
-    ends. True where it took effect (Linux with glibc)."""
+    touched (a 16 x 256 batch's logits over an 8k vocabulary are 134 MB; glibc's threshold stops at 32 MB):
+    1.15-1.23x tokens/s for the llama style on the 2-core CPU (bench/train.py --malloc). The cost: the
+    process holds its peak memory until it ends. True where it took effect (Linux with glibc)."""
     import ctypes
 
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
