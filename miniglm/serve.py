@@ -413,7 +413,9 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     port = sock.getsockname()[1]
     print(f"serving {run_dir} on http://{host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
     # the graceful timeout is a backstop: rows end at once on shutdown, but a client may not read its stream
-    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    # lifespan off: Server.shutdown stops the batcher, and a forced exit (a second Ctrl-C) would otherwise
+    # leave the lifespan task to be cancelled with a logged traceback
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, lifespan="off"))
     batcher: Batcher = app.state.batcher
     caught: list[int] = []
 
