@@ -342,6 +342,26 @@ def test_a_failing_row_ends_alone(run_dir, one_thread):
     assert "probability tensor" in events["nan"][-1]["error"] and "error" in events["seed"][-1]
 
 
+def test_ctrl_c_twice_ends_with_one_line(run_dir):
+    """Ctrl-C, then Ctrl-C again at once (a forced exit): `miniglm: interrupted`, exit 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "miniglm.cli", "serve", "--run", str(run_dir), "--port", "0",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().startswith("serving")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # apart, so that each runs the handler (at once they would coalesce into one)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("miniglm: interrupted"), err
+
+
 def test_sigterm_with_streams_in_flight_exits_quickly(run_dir):
     import signal
     import subprocess
