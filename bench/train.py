@@ -74,14 +74,14 @@ def load_nanogpt(path: Path):
 
 
 class Contestant:
-    """One model, its optimizer and a fixed random batch; step() is one training step. malloc: "reuse" (as
-    `miniglm train` runs on CPU: train.reuse_freed_memory) or "default" (glibc's defaults: only in a process
-    that never calls mallopt, DefaultMallocGroup)."""
+    """One model, its optimizer and a fixed random batch; step() is one training step. On CPU it runs as
+    `miniglm train` does, freed memory kept for reuse (main calls train.reuse_freed_memory once);
+    DefaultMallocGroup's contestants run in a process that never does."""
 
-    def __init__(self, name: str, size: str, model, opt, cfg: ModelConfig, batch: int, device: str, compile: bool,
-                 malloc: str = "reuse"):
+    malloc = "reuse"
+
+    def __init__(self, name: str, size: str, model, opt, cfg: ModelConfig, batch: int, device: str, compile: bool):
         self.name, self.size, self.model, self.opt, self.cfg, self.batch = name, size, model, opt, cfg, batch
-        self.malloc = malloc
         self.device, self.compile = device, compile
         self.step_model = torch.compile(model) if compile else model
         self.n_params = sum(p.numel() for p in model.parameters()) - (  # nanoGPT's count: no position table
@@ -102,8 +102,6 @@ class Contestant:
         self.opt.zero_grad(set_to_none=True)
 
     def run(self, steps: int) -> float:
-        if self.device == "cpu" and self.malloc == "reuse":
-            reuse_freed_memory()
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -116,8 +114,7 @@ class Contestant:
         return 6 * self.n_params + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
 
-def contestants(size: str, cfg: ModelConfig, batch: int, device: str, compile: bool, nanogpt,
-                malloc: str = "reuse") -> list[Contestant]:
+def contestants(size: str, cfg: ModelConfig, batch: int, device: str, compile: bool, nanogpt) -> list[Contestant]:
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     train_cfg = load_config(None)
     out = []
@@ -129,14 +126,14 @@ def contestants(size: str, cfg: ModelConfig, batch: int, device: str, compile: b
                                                   dropout=0.0, bias=True)).to(device)
             opt = model.configure_optimizers(train_cfg.weight_decay, train_cfg.lr, (train_cfg.beta1, train_cfg.beta2),
                                              device_type)
-        out.append(Contestant("nanoGPT", size, model, opt, cfg, batch, device, compile, malloc))
+        out.append(Contestant("nanoGPT", size, model, opt, cfg, batch, device, compile))
     for style in ("gpt2", "llama"):
         c = cfg if cfg.style == style else ModelConfig(**{**cfg.to_dict(), "style": style, "n_kv_head": 0,
                                                           "intermediate_size": 0})
         torch.manual_seed(0)
         model = MiniGLM(c).to(device)
         out.append(Contestant(f"miniglm {style}", size, model, make_optimizer(model, train_cfg, device_type), c,
-                              batch, device, compile, malloc))
+                              batch, device, compile))
     return out
 
 
@@ -180,7 +177,7 @@ class Measured:
 def _default_malloc_worker(conn, size: str, cfg: dict, batch: int, compile: bool, nanogpt_path) -> None:
     torch.set_num_threads(conn.recv())
     group = contestants(size, ModelConfig(**cfg), batch, "cpu", compile,
-                        load_nanogpt(nanogpt_path) if nanogpt_path else None, malloc="default")
+                        load_nanogpt(nanogpt_path) if nanogpt_path else None)
     conn.send([(c.name, c.n_params, c.flops_per_token()) for c in group])
     while (steps := conn.recv()) is not None:
         conn.send([c.run(steps) for c in group])
@@ -225,6 +222,8 @@ def main() -> None:
     args = ap.parse_args()
     device = args.device
     cuda = device.startswith("cuda")
+    if not cuda:  # as `miniglm train` on CPU (this process only: DefaultMallocGroup's child never calls it)
+        reuse_freed_memory()
     nanogpt = load_nanogpt(args.nanogpt)
     demo = load_config(ROOT / "configs" / "demo.toml")
     sizes = {"demo": (demo.model, demo.batch_size),

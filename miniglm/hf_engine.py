@@ -61,12 +61,11 @@ class HFEngine(Engine):
                                 repetition_penalty=params.repetition_penalty, eos_token_id=sorted(stop_ids),
                                 pad_token_id=self.tokenizer.pad_id)
 
-    def _generate(self, rows: list[Row], params: SamplingParams, hooks: _Steps) -> None:
+    def _generate(self, rows: list[Row], params: SamplingParams, stop_ids: set[int], hooks: _Steps) -> None:
         """transformers' generate() over the rows' prompts, its steps through hooks; an error as a UserError."""
         from transformers import StoppingCriteriaList
 
         idx, mask = left_pad([r.prompt for r in rows], self.tokenizer.pad_id)
-        stop_ids = self.stop_ids(params)
         if params.seed is not None:  # generate() samples from torch's global generator
             torch.manual_seed(params.seed)
         try:
@@ -88,7 +87,7 @@ class HFEngine(Engine):
         def take(tokens: list[int]) -> bool:
             self._accept(rows, tokens, stop_ids)
             return all(r.done for r in rows)
-        self._generate(rows, params, _Steps(take))
+        self._generate(rows, params, stop_ids, _Steps(take))
 
     def steps(self, rows: list[Row], params: SamplingParams) -> Iterator[list[tuple[int, int]]]:
         """Each step's (row, token) pairs as they come (stream): generate() runs in a worker thread."""
@@ -105,7 +104,7 @@ class HFEngine(Engine):
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                self._generate(rows, params, hooks)
+                self._generate(rows, params, stop_ids, hooks)
             except UserError as e:  # raised again in the reader's thread
                 errors.append(e)
             finally:
