@@ -197,7 +197,17 @@ def step_bytes(model: MiniGLM) -> int:
     return total + (head.numel() * head.element_size() if model.config.tie_embeddings else 0)
 
 
-def smollm2_row(run: Path, new: int, threads: int, tmp: Path, device: str = "cpu") -> str:
+COMPILED_HEADER = ["b=1 int8 --compile", "--compile/llama.cpp F32", "int8 --compile/llama.cpp Q8_0"]
+
+
+def compiled_cells(t: dict[str, float], cell: Callable[..., str], int8_bytes: float) -> list[str]:
+    """The compiled variants' columns (COMPILED_HEADER): "-" where a variant was not run."""
+    return [cell(t["int8c"], 1, int8_bytes) if "int8c" in t else "-",
+            f"**{t['compile'] / t['f32']:.2f}x**" if "compile" in t and "f32" in t else "-",
+            f"**{t['int8c'] / t['q8_0']:.2f}x**" if "int8c" in t and "q8_0" in t else "-"]
+
+
+def smollm2_row(run: Path, new: int, threads: int, tmp: Path, device: str = "cpu", compile: bool = False) -> str:
     """Engine b=1 / b=8 / int8, transformers generate, llama.cpp F32 / Q8_0 on the real model; tok/s and the
     fraction of the bandwidth bound."""
     from miniglm.runs import load_model
@@ -217,8 +227,12 @@ def smollm2_row(run: Path, new: int, threads: int, tmp: Path, device: str = "cpu
     timers = {"eng1": engine_timer(model, prompts[:1], new, device=device),
               "eng8": engine_timer(model, prompts, new, device=device),
               "hf": hf_timer(model, prompts[0], new)}
+    if compile:
+        timers["compile"] = engine_timer(model, prompts[:1], new, device=device, compile=True)
     if device == "cpu":
         timers["int8"] = engine_timer(model, prompts[:1], new, int8=True)
+        if compile:
+            timers["int8c"] = engine_timer(model, prompts[:1], new, int8=True, compile=True)
         timers.update(llama_cpp_timers(model, prompts[0], new, tmp, threads, run=run, original=original))
     speeds = fastest(timers)
     eng1, eng8, hf, int8, cpp = speeds["eng1"], speeds["eng8"], speeds["hf"], speeds.get("int8"), speeds
@@ -227,11 +241,12 @@ def smollm2_row(run: Path, new: int, threads: int, tmp: Path, device: str = "cpu
     cols = [cell(eng1), cell(eng8, 8), f"{eng8 / eng1:.1f}x", cell(int8, 1, weights / 4) if int8 else "-", cell(hf),
             *([cell(cpp["f32"]), f"**{eng1 / cpp['f32']:.2f}x**", cell(cpp["q8_0"], 1, q8_bytes),
                f"**{int8 / cpp['q8_0']:.2f}x**"] if "f32" in cpp else ["-"] * 4),
-            cell(cpp["original"], 1, q41_bytes) if "original" in cpp else "-"]
+            cell(cpp["original"], 1, q41_bytes) if "original" in cpp else "-",
+            cell(speeds["compile"]) if "compile" in speeds else "-", *compiled_cells(speeds, cell, weights / 4)]
     body = table(["model", "params", "weight MB read per step", "engine b=1 tok/s", "engine b=8 tok/s (aggregate)",
                   "b8/b1", "engine b=1 int8", "transformers generate tok/s", "llama.cpp F32 tok/s",
                   "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine int8/llama.cpp Q8_0",
-                  "llama.cpp original Q4_1 tok/s"],
+                  "llama.cpp original Q4_1 tok/s", "b=1 --compile", *COMPILED_HEADER],
                  [[f"SmolLM2-135M-Instruct ({run})", f"{model.num_params() / 1e6:.1f}M", f"{weights / 2**20:,.0f}",
                    *cols]])
     body += (f"\n\n{new} new tokens after a 32-token prompt, greedy, fp32 unless int8, {threads} thread(s), {device}; "
@@ -295,7 +310,8 @@ def main() -> None:
     agreement = int8_agreement(Path(args.agreement)) if args.agreement else None
     if args.smollm2:
         with tempfile.TemporaryDirectory() as tmp:
-            body = smollm2_row(Path(args.smollm2), args.smollm2_new, args.threads, Path(tmp), args.device)
+            body = smollm2_row(Path(args.smollm2), args.smollm2_new, args.threads, Path(tmp), args.device,
+                               args.compile)
         record(f"Decoding speed, SmolLM2-135M-Instruct (bench/decode.py --smollm2, {args.device})", body)
         if args.only_smollm2:
             return
@@ -344,6 +360,8 @@ def main() -> None:
             timers["compile"] = engine_timer(model, prompts[:1], args.new, compile=True, **dev)
         if cpu:
             timers["int8"] = engine_timer(model, prompts[:1], args.new, int8=True)
+            if args.compile:
+                timers["int8c"] = engine_timer(model, prompts[:1], args.new, int8=True, compile=True)
             timers.update(llama_cpp_timers(model, prompts[0], args.new, tmp, args.threads))
         t = fastest(timers)
         eng1, eng8 = t["eng1"], t["eng8"]
@@ -356,13 +374,15 @@ def main() -> None:
                      cell(eng8, 8), f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
                      f"{t['hf']:,.0f}", f"{eng1 / t['hf']:.2f}x",
                      *([cell(t["f32"]), f"**{eng1 / t['f32']:.2f}x**", cell(t["q8_0"], 1, q8_bytes),
-                        f"**{t['int8'] / t['q8_0']:.2f}x**"] if "f32" in t else ["-"] * 4)])
+                        f"**{t['int8'] / t['q8_0']:.2f}x**"] if "f32" in t else ["-"] * 4),
+                     *compiled_cells(t, cell, int8_bytes)])
         print(" | ".join(rows[-1]), flush=True)
     body = table(["model", "params", "engine b=1 tok/s", "b=1, steps through MiniGLM.forward",
                   "b=1, (out, in) layout alone", "b=1, matmul decode attention", "b=1 --compile", "engine b=1 int8",
                   "engine b=8 tok/s (aggregate)", "b8/b1", "no-cache tok/s", "engine/no-cache",
                   "transformers generate tok/s", "engine/transformers", "llama.cpp F32 tok/s",
-                  "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine int8/llama.cpp Q8_0"], rows)
+                  "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine int8/llama.cpp Q8_0", *COMPILED_HEADER],
+                 rows)
     body += (f"\n\n{args.new} new tokens after a 32-token prompt, greedy, fp32 unless int8, {args.threads} threads, "
              f"{args.device}; the no-cache loop timed over {args.no_cache_tokens or args.new} tokens; int8 = int8 "
              "weights with per-channel scales, activations quantized per row on the fly (engine.Int8Linear; not "

@@ -210,26 +210,30 @@ class DecodeLinear(torch.nn.Module):
 class Int8Linear(torch.nn.Module):
     """One or more nn.Linear layers of the same input as one int8 product: weights rounded to int8 with
     one scale per output channel (symmetric), each input row quantized to int8 on the fly (one scale per
-    row, as llama.cpp's Q8_0 does with its activations) and multiplied in int32 by torch._int_mm."""
+    row, as llama.cpp's Q8_0 does with its activations) and multiplied in int32 by torch._int_mm.
+    The weight stays (out, in) and goes in transposed: oneDNN then takes each output's dot product along
+    contiguous memory, 2.5-3x faster for a few rows than an (in, out) copy (bench/RESULTS.md)."""
 
-    def __init__(self, *linears: torch.nn.Linear, scale: torch.Tensor | None = None):
+    def __init__(self, *linears: torch.nn.Module, scale: torch.Tensor | None = None):
         super().__init__()
         weight = fused_weight(linears, scale)
-        w_scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q = torch.round(weight / w_scale[:, None]).to(torch.int8)
-        self.register_buffer("weight_t", q.t().contiguous())  # (in, out)
-        self.register_buffer("w_scale", w_scale)
+        w_max = weight.abs().amax(dim=1).clamp(min=1e-12)
+        self.register_buffer("weight", torch.round(weight * (127 / w_max[:, None])).to(torch.int8))  # (out, in)
+        self.register_buffer("out_scale", w_max / (127 * 127))  # int32 sums -> floats, with the row's max
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))
-        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127
-        y = torch._int_mm(torch.round(rows / x_scale).to(torch.int8), self.weight_t) * (x_scale * self.w_scale)
-        if self.bias is not None:
-            y += self.bias
-        y = y.view(*x.shape[:-1], -1)
-        return y if add is None else y.add_(add)
+        x_max = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)
+        sums = torch._int_mm(torch.round(rows * (127 / x_max)).to(torch.int8), self.weight.t())
+        base = self.bias  # what the scaled sums are added to: bias, residual, both or neither
+        if add is not None:
+            add = add.reshape(sums.shape)
+            base = add if base is None else add + base
+        scale = x_max * self.out_scale
+        y = sums * scale if base is None else torch.addcmul(base, sums, scale)
+        return y.view(*x.shape[:-1], -1)
 
 
 def for_decoding(model: MiniGLM, transposed: bool = True, int8: bool = False) -> MiniGLM:
@@ -286,7 +290,15 @@ class DecodeStep:
         self.cos, self.sin = model.rope_cos, model.rope_sin  # sin carries rotate-half's sign (rope_tables)
         self.layers = [(b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj, b.mlp.down_proj)
                        for b in model.blocks]
-        self.compiled = torch.compile(self.forward, dynamic=False) if compile else None
+        self.compiled = None
+        if compile:
+            # Every engine's step shares one code object, so dynamo's cap of 8 compiles (then eager, silently)
+            # would be reached by a few engines' batch sizes and buckets: raised to what a session can use.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # cpp_wrapper: on CPU the step runs as one C++ function, not a Python loop over kernels (2x on the
+            # demo model, bench/decode.py --compile)
+            cpu = model.rope_cos.device.type == "cpu"
+            self.compiled = torch.compile(self.bucket_step, dynamic=False, options={"cpp_wrapper": cpu})
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens (B,) -> logits (B, V); the cache advances one position."""
@@ -295,44 +307,50 @@ class DecodeStep:
             raise ValueError(f"no room for position {pos}: cache of {cache.max_len}, block size {block}")
         if self.compiled is not None:
             S = min(max(256, 1 << pos.bit_length()), cache.max_len)  # a bucket of the cache: pos < S
-            at = (pos - cache.n_pad).clamp(0, block - 1)
-            new = torch.tensor([pos], device=tokens.device)
-            mask = (cache.mask[:, :S] & (torch.arange(S, device=tokens.device) <= new))[:, None, None]
-            logits = self.compiled(tokens, self.cos[at].unsqueeze(1), self.sin[at].unsqueeze(1),
-                                   cache.k[:, :, :, :S], cache.v[:, :, :, :S], new, mask)
+            logits = self.compiled(tokens, cache.k, cache.v, cache.mask, cache.n_pad,
+                                   torch.tensor([pos], device=tokens.device), S)
         elif cache.padded:  # left padding: each row's position counts its real tokens; padding is masked out
             at = (pos - cache.n_pad).clamp(0, block - 1)
-            logits = self.forward(tokens, self.cos[at].unsqueeze(1), self.sin[at].unsqueeze(1),
-                                  cache.k[:, :, :, :pos + 1], cache.v[:, :, :, :pos + 1], pos,
-                                  cache.mask[:, None, None, :pos + 1])
+            logits = self.forward(tokens, self.cos[at].unsqueeze(1), self.sin[at].unsqueeze(1), cache.k, cache.v,
+                                  pos, cache.mask[:, None, None, :pos + 1])
         else:
-            logits = self.forward(tokens, self.cos[pos], self.sin[pos], cache.k[:, :, :, :pos + 1],
-                                  cache.v[:, :, :, :pos + 1], pos, None)
+            logits = self.forward(tokens, self.cos[pos], self.sin[pos], cache.k, cache.v, pos, None)
         cache.pos += 1
         return logits
+
+    def bucket_step(self, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    n_pad: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
+        """The compiled step: attention over the cache's first S positions (a bucket; those past `pos`
+        masked out), each row's RoPE angle from its own position. Built inside the graph, so a step runs
+        no eager op but making `pos`."""
+        at = (pos - n_pad).clamp(0, self.cos.size(0) - 1)
+        keep = (mask[:, :S] & (torch.arange(S, device=pos.device) <= pos))[:, None, None]
+        return self.forward(tokens, self.cos[at].unsqueeze(1), self.sin[at].unsqueeze(1), k, v, pos, keep)
 
     def rms(self, x: torch.Tensor) -> torch.Tensor:  # the scale is in the next product: one op, no weight
         return F.rms_norm(x, (x.size(-1),), None, self.eps)
 
     def forward(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 pos: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """k, v: every layer's cache up to the positions attended to; the new keys and values go to `pos`
-        (an int, or a (1,) tensor when compiled); mask (B, 1, 1, S) or None (attend to all)."""
+        """k, v: the whole cache, (layers, B, n_kv_head, max_len, head_dim); the new keys and values go to
+        `pos` (an int, or a (1,) tensor when compiled), and attention reads the mask's length of the cache
+        (pos + 1 without a mask); mask (B, 1, 1, S) or None (attend to all)."""
         B, H, Hkv, D = tokens.size(0), self.n_head, self.n_kv, self.head_dim
+        S = pos + 1 if mask is None else mask.size(-1)
         attention = model_mod.decode_attention if model_mod.DECODE_ATTENTION == "matmul" else sdpa
         x = self.model.model.embed_tokens(tokens)
-        for (qkv_proj, o_proj, gate_up_proj, down_proj), k_cache, v_cache in zip(
-                self.layers, k.unbind(0), v.unbind(0), strict=True):
+        for layer, (qkv_proj, o_proj, gate_up_proj, down_proj) in enumerate(self.layers):
             qk, new_v = qkv_proj(self.rms(x)).view(B, H + 2 * Hkv, D).split([H + Hkv, Hkv], 1)
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
             q, new_k = qk.split([H, Hkv], 1)
             if isinstance(pos, int):
-                k_cache.select(2, pos).copy_(new_k)
-                v_cache.select(2, pos).copy_(new_v)
-            else:
-                k_cache.index_copy_(2, pos, new_k.unsqueeze(2))
-                v_cache.index_copy_(2, pos, new_v.unsqueeze(2))
-            y = attention(q.unsqueeze(2), k_cache, v_cache, mask)
+                k[layer, :, :, pos] = new_k
+                v[layer, :, :, pos] = new_v
+            else:  # index_put_ on the whole cache: torch.compile writes it in place (a view's copy it would not)
+                at = torch.tensor([layer], device=pos.device)
+                k[at, :, :, pos] = new_k.unsqueeze(0)
+                v[at, :, :, pos] = new_v.unsqueeze(0)
+            y = attention(q.unsqueeze(2), k[layer, :, :, :S], v[layer, :, :, :S], mask)
             x = o_proj(y.view(B, H * D), x)
             gate, up = gate_up_proj(self.rms(x)).chunk(2, dim=-1)
             x = down_proj(F.silu(gate).mul_(up), x)
