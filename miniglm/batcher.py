@@ -60,7 +60,8 @@ class Batcher:
         self.on_step = on_step or (lambda: None)
         self.waiting: list[Job] = []
         self.active: list[Job] = []
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # the rows in flight: views of the store's first rows (_live)
+        self.store: KVCache | None = None  # room for more rows than are in flight, grown by doubling
         self.logits: torch.Tensor | None = None  # last logits of each active row, (B, V)
         self.cond = threading.Condition()
         self.running = True
@@ -103,7 +104,7 @@ class Batcher:
                 if not self.running:
                     for r in self.active + self.waiting:
                         _fail(r, "the server is shutting down", 503)
-                    self.active, self.waiting, self.cache, self.logits = [], [], None, None
+                    self.active, self.waiting, self.cache, self.store, self.logits = [], [], None, None, None
                     self.on_step()
                     return
                 joining = self.waiting[:max(0, self.max_batch - len(self.active))]
@@ -122,7 +123,7 @@ class Batcher:
                 except Exception as e:  # the batch's forward pass failed: fail the rows in flight, go on
                     for r in self.active:
                         _fail(r, f"{type(e).__name__}: {e}")
-                    self.active, self.cache, self.logits = [], None, None
+                    self.active, self.cache, self.store, self.logits = [], None, None, None
             self.on_step()
 
     def _join(self, r: Job) -> None:
@@ -133,37 +134,60 @@ class Batcher:
             r.history = torch.tensor([r.prompt], device=self.device)
         alone = KVCache(self.model.config, 1, len(r.prompt), device=self.device, dtype=self._dtype())
         logits, _ = self.model(torch.tensor([r.prompt], device=self.device), cache=alone)
+        P, B = len(r.prompt), len(self.active)
         if self.cache is None:
-            self.cache = KVCache(self.model.config, 1, self.model.config.block_size, device=self.device,
-                                 dtype=self._dtype())
-            self.cache.k[:, :, :, :len(r.prompt)] = alone.k
-            self.cache.v[:, :, :, :len(r.prompt)] = alone.v
-            self.cache.pos = len(r.prompt)
-            self.active, self.logits = [r], logits[:, -1]
-            return
-        P, S = len(r.prompt), self.cache.pos
-        if P > S:  # make room on the left: every row gets P - S more padding
-            self._shift_right(P - S)
-            S = P
-        c = self.cache
-        extra = KVCache(self.model.config, 1, c.max_len, device=self.device, dtype=self._dtype())
-        extra.mask[:, :S - P] = False
-        extra.n_pad[:] = S - P
-        c.padded = c.padded or S > P
-        extra.k[:, :, :, S - P:S] = alone.k
-        extra.v[:, :, :, S - P:S] = alone.v
-        c.k, c.v = torch.cat([c.k, extra.k], 1), torch.cat([c.v, extra.v], 1)
-        c.mask, c.n_pad = torch.cat([c.mask, extra.mask]), torch.cat([c.n_pad, extra.n_pad])
+            self.store = self._new_cache(1)
+            self.cache = self._new_cache(0)
+            self.cache.pos = P
+        elif P > self.cache.pos:  # make room on the left: every row gets P - pos more padding
+            self._shift_right(P - self.cache.pos)
+        if B == self.store.k.size(1):  # full: twice the rows (copying the live ones), as a list grows
+            bigger = self._new_cache(min(self.max_batch, 2 * B))
+            bigger.k[:, :B], bigger.v[:, :B] = self.cache.k, self.cache.v
+            bigger.mask[:B], bigger.n_pad[:B] = self.cache.mask, self.cache.n_pad
+            self.store = bigger
+        S, s = self.cache.pos, self.store  # the new row: padding, then its prompt's keys ending at S
+        s.k[:, B, :, S - P:S], s.v[:, B, :, S - P:S] = alone.k[:, 0], alone.v[:, 0]
+        s.mask[B], s.mask[B, :S - P], s.n_pad[B] = True, False, S - P
+        self.cache.padded = self.cache.padded or S > P
         self.active.append(r)
-        self.logits = torch.cat([self.logits, logits[:, -1]])
+        self._live(B + 1)
+        self.logits = logits[:, -1] if B == 0 else torch.cat([self.logits, logits[:, -1]])
+
+    def _new_cache(self, rows: int) -> KVCache:
+        return KVCache(self.model.config, rows, self.model.config.block_size, device=self.device, dtype=self._dtype())
+
+    def _live(self, n: int) -> None:
+        """The cache the model steps through: views of the store's first n rows, the rows in flight. A row
+        joins or leaves by copying one row in the store, not the whole cache."""
+        c, s = self.cache, self.store
+        c.k, c.v, c.mask, c.n_pad = s.k[:, :n], s.v[:, :n], s.mask[:n], s.n_pad[:n]
+
+    def _leave(self, keep: list[bool], next_ids: list[int]) -> list[int]:
+        """Drop the rows not kept: the last live row moves into each freed slot. Returns the kept rows'
+        next tokens, in the rows' new order."""
+        s, n, i = self.store, len(self.active), 0
+        while i < n:
+            if keep[i]:
+                i += 1
+                continue
+            n -= 1
+            if i != n:  # the last live row takes slot i (checked again: it may be leaving too)
+                for t in (s.k, s.v):
+                    t[:, i] = t[:, n]
+                s.mask[i], s.n_pad[i] = s.mask[n], s.n_pad[n]
+                self.active[i], next_ids[i], keep[i] = self.active[n], next_ids[n], keep[n]
+        del self.active[n:], next_ids[n:]
+        self._live(n)
+        return next_ids
 
     def _shift_right(self, n: int) -> None:
         c = self.cache
         if c.pos + n > c.max_len:
             raise RuntimeError("no room in the cache to align a joining request")
-        c.k = torch.roll(c.k, n, dims=3)
-        c.v = torch.roll(c.v, n, dims=3)
-        c.mask = torch.roll(c.mask, n, dims=1)
+        for t in (c.k, c.v):
+            t.copy_(torch.roll(t, n, dims=3))
+        c.mask.copy_(torch.roll(c.mask, n, dims=1))
         c.mask[:, :n] = False
         c.n_pad += n
         c.pos += n
@@ -175,9 +199,9 @@ class Batcher:
         n = int(c.n_pad.min())
         if n == 0:
             return
-        c.k = torch.roll(c.k, -n, dims=3)
-        c.v = torch.roll(c.v, -n, dims=3)
-        c.mask = torch.roll(c.mask, -n, dims=1)
+        for t in (c.k, c.v):
+            t.copy_(torch.roll(t, -n, dims=3))
+        c.mask.copy_(torch.roll(c.mask, -n, dims=1))
         c.mask[:, c.max_len - n:] = True
         c.n_pad -= n
         c.pos -= n
@@ -186,22 +210,25 @@ class Batcher:
         return self.model.embeddings.weight.dtype
 
     def _sample_together(self) -> dict[int, int]:
-        """The tokens of the rows that can sample together, by row: rows with the same settings and neither
-        a generator nor a history of their own (greedy rows, rows without a seed; no repetition penalty)
-        share one sample_next call, as a batch does in Engine. If that fails, each samples alone."""
+        """The tokens of the rows that can sample together, by row: rows with the same settings and no
+        repetition penalty (which needs a row's own history) share one sample_next call, as a batch does
+        in Engine; a row with a seed brings its own draw from its own generator. If that fails (e.g. one
+        row's logits are NaN), each samples alone, so that row fails alone."""
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(self.active):
             p = r.params
-            if p.repetition_penalty == 1 and (p.temperature <= 0 or r.generator is None):
+            if p.repetition_penalty == 1:
                 key = ("greedy",) if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p)
                 groups.setdefault(key, []).append(i)
         tokens: dict[int, int] = {}
         for rows in groups.values():
             logits = self.logits if len(rows) == len(self.active) else self.logits[rows]
+            params = self.active[rows[0]].params
             try:
-                tokens.update(zip(rows, sample_next(logits, self.active[rows[0]].params, None, None).tolist(),
-                                  strict=True))
-            except Exception:  # e.g. one row's logits are NaN: sampling alone, that row fails alone
+                uniforms = None if params.temperature <= 0 else torch.cat(
+                    [torch.rand(1, generator=self.active[i].generator, device=self.device) for i in rows])
+                tokens.update(zip(rows, sample_next(logits, params, None, None, uniforms).tolist(), strict=True))
+            except Exception:
                 pass
         return tokens
 
@@ -220,15 +247,10 @@ class Batcher:
             keep.append(not r.row.done)
         self.steps += 1
         if not all(keep):
-            rows = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
-            self.active = [r for r, k in zip(self.active, keep, strict=True) if k]
-            next_ids = [t for t, k in zip(next_ids, keep, strict=True) if k]
+            next_ids = self._leave(keep, next_ids)
             if not self.active:
-                self.cache, self.logits = None, None
+                self.cache, self.store, self.logits = None, None, None
                 return
-            c = self.cache
-            c.k, c.v = c.k.index_select(1, rows), c.v.index_select(1, rows)
-            c.mask, c.n_pad = c.mask.index_select(0, rows), c.n_pad.index_select(0, rows)
         if self.cache.pos >= self.cache.max_len:
             self._compact()
         self.logits = self.forward_step(torch.tensor(next_ids, device=self.device), self.cache)

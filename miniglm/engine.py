@@ -149,8 +149,11 @@ class Row:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). history (B, S) holds the ids seen so far, for the repetition penalty."""
+                generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). history (B, S) holds the ids seen so far, for the repetition penalty.
+    A sampled token is where the row's uniform draw falls in its cumulative probabilities (inverse CDF):
+    uniforms (B,) are the rows' draws in [0, 1), else drawn from `generator`. So rows that each keep a
+    generator of their own (the server's seeded requests) still sample in one batch of ops."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and history is not None:
         seen = torch.gather(logits, 1, history)
@@ -167,7 +170,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > params.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    cdf = logits.softmax(-1).cumsum_(-1)
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise ValueError("probability tensor contains inf or nan: check the temperature and the model's logits")
+    if uniforms is None:
+        uniforms = torch.rand(cdf.size(0), generator=generator, device=cdf.device)
+    # right=True: the first token whose cumulative probability passes the draw, never one of probability 0;
+    # the draw scaled by the row's total, which rounding leaves a hair off 1
+    picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return picked.clamp_(max=cdf.size(-1) - 1)
 
 
 def fused_weight(linears: Sequence[torch.nn.Module], scale: torch.Tensor | None) -> torch.Tensor:

@@ -213,7 +213,7 @@ def test_skip_special_tokens_field(bpe_dir):
     torch.manual_seed(0)
     model = MiniGLM(ModelConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
     with torch.no_grad():  # tied embeddings: larger rows, likelier tokens
-        model.embeddings.weight[sorted(tok.all_special_ids)] *= 4
+        model.embeddings.weight[sorted(tok.all_special_ids)] *= 10
     batcher = Batcher(model, tok)
     texts, finished = {}, threading.Event()
 
