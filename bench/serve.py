@@ -231,12 +231,14 @@ def big_bodies(base: str, deadline: float, stats: Counter, lock: threading.Lock)
 def start_server(run_dir: Path, batcher: str = "main") -> tuple[subprocess.Popen, str]:
     """A server in its own process and its base URL. batcher "main": `miniglm serve` (decoding on its main
     thread); "thread": the app with its batcher in a thread of its own, uvicorn on the main thread (how
-    `miniglm serve` ran before 2026-11-30, and how the tests run it)."""
+    `miniglm serve` ran before 2026-11-30, and how the tests run it); "src=DIR": `miniglm serve` from the
+    source tree DIR (e.g. a git worktree of an older commit), to compare versions in one run."""
     cmd = ["-m", "miniglm.cli", "serve", "--run", str(run_dir), "--port", "0", "--device", "cpu"]
+    src = Path(batcher[4:]).resolve() if batcher.startswith("src=") else ROOT
     if batcher == "thread":
         cmd = [__file__, "--serve-threaded", str(run_dir)]
-    proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True, cwd=src,
+                            env={**os.environ, "PYTHONPATH": str(src)})
     line = proc.stdout.readline()
     if not line.startswith("serving"):
         sys.exit(f"the server did not start: {line}")
@@ -309,7 +311,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="engine / one-stream pairs; each figure is the best")
     ap.add_argument("--batchers", default="main",
                     help="servers side by side, comma-separated: main (`miniglm serve`), thread (the batcher in "
-                         "a thread, as before)")
+                         "a thread, as before), src=DIR (`miniglm serve` from another source tree, e.g. a worktree "
+                         "of an older commit)")
     ap.add_argument("--soak", action="store_true", help="the robustness soak instead of the throughput table")
     ap.add_argument("--duration", type=float, default=180, help="--soak: seconds of traffic")
     ap.add_argument("--clients", type=int, default=64, help="--soak: streaming clients")
