@@ -299,8 +299,11 @@ class DecodeStep:
         self.model, self.eps = model, c.norm_eps
         self.n_head, self.n_kv, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
         self.cos, self.sin = model.rope_cos, model.rope_sin  # sin carries rotate-half's sign (rope_tables)
-        self.layers = [(b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj, b.mlp.down_proj)
-                       for b in model.blocks]
+        # the products' forward methods, called straight: nn.Module.__call__'s hooks logic costs a few
+        # microseconds a call, which a small model's batch-1 step feels (bench/decode.py)
+        self.layers = [(b.self_attn.qkv_proj.forward, b.self_attn.o_proj.forward, b.mlp.gate_up_proj.forward,
+                        b.mlp.down_proj.forward) for b in model.blocks]
+        self.embed, self.norm, self.head = model.model.embed_tokens.weight, model.model.norm, model.lm_head.forward
         self.compiled = None
         if compile:
             # Every engine's step shares one code object, so dynamo's cap of 8 compiles (then eager, silently)
@@ -349,11 +352,12 @@ class DecodeStep:
         B, H, Hkv, D = tokens.size(0), self.n_head, self.n_kv, self.head_dim
         S = pos + 1 if mask is None else mask.size(-1)
         attention = model_mod.decode_attention if model_mod.DECODE_ATTENTION == "matmul" else sdpa
-        x = self.model.model.embed_tokens(tokens)
+        x = F.embedding(tokens, self.embed)
         for layer, (qkv_proj, o_proj, gate_up_proj, down_proj) in enumerate(self.layers):
-            qk, new_v = qkv_proj(self.rms(x)).view(B, H + 2 * Hkv, D).split([H + Hkv, Hkv], 1)
+            # split_with_sizes: Tensor.split's Python wrapper costs more than the split
+            qk, new_v = qkv_proj(self.rms(x)).view(B, H + 2 * Hkv, D).split_with_sizes([H + Hkv, Hkv], 1)
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
-            q, new_k = qk.split([H, Hkv], 1)
+            q, new_k = qk.split_with_sizes([H, Hkv], 1)
             if isinstance(pos, int):
                 k[layer, :, :, pos] = new_k
                 v[layer, :, :, pos] = new_v
@@ -365,7 +369,7 @@ class DecodeStep:
             x = o_proj(y.view(B, H * D), x)
             gate, up = gate_up_proj(self.rms(x)).chunk(2, dim=-1)
             x = down_proj(F.silu(gate).mul_(up), x)
-        return self.model.lm_head(self.model.model.norm(x))
+        return self.head(F.rms_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.eps))
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
