@@ -312,6 +312,8 @@ class DecodeStep:
             # cpp_wrapper: on CPU the step runs as one C++ function, not a Python loop over kernels (2x on the
             # demo model, bench/decode.py --compile)
             cpu = model.rope_cos.device.type == "cpu"
+            if cpu:
+                check_cpp_compiler()
             self.compiled = torch.compile(self.bucket_step, dynamic=False, options={"cpp_wrapper": cpu})
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -321,8 +323,12 @@ class DecodeStep:
             raise ValueError(f"no room for position {pos}: cache of {cache.max_len}, block size {block}")
         if self.compiled is not None:
             S = min(max(256, 1 << pos.bit_length()), cache.max_len)  # a bucket of the cache: pos < S
-            logits = self.compiled(tokens, cache.k, cache.v, cache.mask, cache.n_pad,
-                                   torch.tensor([pos], device=tokens.device), S)
+            try:
+                logits = self.compiled(tokens, cache.k, cache.v, cache.mask, cache.n_pad,
+                                       torch.tensor([pos], device=tokens.device), S)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's own error: pages of trace
+                raise UserError(f"torch.compile failed ({str(e).strip().splitlines()[0][:300]}); "
+                                "decode without --compile") from None
         elif cache.padded:  # left padding: each row's position counts its real tokens; padding is masked out
             at = (pos - cache.n_pad).clamp(0, block - 1)
             logits = self.forward(tokens, self.cos[at].unsqueeze(1), self.sin[at].unsqueeze(1), cache.k, cache.v,
@@ -370,6 +376,18 @@ class DecodeStep:
             gate, up = gate_up_proj(self.rms(x)).chunk(2, dim=-1)
             x = down_proj(F.silu(gate).mul_(up), x)
         return self.head(F.rms_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.eps))
+
+
+def check_cpp_compiler() -> None:
+    """--compile on CPU builds C++: refuse at once, in one line, where no compiler is found (inductor's
+    own search, which honours $CXX), rather than after loading the model with a page of traceback."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as e:
+        raise UserError(f"--compile needs a C++ compiler (g++ or clang++ on PATH, or $CXX): {e}; "
+                        "install one or leave --compile off") from None
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
