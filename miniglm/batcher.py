@@ -185,12 +185,8 @@ class Batcher:
         c = self.cache
         if c.pos + n > c.max_len:
             raise RuntimeError("no room in the cache to align a joining request")
-        for t in (c.k, c.v):
-            t.copy_(torch.roll(t, n, dims=3))
-        c.mask.copy_(torch.roll(c.mask, n, dims=1))
+        self._roll(n)
         c.mask[:, :n] = False
-        c.n_pad += n
-        c.pos += n
         c.padded = True
 
     def _compact(self) -> None:
@@ -199,12 +195,18 @@ class Batcher:
         n = int(c.n_pad.min())
         if n == 0:
             return
-        for t in (c.k, c.v):
-            t.copy_(torch.roll(t, -n, dims=3))
-        c.mask.copy_(torch.roll(c.mask, -n, dims=1))
+        self._roll(-n)
         c.mask[:, c.max_len - n:] = True
-        c.n_pad -= n
-        c.pos -= n
+
+    def _roll(self, n: int) -> None:
+        """Every row's positions n to the right (n < 0: left), in place in the store; the caller sets the
+        mask of the columns that came round."""
+        c = self.cache
+        for t in (c.k, c.v):
+            t.copy_(torch.roll(t, n, dims=3))
+        c.mask.copy_(torch.roll(c.mask, n, dims=1))
+        c.n_pad += n
+        c.pos += n
 
     def _dtype(self) -> torch.dtype:
         return self.model.embeddings.weight.dtype

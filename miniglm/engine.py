@@ -296,7 +296,7 @@ class DecodeStep:
 
     def __init__(self, model: MiniGLM, compile: bool = False):
         c = model.config
-        self.model, self.eps = model, c.norm_eps
+        self.eps = c.norm_eps
         self.n_head, self.n_kv, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
         self.cos, self.sin = model.rope_cos, model.rope_sin  # sin carries rotate-half's sign (rope_tables)
         # the products' forward methods, called straight: nn.Module.__call__'s hooks logic costs a few
