@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from miniglm.devices import model_device
 from miniglm.engine import Row, SamplingParams, sample_next
 from miniglm.model import KVCache, MiniGLM
 from miniglm.tokenizer import Tokenizer
@@ -50,10 +51,12 @@ class Batcher:
     ~0.01 ms in the main thread alone). The model was loaded on the main thread, so the decoding belongs
     there too: one pool, and decoding at the engine's speed."""
 
-    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", max_batch: int = 32,
+    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, max_batch: int = 32,
                  on_step: Callable[[], None] | None = None, thread: bool = True,
                  step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None):
-        self.model, self.tokenizer, self.device, self.max_batch = model.eval(), tokenizer, device, max_batch
+        # the model as it is handed over (an engine's decoding copy, in eval mode), on its own device
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.device = model_device(model)
         # one token per row (B,) through the cache -> logits (B, V): Engine.forward_step for an engine's
         # decoding copy (DecodeStep's fewer ops), else the model's forward
         self.forward_step = step or (lambda tokens, cache: self.model(tokens[:, None], cache=cache)[0][:, -1])

@@ -11,12 +11,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from miniglm import runs
+from miniglm.devices import resolve_device
 from miniglm.engine import Engine, SamplingParams
 from miniglm.fileio import UserError
-from miniglm.model import MiniGLM
 from miniglm.sft.templates import TemplateOptions, render
 
 
@@ -41,32 +39,18 @@ def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: boo
     Face run (`miniglm finetune`) with HFEngine, the same interface over transformers' generate()."""
     opened = runs.open_run(run)
     chat = None if raw else runs.read_chat(opened.dir)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if opened.hf:
         from miniglm.hf_engine import HFEngine
 
         if int8 or compile:
             raise UserError(f"--{'int8' if int8 else 'compile'} is for MiniGLM runs; this run is a Hugging Face model")
-        model = runs.load_model(opened)
-        engine = HFEngine(model, runs.load_run_tokenizer(opened), device)
+        engine = HFEngine(runs.load_model(opened).to(device), runs.load_run_tokenizer(opened))
     else:
         tok = runs.load_run_tokenizer(opened, runs.read_model_config(opened.ckpt).vocab_size)  # before the weights
-        engine = Engine(head_over(runs.load_model(opened, device), tok.vocab_size), tok, device, int8,
-                        compile=compile)
+        engine = Engine(runs.load_model(opened), tok, device, int8, compile=compile)  # a decoding copy on device
     template, options = chat if chat is not None else (None, TemplateOptions())
     return LoadedRun(engine, template, options, opened.name)
-
-
-def head_over(model: MiniGLM, n_ids: int) -> MiniGLM:
-    """A model whose vocab is padded past its tokenizer's ids gets an output layer over those ids only, so
-    it never samples an id the tokenizer cannot decode. The weight is a view of the old one: no copy."""
-    if n_ids >= model.config.vocab_size:
-        return model
-    head = torch.nn.Linear(model.config.n_embd, n_ids, bias=False)
-    head.weight = torch.nn.Parameter(model.lm_head.weight[:n_ids], requires_grad=False)
-    model.lm_head = head
-    return model
 
 
 def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, batch_size: int = 8,

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from miniglm.corpus import CHAPTER_PATTERN
+from miniglm.devices import check_device_name
 from miniglm.fileio import UserError, allow_overwrite, begin_command, check_output_dir, check_output_file
 
 DEFAULT_NEW_TOKENS = 128
@@ -370,9 +371,21 @@ def _add_sampling(p: argparse.ArgumentParser, run_required: bool = True) -> None
     p.add_argument("--raw", action="store_true", help="ignore the run's chat template: continue raw text")
     p.add_argument("--keep-special", action="store_true",
                    help="keep special tokens such as <|end|> in the output text (left out by default)")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.add_argument("--int8", action="store_true",
                    help="int8 weights on CPU: faster decoding, slightly different logits")
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device_name(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device, default="auto",
+                   help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N")
 
 
 def _add_compile(p: argparse.ArgumentParser) -> None:
@@ -399,7 +412,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluate_generation(args.run, args.data, args.out, args.template, params,
                         None if args.embedder == "none" else args.embedder, args.limit, args.batch_size,
                         columns=args.columns, values=parse_values(args.value), note=_note(args),
-                        encoding=args.encoding)
+                        encoding=args.encoding, device=args.device)
     return 0
 
 
@@ -407,7 +420,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_perplexity
 
     _eval_out(args)
-    evaluate_perplexity(args.run, args.text, args.stride, args.out, encoding=args.encoding)
+    evaluate_perplexity(args.run, args.text, args.stride, args.out, encoding=args.encoding, device=args.device)
     return 0
 
 
@@ -420,7 +433,7 @@ def cmd_eval_classify(args: argparse.Namespace) -> int:
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
                             columns=args.columns, values=parse_values(args.value), encoding=args.encoding,
-                            system=args.system)
+                            system=args.system, device=args.device)
     return 0
 
 
@@ -658,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests decoded together; more wait in order for a free row (default 32)")
     sv.add_argument("--max-body", type=at_least(1), default=1 << 20, metavar="BYTES",
                     help="refuse request bodies over this size with a 413 (default 1 MiB)")
-    sv.add_argument("--device", default="auto")
+    _add_device(sv)
     sv.add_argument("--int8", action="store_true", help="int8 weights on CPU: ~2x faster decoding")
     sv.set_defaults(func=cmd_serve)
 
@@ -689,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--stride", type=at_least(0), default=0, help="window step in tokens (default: half the context)")
     pp.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     _add_encoding(pp, "--text")
+    _add_device(pp)
     _add_overwrite(pp)
     pp.set_defaults(func=cmd_eval_ppl)
     cl = evsub.add_parser("classify", help="accuracy and per-class precision/recall, labels as text",
@@ -703,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     cl.add_argument("--batch-size", type=int, default=32)
     _add_encoding(cl, "--data")
+    _add_device(cl)
     _add_overwrite(cl)
     cl.set_defaults(func=cmd_eval_classify)
 

@@ -11,12 +11,12 @@ A config file has the training keys at the top level and the model in a [model] 
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from miniglm.devices import check_device_name
 from miniglm.fileio import UserError, read_text, write_text
 from miniglm.model import KINDS, ModelConfig
 
@@ -53,7 +53,7 @@ class TrainConfig:
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16
-    compile: bool = False
+    compile: bool | str = "auto"  # torch.compile the model: true | false | auto (on CUDA, not on CPU)
     threads: int = 0  # CPU threads for torch; 0: torch's default
     # LoRA (PEFT): lora_r > 0 trains adapters only
     lora_r: int = 0
@@ -69,8 +69,7 @@ class TrainConfig:
             raise UserError(f"stage must be 'pretrain' or 'sft', got '{self.stage}'")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        check_device_name(self.device)
         for key, low in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 1), ("eval_every", 1),
                          ("eval_batches", 1), ("log_every", 1), ("save_every", 0), ("warmup_steps", 0),
                          ("threads", 0), ("lora_r", 0), ("lora_alpha", 1)):
@@ -94,11 +93,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+BOOL_OR_AUTO = {"compile"}  # keys that take true, false or "auto"
+
+
 def _apply(target: Any, key: str, value: Any, where: str) -> None:
     names = {f.name: f for f in fields(target)}
     if key not in names or key == "model":
         raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(n for n in names if n != 'model'))})")
     current = getattr(target, key)
+    if key in BOOL_OR_AUTO:
+        if value is not True and value is not False and value != "auto":
+            raise UserError(f"{where}: '{key}' must be true, false or \"auto\", got {value!r}")
+        setattr(target, key, value)
+        return
     if isinstance(current, bool) and not isinstance(value, bool):
         raise UserError(f"{where}: '{key}' must be true or false, got {value!r}")
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -121,7 +121,7 @@ def run_demo(opts: DemoOptions, log=print) -> dict:
     log(f"   {sft_meta['train_records']} records, {sft['steps']} steps in {sft['seconds']:.0f}s, "
         f"val loss {sft['val_loss']:.3f}")
     log("== evaluation: the questions asked of the fine-tuned model")
-    scores = evaluate_demo(run, log, opts.questions)
+    scores = evaluate_demo(run, log, opts.questions, device=sft_cfg.device)  # where it trained
     seconds = time.perf_counter() - t0
     summary = {"world": ws.__dict__, "corpus": cs.__dict__, "tokenizer": rep, "shards": meta, "pretrain": pre,
                "sft": sft, "eval": scores, "seconds": seconds}
@@ -199,7 +199,7 @@ class KnowledgeProbe:
         from miniglm.engine import Engine, SamplingParams
         from miniglm.metrics import exact_match
 
-        engine = Engine(model, self.tok)  # a decoding copy: the training model is left as it is
+        engine = Engine(model, self.tok)  # a decoding copy on the model's device; the model is left as it is
         params = SamplingParams(max_new_tokens=16, fit_new_tokens=True, trim_prompt=True, stop_ids=[self.tok.eot_id])
         result = {}
         for key, (prompts, answers) in self.splits.items():
@@ -209,7 +209,7 @@ class KnowledgeProbe:
         return result
 
 
-def evaluate_demo(run: Path, log=print, n: int = 500) -> dict:
+def evaluate_demo(run: Path, log=print, n: int = 500, device: str = "auto") -> dict:
     """Ask the fine-tuned model up to n questions about training characters and about held-out ones
     (greedy), score them beside the most-frequent-answer-per-fact baseline, write RUN/sft/eval (held
     out) and RUN/sft/eval-train with their reports, and print a few answers."""
@@ -219,7 +219,7 @@ def evaluate_demo(run: Path, log=print, n: int = 500) -> dict:
     from miniglm.metrics import mean_scores
     from miniglm.report import write_report
 
-    model = load_run(run / "sft", device="cpu")
+    model = load_run(run / "sft", device=device)
     train_examples = load_examples(run / "world" / "sft_train.jsonl")
     results = {}
     for split, label, out in [("sft_train", "training characters", "eval-train"),

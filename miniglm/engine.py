@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from miniglm import model as model_mod
+from miniglm.devices import model_device, resolve_device
 from miniglm.fileio import UserError
 from miniglm.model import KVCache, MiniGLM
 from miniglm.tokenizer import StreamDecoder, Tokenizer
@@ -247,18 +248,25 @@ class Int8Linear(torch.nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-def for_decoding(model: MiniGLM, transposed: bool = True, int8: bool = False) -> MiniGLM:
-    """A copy of the model for decoding (the caller's model is left as it is): llama's q/k/v and gate/up
-    projections fused, each RMSNorm's scale folded into the product after it (the norm's weight set to 1),
-    every linear layer a DecodeLinear (transposed: its weight stored (in, out)) or an Int8Linear."""
+def for_decoding(model: MiniGLM, transposed: bool = True, int8: bool = False, n_ids: int | None = None) -> MiniGLM:
+    """A copy of the model for decoding, in eval mode (the caller's model is left as it is): llama's q/k/v
+    and gate/up projections fused, each RMSNorm's scale folded into the product after it (the norm's weight
+    set to 1), every linear layer a DecodeLinear (transposed: its weight stored (in, out)) or an Int8Linear.
+    n_ids: a vocabulary padded past the tokenizer's ids gets an output layer over its first n_ids only, so
+    no id the tokenizer cannot decode is ever sampled."""
     from miniglm.model import LlamaBlock
 
     # The linear layers are rebuilt below from their weights: the copy shares them rather than copying
     # them first (not a tied embedding's, which the copy keeps). Halves the peak memory of a 135M model.
+    # Each is replaced below (a new module, new tensors), so nothing done to the copy reaches the caller's.
     kept = {id(p) for m in model.modules() if type(m) is not torch.nn.Linear for p in m.parameters(recurse=False)}
     memo = {id(p): p for m in model.modules() if type(m) is torch.nn.Linear
             for p in m.parameters(recurse=False) if id(p) not in kept}
-    model = copy.deepcopy(model, memo)
+    model = copy.deepcopy(model, memo).eval()
+    if n_ids is not None and n_ids < model.config.vocab_size:
+        head = torch.nn.Linear(model.config.n_embd, n_ids, bias=False)
+        head.weight = torch.nn.Parameter(model.lm_head.weight.detach()[:n_ids], requires_grad=False)
+        model.lm_head = head
 
     def fused(*linears: torch.nn.Module, norm: torch.nn.RMSNorm | None = None) -> torch.nn.Module:
         scale = None
@@ -407,20 +415,22 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 
 class Engine:
-    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str = "cpu", int8: bool = False,
+    def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str | None = None, int8: bool = False,
                  transposed: bool = True, compile: bool = False):
         """The model is decoded through a copy (for_decoding): fused products, on CPU with (in, out)
         weights (transposed=False: nn.Linear's (out, in)); llama-style models take their decoding steps
-        through DecodeStep. Same logits as the model, to float rounding.
+        through DecodeStep. Same logits as the model, to float rounding. The caller's model is left as it
+        was (device, dtype, train/eval flag, weights); the copy is on `device`, by default the model's own.
         int8: int8 weights with per-channel scales (Int8Linear, CPU). Decoding a small model on a CPU
         streams every weight once per token, so a quarter of the bytes is up to ~4x the speed; the logits
         move slightly, so greedy output may differ from fp32.
         compile: decoding steps through torch.compile (DecodeStep; llama style): tens of seconds of compiling
         per new batch size or length bucket, then faster steps on some models (bench/decode.py measures)."""
+        device = str(model_device(model)) if device is None else resolve_device(device)
         if int8 and device != "cpu":
             raise UserError("--int8 is for CPU decoding; leave it off on this device")
-        model = model.eval().to(device)
-        self.model = for_decoding(model, transposed and device == "cpu", int8)
+        cpu = device == "cpu"
+        self.model = for_decoding(model, transposed and cpu, int8, tokenizer.vocab_size).to(device)
         self.decode_step = DecodeStep(self.model, compile) if self.model.config.style == "llama" else None
         self.compile = compile
         self.tokenizer = tokenizer

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from miniglm import metrics
+from miniglm.devices import evaluating, model_device
 from miniglm.engine import SamplingParams
 from miniglm.fileio import UserError, atomic_dir, read_text, write_json, write_jsonl
 from miniglm.sft.formats import load_records
@@ -151,13 +152,13 @@ def evaluate_generation(run_dir: str | Path, data: str | Path, out: str | Path |
                         template: str | None = None, params: SamplingParams | None = None,
                         embedder: str | None = "use-multilingual", limit: int = 0, batch_size: int = 32,
                         log=print, columns: str | None = None, values: dict[str, str] | None = None,
-                        note=None, encoding: str | None = None) -> dict:
+                        note=None, encoding: str | None = None, device: str = "auto") -> dict:
     from miniglm.chat import load_run
     from miniglm.report import write_report
 
     examples = load_examples(data, limit, columns, values, encoding)
     emb = metrics.Embedder(embedder) if embedder else None  # a bad name fails before the slow part
-    run = load_run(run_dir)
+    run = load_run(run_dir, device)
     if template:
         run.template = template
     params = params or SamplingParams(max_new_tokens=128)
@@ -201,10 +202,11 @@ def read_texts(path: str | Path, encoding: str | None = None) -> list[str]:
 
 
 @torch.inference_mode()
-def perplexity(model, tok, texts: list[str], stride: int = 0, device: str = "cpu") -> dict:
+def perplexity(model, tok, texts: list[str], stride: int = 0) -> dict:
     """Sliding-window perplexity: windows of the model's context, moved by `stride` tokens; each token is
     scored once, by the window that gives it the most context (all but the first window score only
-    their last `stride` tokens). Documents are joined with the end-of-text token, as in pretraining."""
+    their last `stride` tokens). Documents are joined with the end-of-text token, as in pretraining.
+    On the model's own device, in eval mode while it scores (its own flag restored after)."""
     ids: list[int] = []
     for t in texts:
         ids += tok.encode(t) + [tok.eot_id]
@@ -215,35 +217,35 @@ def perplexity(model, tok, texts: list[str], stride: int = 0, device: str = "cpu
     stride = stride or window // 2
     if not 0 < stride <= window:
         raise UserError(f"--stride must be between 1 and the context length {window}")
-    data = torch.tensor(ids, dtype=torch.long)
+    data = torch.tensor(ids, dtype=torch.long, device=model_device(model))
     nll, counted = 0.0, 0
     scored_to, begin = 1, 0  # tokens before scored_to have a score (the first token has no context)
-    model.eval()
-    while True:
-        end = min(begin + window + 1, len(ids))  # inputs ids[begin:end-1], targets ids[begin+1:end]
-        x, y = data[begin:end - 1].clone(), data[begin + 1:end].clone()
-        y[: scored_to - (begin + 1)] = -100  # scored by the previous window, with less context
-        n = int((y != -100).sum())
-        _, loss = model(x[None].to(device), targets=y[None].to(device))
-        nll += loss.item() * n
-        counted += n
-        scored_to = end
-        if end == len(ids):
-            break
-        begin += stride
+    with evaluating(model):
+        while True:
+            end = min(begin + window + 1, len(ids))  # inputs ids[begin:end-1], targets ids[begin+1:end]
+            x, y = data[begin:end - 1], data[begin + 1:end].clone()
+            y[: scored_to - (begin + 1)] = -100  # scored by the previous window, with less context
+            n = int((y != -100).sum())
+            _, loss = model(x[None], targets=y[None])
+            nll += loss.item() * n
+            counted += n
+            scored_to = end
+            if end == len(ids):
+                break
+            begin += stride
     loss = nll / counted
     return {"tokens": counted, "bytes": n_bytes, "loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": nll / math.log(2) / n_bytes, "window": window, "stride": stride}
 
 
 def evaluate_perplexity(run_dir: str | Path, text: str | Path, stride: int = 0, out: str | Path | None = None,
-                        log=print, encoding: str | None = None) -> dict:
+                        log=print, encoding: str | None = None, device: str = "auto") -> dict:
     from miniglm.chat import load_run
 
     texts = read_texts(text, encoding)  # a bad file fails before the model loads
-    run = load_run(run_dir, raw=True)
+    run = load_run(run_dir, device, raw=True)
     result = {"kind": "perplexity", "run": str(run_dir), "text": str(text),
-              **perplexity(run.engine.model, run.engine.tokenizer, texts, stride, run.engine.device)}
+              **perplexity(run.engine.model, run.engine.tokenizer, texts, stride)}
     out = Path(out) if out else Path(run_dir) / "eval"
     with atomic_dir(out, keep=True) as tmp:  # beside a generation eval's files, kept as they are
         write_json(tmp / "perplexity.json", result)
@@ -257,7 +259,7 @@ def evaluate_perplexity(run_dir: str | Path, text: str | Path, stride: int = 0, 
 def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[str] | None = None,
                             out: str | Path | None = None, template: str | None = None, batch_size: int = 32,
                             log=print, columns: str | None = None, values: dict[str, str] | None = None,
-                            encoding: str | None = None, system: str | None = None) -> dict:
+                            encoding: str | None = None, system: str | None = None, device: str = "auto") -> dict:
     """Generate a short answer per example (greedy), snap it to the closest label, and score accuracy and
     per-class precision/recall against the reference labels. system: an instruction (zero-shot), as the
     template carries a system prompt (plain: a line before the record)."""
@@ -273,7 +275,7 @@ def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[
     unknown = sorted(set(refs) - set(labels))
     if unknown:
         raise UserError(f"{data}: reference labels not in --labels: {', '.join(unknown[:5])}")
-    run = load_run(run_dir)
+    run = load_run(run_dir, device)
     if template:
         run.template = template
     if system is not None:

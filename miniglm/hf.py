@@ -291,9 +291,8 @@ def save_checkpoint(path: str | Path, model: HFCausalLM, state: dict,
 def merge_run(model: HFCausalLM, tok, state: dict, ckpt: Path, chat: tuple | None, out_dir: str | Path) -> Path:
     """An HF run's merged model (miniglm.runs.load_model) -> a plain transformers folder, tokenizer beside
     it, that is also a run miniglm loads (state.json, chat.json)."""
-    set_eos_ids(model.model, answer_end_ids(model, tok, chat))
     with atomic_dir(out_dir) as tmp:
-        write_with(tmp, lambda p: model.model.save_pretrained(str(p), safe_serialization=True))
+        write_with(tmp, lambda p: save_with_eos(model.model, answer_end_ids(model, tok, chat), p))
         tok.save(tmp)
         write_json(tmp / "state.json", {"step": state.get("step", 0), "stage": state.get("stage"),
                                         "base_model": state.get("base_model"), "merged_from": str(ckpt.resolve()),
@@ -313,6 +312,16 @@ def answer_end_ids(model: HFCausalLM, tok, chat: tuple | None) -> list[int]:
     family = [tok.token_id(t) for t in model.family.end_tokens]
     turn = end_of_turn_ids(chat[0], tok, chat[1]) if chat else []
     return [i for i in dict.fromkeys([tok.eot_id, *own, *family, *turn]) if i is not None]
+
+
+def save_with_eos(model: torch.nn.Module, ids: list[int], path: Path) -> None:
+    """save_pretrained with EOS set to ids in what is written; the model's own configs are put back after."""
+    before = model.config.eos_token_id, model.generation_config.eos_token_id
+    set_eos_ids(model, ids)
+    try:
+        model.save_pretrained(str(path), safe_serialization=True)
+    finally:
+        model.config.eos_token_id, model.generation_config.eos_token_id = before
 
 
 def set_eos_ids(model: torch.nn.Module, ids: list[int]) -> None:

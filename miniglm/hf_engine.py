@@ -8,12 +8,14 @@ a stream runs generate() in a worker thread and yields each step as it comes.
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Callable, Iterator
 
 import torch
 
+from miniglm.devices import evaluating, model_device, resolve_device
 from miniglm.engine import Engine, Row, SamplingParams, left_pad
 from miniglm.fileio import UserError
 from miniglm.hf import HFCausalLM
@@ -44,9 +46,13 @@ class _Steps:
 
 
 class HFEngine(Engine):
-    def __init__(self, model: HFCausalLM, tokenizer: Tokenizer, device: str = "cpu"):
-        self.model = model.eval().to(device)
-        self.tokenizer, self.device = tokenizer, device
+    def __init__(self, model: HFCausalLM, tokenizer: Tokenizer, device: str | None = None):
+        """Decodes the model where it is (device None), in eval mode while it decodes: the caller's model
+        is left as it was. Another device decodes a copy there."""
+        here = model_device(model)
+        target = here if device is None else torch.device(resolve_device(device))
+        self.model = model if target == here else copy.deepcopy(model).to(target)
+        self.tokenizer, self.device = tokenizer, str(target)
         # The family's end tokens (gpt2-chinese's [SEP], Qwen's <|im_end|>) end an answer too.
         ends = [tokenizer.token_id(t) for t in model.family.end_tokens] + [tokenizer.eot_id]
         self.end_ids = {i for i in ends if i is not None}
@@ -69,10 +75,11 @@ class HFEngine(Engine):
         if params.seed is not None:  # generate() samples from torch's global generator
             torch.manual_seed(params.seed)
         try:
-            self.model.model.generate(input_ids=idx.to(self.device), attention_mask=mask.to(self.device),
-                                      streamer=hooks, stopping_criteria=StoppingCriteriaList([hooks]),
-                                      generation_config=self._generation_config(params, stop_ids,
-                                                                                max(r.max_new for r in rows)))
+            with evaluating(self.model):
+                self.model.model.generate(input_ids=idx.to(self.device), attention_mask=mask.to(self.device),
+                                          streamer=hooks, stopping_criteria=StoppingCriteriaList([hooks]),
+                                          generation_config=self._generation_config(params, stop_ids,
+                                                                                    max(r.max_new for r in rows)))
         except Exception as e:
             raise UserError(f"generation failed: {type(e).__name__}: {e}") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -59,9 +60,11 @@ def load_adapter_weights(model: MiniGLM, path: str | Path) -> None:
 
 
 def merge_lora(model: MiniGLM) -> MiniGLM:
-    """Fold every adapter into its base weight and put the plain nn.Linear back."""
+    """A copy of the model with every adapter folded into its base weight and the plain nn.Linear back;
+    the model handed over keeps its adapters, weights, device and flags."""
     from peft.tuners.lora import LoraLayer
 
+    model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()

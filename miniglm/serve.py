@@ -188,7 +188,7 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
         for outbox in list(outboxes.values()):
             outbox.wake()
 
-    batcher = Batcher(run.engine.model, run.engine.tokenizer, run.engine.device, max_batch, on_step=wake,
+    batcher = Batcher(run.engine.model, run.engine.tokenizer, max_batch, on_step=wake,
                       thread=batcher_thread, step=run.engine.forward_step)
 
     @asynccontextmanager

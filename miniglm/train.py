@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from miniglm import checkpoint, fileio, runs
 from miniglm.config import TrainConfig, save_config
+from miniglm.devices import resolve_device
 from miniglm.fileio import UserError, read_jsonl, recover_dir, write_json
 from miniglm.model import MiniGLM
 from miniglm.sft.templates import IGNORE
@@ -225,11 +226,7 @@ def reuse_freed_memory() -> bool:
 def setup_device(cfg: TrainConfig) -> tuple[str, int, int, torch.dtype]:
     """(device, rank, world size, autocast dtype). Under torchrun, one process per device."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":  # torch.cuda.set_device refuses "cuda" without an index
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = resolve_device(cfg.device)  # "cuda" is LOCAL_RANK's GPU; more processes than GPUs: one line
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -245,6 +242,13 @@ def setup_device(cfg: TrainConfig) -> tuple[str, int, int, torch.dtype]:
     if dtype is None:
         raise UserError(f"dtype must be auto, float32 or bfloat16, got '{cfg.dtype}'")
     return device, rank, world, dtype
+
+
+def to_device(batch: torch.Tensor, device: str) -> torch.Tensor:
+    """A batch to the training device; to a GPU through pinned memory, so the copy does not stall the host."""
+    if device == "cpu":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def any_rank(flag: bool, world: int) -> bool:
@@ -286,6 +290,7 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
     if not cfg.data:
         raise UserError("no data: set data = \"FOLDER\" in the config or --set data=FOLDER")
     device, rank, world, dtype = setup_device(cfg)
+    cfg.device = device  # config.toml records the device used, not "auto"
     master = rank == 0
     out = Path(cfg.out_dir)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -367,7 +372,8 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
         write_chat_info(cfg, out)
 
     train_model = model
-    if cfg.compile:
+    compiled = cfg.compile is True or (cfg.compile == "auto" and device_type == "cuda")
+    if compiled:  # the first steps compile (shown below): on a GPU then fewer, fused kernels a step
         train_model = torch.compile(model)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
@@ -390,9 +396,9 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
         losses = []
         with torch.no_grad(), autocast:
             for batch in data.eval_batches(cfg.eval_batches, cfg.batch_size * world):
-                losses.append(model(**{k: v[rank::world].to(device) for k, v in batch.items()})[1].item())
+                losses.append(model(**{k: to_device(v[rank::world], device) for k, v in batch.items()})[1])
         model.train()
-        val = all_mean(sum(losses) / max(len(losses), 1), world)
+        val = all_mean(torch.stack(losses).mean().item() if losses else 0.0, world)
         result = {"val_loss": val}
         bpt = data.bytes_per_token()
         if bpt:
@@ -404,14 +410,16 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
             fileio.append_jsonl(out / "metrics.jsonl", row)
 
     per_step = cfg.batch_size * cfg.grad_accum * world
+    live_bar = master and sys.stderr.isatty()  # a bar showing each step's loss: read every step only then
     pbar = None
     if master:
         from tqdm import tqdm
 
         # A live bar on a terminal; in logs (CI, nohup) only the eval lines.
         pbar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.stage, dynamic_ncols=True,
-                    disable=not sys.stderr.isatty())
+                    disable=not live_bar)
     model.train()
+    loss_avg, first_step = float("nan"), step
     t_start, tokens_run, summary = time.perf_counter(), 0, {}
     stop, interrupted = Interrupt(), False
     if step >= cfg.max_steps:  # a finished run, rerun: report where it stands
@@ -425,17 +433,18 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             global_batch = data.next_batch(per_step)
-            loss_sum, tokens = 0.0, 0
+            # the loss stays on the device until it is logged: no wait for the GPU at every step
+            loss_sum, tokens = torch.zeros((), device=device), 0
             for micro in range(cfg.grad_accum):
                 i = (micro * world + rank) * cfg.batch_size  # this process's slice of the global batch
-                batch = {k: v[i:i + cfg.batch_size].to(device) for k, v in global_batch.items()}
+                batch = {k: to_device(v[i:i + cfg.batch_size], device) for k, v in global_batch.items()}
                 sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else train_model.no_sync()
                 with sync, autocast:
                     _, loss = train_model(**batch)
                     loss = loss / cfg.grad_accum
                 with sync:
                     loss.backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
                 tokens += batch["idx"].numel()  # tokens processed (SFT padding included: the compute is spent)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -443,16 +452,22 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_run += tokens * world
-            loss_avg = all_mean(loss_sum, world)
+            if compiled and step == first_step + 1 and master:
+                log(f"torch.compile: the first step took {time.perf_counter() - t_start:.1f}s (compiling)")
             elapsed = time.perf_counter() - t_start
-            if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            is_log = step % cfg.log_every == 0 or step == cfg.max_steps
+            is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+            if is_log or is_eval:  # the same steps on every process (all_mean)
+                loss_avg = all_mean(loss_sum.item(), world)
+            if master and is_log:
                 row = {"step": step, "loss": loss_avg, "lr": lr, "tok_per_s": tokens_run / elapsed,
                        "time": elapsed}
                 write_metrics(row)
             if pbar is not None:
-                pbar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_run / elapsed:,.0f}")
+                if live_bar:  # this process's loss
+                    pbar.set_postfix(loss=f"{loss_sum.item():.4f}", lr=f"{lr:.2e}",
+                                     tok_s=f"{tokens_run / elapsed:,.0f}")
                 pbar.update(1)
-            is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
             if is_eval:
                 ev = evaluate()
                 if probe is not None and master:

@@ -158,8 +158,13 @@ def test_decode_step_equals_the_models_forward(int8):
             for t in range(6):
                 nxt = torch.full((len(rows),), 10 + t)
                 want = eng.model(nxt[:, None], cache=a)[0][:, -1]
-                assert torch.allclose(eng.forward_step(nxt, b), want, atol=1e-4, rtol=1e-4)
-        assert a.pos == b.pos and torch.allclose(a.k, b.k, atol=1e-6)
+                got = eng.forward_step(nxt, b)
+                # The two paths sum the same products in other orders and other BLAS kernels (which differ
+                # between CPUs, AMD and Intel): each value is off by a few float32 roundings (eps 1.2e-7)
+                # of sums whose size is that of the largest values: 1e-5 of it leaves ~100 roundings of room.
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+        torch.testing.assert_close(b.k, a.k, rtol=0, atol=1e-5 * a.k.abs().max().item())  # the same reasoning
+        assert a.pos == b.pos
 
 
 def test_special_tokens_stay_out_of_the_text(bpe_dir):

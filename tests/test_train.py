@@ -255,6 +255,8 @@ def test_cuda_device_gets_an_index(monkeypatch):
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(_get_device_index(d)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, as seen by torch
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     device, rank, world, dtype = setup_device(load_config(None, ["device=cuda"]))
     assert (device, chosen, world, dtype) == ("cuda:0", [0], 1, torch.bfloat16)
