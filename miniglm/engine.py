@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import InitVar, dataclass, field
 
 import torch
@@ -300,9 +300,14 @@ class DecodeStep:
     compile=True: the step through torch.compile, over static shapes: the cache holds the whole block
     (Engine allocates it so) and attention reads a bucket of it (a power of two >= 256 positions, the
     positions past the new one masked out), so a few compiles serve every length (one per bucket and
-    batch size), not one per step."""
+    batch size), not one per step.
 
-    def __init__(self, model: MiniGLM, compile: bool = False):
+    graphs=True (the default on CUDA): the same static-shape step recorded once per batch size, bucket and
+    cache as a CUDA graph (StepGraph) and replayed at each step: one launch instead of ~100 kernel launches
+    from Python, which is what a small model's step on a GPU is bound by. On the CPU graphs=True runs the
+    same static buffers without a graph (what the tests check)."""
+
+    def __init__(self, model: MiniGLM, compile: bool = False, graphs: bool | None = None):
         c = model.config
         self.eps = c.norm_eps
         self.n_head, self.n_kv, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
@@ -312,6 +317,13 @@ class DecodeStep:
         self.layers = [(b.self_attn.qkv_proj.forward, b.self_attn.o_proj.forward, b.mlp.gate_up_proj.forward,
                         b.mlp.down_proj.forward) for b in model.blocks]
         self.embed, self.norm, self.head = model.model.embed_tokens.weight, model.model.norm, model.lm_head.forward
+        device = model.rope_cos.device
+        # each layer's index into the cache as a tensor, made once: a CUDA graph's capture may not copy from
+        # the host, and a compiled step writes the cache in place only through index_put_
+        self.layer_at = [torch.tensor([i], device=device) for i in range(c.n_layer)]
+        self.graphs = device.type == "cuda" if graphs is None else graphs
+        self.captured: dict[tuple, StepGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs and device.type == "cuda" else None
         self.compiled = None
         if compile:
             # Every engine's step shares one code object, so dynamo's cap of 8 compiles (then eager, silently)
@@ -329,11 +341,15 @@ class DecodeStep:
         pos, block = cache.pos, self.cos.size(0)
         if pos >= cache.max_len or pos - cache.max_pad >= block:
             raise ValueError(f"no room for position {pos}: cache of {cache.max_len}, block size {block}")
-        if self.compiled is not None:
+        if self.compiled is not None or self.graphs:
             S = min(max(256, 1 << pos.bit_length()), cache.max_len)  # a bucket of the cache: pos < S
+            step = self.compiled or self.bucket_step
             try:
-                logits = self.compiled(tokens, cache.k, cache.v, cache.mask, cache.n_pad,
-                                       torch.tensor([pos], device=tokens.device), S)
+                if self.graphs:
+                    logits = self.replay(step, tokens, cache, pos, S)
+                else:
+                    logits = step(tokens, cache.k, cache.v, cache.mask, cache.n_pad,
+                                  torch.tensor([pos], device=tokens.device), S)
             except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's own error: pages of trace
                 raise UserError(f"torch.compile failed ({str(e).strip().splitlines()[0][:300]}); "
                                 "decode without --compile") from None
@@ -345,6 +361,18 @@ class DecodeStep:
             logits = self.forward(tokens, self.cos[pos], self.sin[pos], cache.k, cache.v, pos, None)
         cache.pos += 1
         return logits
+
+    def replay(self, step: Callable, tokens: torch.Tensor, cache: KVCache, pos: int, S: int) -> torch.Tensor:
+        """The step through its StepGraph, recorded at the first step of this batch size, bucket and cache.
+        The key holds the cache's addresses and strides: a graph reads and writes those very tensors."""
+        tensors = (cache.k, cache.v, cache.mask, cache.n_pad)
+        key = (tokens.size(0), S, cache.k.stride(), *(t.data_ptr() for t in tensors))
+        graph = self.captured.get(key)
+        if graph is None:
+            if len(self.captured) >= MAX_GRAPHS:  # graphs of caches since freed: record anew what is used now
+                self.captured.clear()
+            graph = self.captured[key] = StepGraph(step, tokens, cache, pos, S, self.pool)
+        return graph(tokens, pos)
 
     def bucket_step(self, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                     n_pad: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
@@ -376,7 +404,7 @@ class DecodeStep:
                 k[layer, :, :, pos] = new_k
                 v[layer, :, :, pos] = new_v
             else:  # index_put_ on the whole cache: torch.compile writes it in place (a view's copy it would not)
-                at = torch.tensor([layer], device=pos.device)
+                at = self.layer_at[layer]
                 k[at, :, :, pos] = new_k.unsqueeze(0)
                 v[at, :, :, pos] = new_v.unsqueeze(0)
             y = attention(q.unsqueeze(2), k[layer, :, :, :S], v[layer, :, :, :S], mask)
@@ -384,6 +412,42 @@ class DecodeStep:
             gate, up = gate_up_proj(self.rms(x)).chunk(2, dim=-1)
             x = down_proj(F.silu(gate).mul_(up), x)
         return self.head(F.rms_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.eps))
+
+
+MAX_GRAPHS = 64  # recorded steps kept per engine: batch sizes x length buckets x caches in use
+MAX_CACHES = 8  # caches an engine keeps for its static steps (one per batch size and length)
+
+
+class StepGraph:
+    """One decoding step over static tensors: the token and position buffers here, the cache's own tensors.
+    On CUDA it is recorded once as a CUDA graph and replayed at each later step (the step's ~100 kernels in
+    one launch); elsewhere the step is called on the same buffers. Recording runs the step once for real
+    first (CUDA's warm-up, on a side stream): that writes this step's keys and values at `pos`, which the
+    replay then writes again, the same values, so the step taken at recording is taken exactly once."""
+
+    def __init__(self, step: Callable, tokens: torch.Tensor, cache: KVCache, pos: int, S: int, pool=None):
+        self.tokens = tokens.clone()
+        self.pos = torch.tensor([pos], device=tokens.device)
+        self.args = (self.tokens, cache.k, cache.v, cache.mask, cache.n_pad, self.pos, S)
+        self.step, self.graph = step, None
+        if tokens.is_cuda:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step(*self.args)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = step(*self.args)
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.pos.fill_(pos)  # a kernel with the number as its argument: no copy from the host
+        if self.graph is None:
+            return self.step(*self.args)
+        self.graph.replay()
+        # a copy: the graphs share one memory pool, so another graph's replay may reuse this output's memory
+        return self.logits.clone()
 
 
 def check_cpp_compiler() -> None:
@@ -416,7 +480,7 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 class Engine:
     def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str | None = None, int8: bool = False,
-                 transposed: bool = True, compile: bool = False):
+                 transposed: bool = True, compile: bool = False, graphs: bool | None = None):
         """The model is decoded through a copy (for_decoding): fused products, on CPU with (in, out)
         weights (transposed=False: nn.Linear's (out, in)); llama-style models take their decoding steps
         through DecodeStep. Same logits as the model, to float rounding. The caller's model is left as it
@@ -425,16 +489,40 @@ class Engine:
         streams every weight once per token, so a quarter of the bytes is up to ~4x the speed; the logits
         move slightly, so greedy output may differ from fp32.
         compile: decoding steps through torch.compile (DecodeStep; llama style): tens of seconds of compiling
-        per new batch size or length bucket, then faster steps on some models (bench/decode.py measures)."""
+        per new batch size or length bucket, then faster steps on some models (bench/decode.py measures).
+        graphs: each step replayed as a CUDA graph (DecodeStep; llama style); None: on CUDA, off on the CPU."""
         device = str(model_device(model)) if device is None else resolve_device(device)
         if int8 and device != "cpu":
             raise UserError("--int8 is for CPU decoding; leave it off on this device")
         cpu = device == "cpu"
         self.model = for_decoding(model, transposed and cpu, int8, tokenizer.vocab_size).to(device)
-        self.decode_step = DecodeStep(self.model, compile) if self.model.config.style == "llama" else None
+        self.decode_step = DecodeStep(self.model, compile, graphs) if self.model.config.style == "llama" else None
         self.compile = compile
+        # static steps (compiled, graphs) read a bucket of a cache of the whole block; graphs also need the
+        # same cache at each call, so those caches are kept per batch size and length
+        self.static = compile or (self.decode_step is not None and self.decode_step.graphs)
+        self.caches: dict[tuple[int, int], KVCache] = {}
+        self.busy: set[tuple[int, int]] = set()  # the kept caches a decoding is using now
         self.tokenizer = tokenizer
         self.device = device
+
+    def cache_for(self, rows: int, length: int) -> KVCache:
+        """An empty cache: a new one, or for static steps the one kept for this shape, emptied (no need to
+        zero its keys: positions are masked until written)."""
+        dtype = self.model.embeddings.weight.dtype
+        key = (rows, length)
+        if not self.static or key in self.busy:  # a decoding of this shape under way (two streams read in turn)
+            return KVCache(self.model.config, rows, length, device=self.device, dtype=dtype)
+        cache = self.caches.pop(key, None)  # and put back last: the least recently used shape goes first
+        if cache is None:
+            if len(self.caches) >= MAX_CACHES:
+                self.caches.pop(next(iter(self.caches)))
+            cache = KVCache(self.model.config, rows, length, device=self.device, dtype=dtype)
+        self.caches[key] = cache
+        cache.mask.fill_(True)
+        cache.n_pad.zero_()
+        cache.padded, cache.max_pad, cache.pos = False, 0, 0
+        return cache
 
     def forward_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row (B,) through the cache -> the next logits (B, V)."""
@@ -472,8 +560,19 @@ class Engine:
         padded = bool((mask == 0).any())
         steps = max(r.max_new for r in rows)
         block = self.model.config.block_size
-        length = max(block, L + steps) if self.compile else L + steps  # compiled: one cache shape per batch size
-        cache = KVCache(self.model.config, B, length, device=self.device, dtype=self.model.embeddings.weight.dtype)
+        length = max(block, L + steps) if self.static else L + steps  # static: one cache shape per batch size
+        cache = self.cache_for(B, length)
+        kept = self.caches.get((B, length)) is cache
+        if kept:
+            self.busy.add((B, length))
+        try:
+            yield from self._decode(rows, params, idx, mask, padded, steps, cache)
+        finally:
+            if kept:
+                self.busy.discard((B, length))
+
+    def _decode(self, rows: list[Row], params: SamplingParams, idx: torch.Tensor, mask: torch.Tensor,
+                padded: bool, steps: int, cache: KVCache) -> Iterator[list[tuple[int, int]]]:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)

@@ -216,7 +216,7 @@ def test_compiled_step_gives_the_eager_tokens():
     torch.manual_seed(0)
     model = MiniGLM(ModelConfig(vocab_size=97, block_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
     prompts, params = [[5, 6, 7, 8, 9], [3, 4, 5]], SamplingParams(max_new_tokens=280)
-    eager = Engine(model, _Ids(), device=device).generate(prompts, params)
+    eager = Engine(model, _Ids(), device=device, graphs=False).generate(prompts, params)
     compiled = Engine(model, _Ids(), device=device, compile=True).generate(prompts, params)
     assert [c.ids for c in compiled] == [e.ids for e in eager]
     if device == "cpu":  # int8: the compiled step fuses the activations' quantization; the same logits to rounding
@@ -224,3 +224,28 @@ def test_compiled_step_gives_the_eager_tokens():
         compiled8 = Engine(model, _Ids(), int8=True, compile=True)
         want, got = (eng.generate(prompts, SamplingParams(max_new_tokens=40)) for eng in (eager8, compiled8))
         assert [g.ids for g in got] == [w.ids for w in want]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_steps_give_the_plain_tokens(device):
+    """graphs=True (CUDA's default: each step replayed as a CUDA graph; on the CPU the same static buffers
+    without one): the plain step's greedy tokens, across a length bucket (256), with left padding, twice
+    (the kept cache emptied and reused, its graphs replayed), and for two streams read in turn (the second
+    gets a cache of its own)."""
+    torch.manual_seed(0)
+    model = MiniGLM(ModelConfig(vocab_size=97, block_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    prompts, params = [[5, 6, 7, 8, 9], [3, 4, 5]], SamplingParams(max_new_tokens=280)
+    plain = Engine(model, _Ids(), device=device, graphs=False)
+    graphed = Engine(model, _Ids(), device=device, graphs=True)
+    want = [c.ids for c in plain.generate(prompts, params)]
+    for _ in range(2):
+        assert [c.ids for c in graphed.generate(prompts, params)] == want
+    assert list(graphed.caches) == [(2, 300)] and len(graphed.decode_step.captured) == 2  # buckets 256 and 300
+    short = SamplingParams(max_new_tokens=20)
+    one, two = graphed.stream([5, 6, 7], short), graphed.stream([3, 4], short)
+    a, b = zip(*[(next(one, ""), next(two, "")) for _ in range(25)])
+    assert "".join(a) == plain.generate([[5, 6, 7]], short)[0].text
+    assert "".join(b) == plain.generate([[3, 4]], short)[0].text

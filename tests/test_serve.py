@@ -119,7 +119,8 @@ def test_disconnect_stops_generation(server):
     assert not batcher.active
 
 
-def test_joining_mid_decode_gives_the_same_tokens(run_dir):
+@pytest.mark.parametrize("graphs", [False, True])  # True: the static step CUDA replays as graphs (CPU: no graph)
+def test_joining_mid_decode_gives_the_same_tokens(run_dir, graphs):
     run = load_run(run_dir, "cpu")
     eng: Engine = run.engine
     tok = eng.tokenizer
@@ -128,7 +129,8 @@ def test_joining_mid_decode_gives_the_same_tokens(run_dir):
     params = SamplingParams(max_new_tokens=30)
     alone_a = eng.generate([a_prompt], params)[0].ids
     alone_b = eng.generate([b_prompt], SamplingParams(max_new_tokens=20))[0].ids
-    batcher = Batcher(eng.model, tok, step=eng.forward_step)  # as the server: DecodeStep over padded rows
+    server = Engine(eng.model, tok, graphs=graphs)
+    batcher = Batcher(server.model, tok, step=server.forward_step)  # as the server: DecodeStep over padded rows
     done = {}
     events = threading.Event()
 
@@ -166,7 +168,8 @@ def test_sft_generate_against_the_server(server, tmp_path, monkeypatch):
     assert summary.failed == 0 and summary.total_tokens > 0
 
 
-def test_batch_compacts_when_positions_run_out(bpe_dir, tmp_path):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_batch_compacts_when_positions_run_out(bpe_dir, tmp_path, graphs):
     """A row that joins late sits behind padding; when the shared positions reach the context, the
     padding every row shares is dropped and decoding goes on, with the same tokens as alone."""
     run = load_run(make_chat_run(tmp_path, bpe_dir, block_size=48, n_layer=1), "cpu")
@@ -175,7 +178,8 @@ def test_batch_compacts_when_positions_run_out(bpe_dir, tmp_path):
     pa, pb = SamplingParams(max_new_tokens=30), SamplingParams(max_new_tokens=30)
     alone_a = eng.generate([a_prompt], pa)[0].ids
     alone_b = eng.generate([b_prompt], pb)[0].ids
-    batcher = Batcher(eng.model, tok, step=eng.forward_step)
+    server = Engine(eng.model, tok, graphs=graphs)
+    batcher = Batcher(server.model, tok, step=server.forward_step)
     done = []
     a = batcher.submit(Job(a_prompt, pa, lambda ev: ev.get("done") and done.append("a")))
     while batcher.steps < 20:
