@@ -298,6 +298,8 @@ def main() -> None:
     ap.add_argument("--smollm2", default=None, help="an imported SmolLM2-135M-Instruct run: adds its row")
     ap.add_argument("--smollm2-new", type=int, default=256)
     ap.add_argument("--only-smollm2", action="store_true", help="skip the small random-weight models")
+    ap.add_argument("--smollm2-shaped", action="store_true", help="add a random-weight model of SmolLM2-135M's "
+                    "shape (30 x 576, 9/3 heads, vocab 49152) beside the small ones: for a machine without the GGUF")
     ap.add_argument("--compile", action="store_true", help="add the engine with a compiled decoding step "
                     "(compiles for minutes on 2 cores)")
     ap.add_argument("--profile", action="store_true", help="only where a batch-1 step's time goes (torch.profiler): "
@@ -321,6 +323,10 @@ def main() -> None:
         "15M llama": ModelConfig(style="llama", vocab_size=8192, block_size=32 + args.new, n_layer=6, n_head=6,
                                  n_embd=384),
     }
+    if args.smollm2_shaped:
+        models["SmolLM2-shaped"] = ModelConfig(style="llama", vocab_size=49152, block_size=32 + args.new, n_layer=30,
+                                               n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                                               rope_theta=100000.0)
     if args.profile:
         rows = []
         for name, cfg in models.items():
@@ -358,6 +364,8 @@ def main() -> None:
                   "hf": hf_timer(model, prompts[0], args.new)}
         if args.compile:
             timers["compile"] = engine_timer(model, prompts[:1], args.new, compile=True, **dev)
+        if not cpu:  # CUDA replays each step as a graph by default: the step launched op by op beside it
+            timers["nographs"] = engine_timer(model, prompts[:1], args.new, graphs=False, **dev)
         if cpu:
             timers["int8"] = engine_timer(model, prompts[:1], args.new, int8=True)
             if args.compile:
@@ -369,7 +377,8 @@ def main() -> None:
         int8_bytes = weights / 4  # int8 weights (their per-channel scales are a few KB)
         q8_bytes = weights * 34 / 128  # Q8_0: 34 bytes per 32 weights
         rows.append([name, f"{model.num_params() / 1e6:.1f}M", cell(eng1), cell(t["forward"]), cell(t["linear"]),
-                     cell(t["matmul"]), cell(t["compile"]) if "compile" in t else "-",
+                     cell(t["matmul"]), cell(t["nographs"]) if "nographs" in t else "-",
+                     cell(t["compile"]) if "compile" in t else "-",
                      cell(t["int8"], 1, int8_bytes) if "int8" in t else "-",
                      cell(eng8, 8), f"{eng8 / eng1:.1f}x", f"{nocache:,.0f}", f"{eng1 / nocache:.1f}x",
                      f"{t['hf']:,.0f}", f"{eng1 / t['hf']:.2f}x",
@@ -378,7 +387,8 @@ def main() -> None:
                      *compiled_cells(t, cell, int8_bytes)])
         print(" | ".join(rows[-1]), flush=True)
     body = table(["model", "params", "engine b=1 tok/s", "b=1, steps through MiniGLM.forward",
-                  "b=1, (out, in) layout alone", "b=1, matmul decode attention", "b=1 --compile", "engine b=1 int8",
+                  "b=1, (out, in) layout alone", "b=1, matmul decode attention", "b=1 without CUDA graphs",
+                  "b=1 --compile", "engine b=1 int8",
                   "engine b=8 tok/s (aggregate)", "b8/b1", "no-cache tok/s", "engine/no-cache",
                   "transformers generate tok/s", "engine/transformers", "llama.cpp F32 tok/s",
                   "engine/llama.cpp F32", "llama.cpp Q8_0 tok/s", "engine int8/llama.cpp Q8_0", *COMPILED_HEADER],
