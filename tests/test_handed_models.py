@@ -54,16 +54,21 @@ def training_model(style: str = "llama", vocab: int = 400) -> MiniGLM:
                                n_kv_head=2 if style == "llama" else 0, n_embd=32, dropout=0.1)).train()
 
 
+# CUDA where there is a GPU (bench/gpu.sh runs the suite there): the move a CPU cannot show
+DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
-def test_engine_leaves_the_model_as_it_was(style, bpe_dir):
+def test_engine_leaves_the_model_as_it_was(style, device, bpe_dir):
     tok = load_tokenizer(bpe_dir)
-    model = training_model(style, vocab=512)  # padded past the tokenizer's 400 ids: the head is cut, in the copy
+    model = training_model(style, vocab=512).to(device)  # padded past the tokenizer's 400 ids: the copy's head is cut
     before = snapshot(model)
     eng = Engine(model, tok)
     eng.generate([tok.encode("天下大势")], SamplingParams(max_new_tokens=8))
     list(eng.stream(tok.encode("天下"), SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)))
     assert_unchanged(model, before)
-    assert eng.device == str(model_device(model)) == "cpu"  # the model's own device by default
+    assert eng.device == str(model_device(model)) == device  # the model's own device by default
     assert not ({id(p) for p in eng.model.parameters()} & {id(p) for p in model.parameters()})
     assert not eng.model.training and eng.model.lm_head.weight.shape[-1 if eng.model.lm_head.transposed else 0] == 400
 
@@ -79,7 +84,7 @@ def test_engine_on_another_device_moves_a_copy(bpe_dir, monkeypatch):
         moved.append(self)
         return real_to(self, *args, **kwargs)
     monkeypatch.setattr(torch.nn.Module, "to", to)
-    eng = Engine(model, tok, device="cpu")
+    Engine(model, tok, device="cpu")
     assert moved and all(m is not model and not any(m is x for x in model.modules()) for m in moved)
 
 
@@ -185,15 +190,16 @@ def test_server_loader_leaves_the_models(bpe_dir):
     assert_unchanged(eng.model, copy_before)
 
 
-def test_training_goes_on_after_a_probe(tmp_path, world_dir, bpe_dir):
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_goes_on_after_a_probe(tmp_path, world_dir, bpe_dir, device):
     """The probe runs at every evaluation, and training goes on after it with the model as it left it:
     the losses of a run probed at steps 2 and 4 are those of the same run unprobed (dropout on, so the
     train flag matters; the probe draws no training randomness)."""
+    from miniglm.config import load_config
     from miniglm.corpus import PrepareOptions, prepare_corpus
     from miniglm.demo import KnowledgeProbe
     from miniglm.fileio import read_jsonl
     from miniglm.shards import tokenize_corpus
-    from miniglm.config import load_config
     from miniglm.train import train
 
     tok = load_tokenizer(bpe_dir)
@@ -201,7 +207,7 @@ def test_training_goes_on_after_a_probe(tmp_path, world_dir, bpe_dir):
     tokenize_corpus(tmp_path / "corpus", tok, tmp_path / "data")
     sets = [f"data={tmp_path / 'data'}", "max_steps=6", "eval_every=2", "eval_batches=1", "batch_size=2",
             "log_every=1", "model.vocab_size=400", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
-            "model.block_size=32", "model.dropout=0.1", "warmup_steps=1"]
+            "model.block_size=32", "model.dropout=0.1", "warmup_steps=1", f"device={device}", "compile=false"]
     probed = train(load_config(None, [*sets, f"out_dir={tmp_path / 'a'}"]), log=lambda *_: None,
                    probe=KnowledgeProbe(world_dir, tok, 2))
     plain = train(load_config(None, [*sets, f"out_dir={tmp_path / 'b'}"]), log=lambda *_: None)
@@ -238,9 +244,9 @@ def test_train_records_the_device_it_used(tmp_path, world_dir, bpe_dir):
     """config.toml says where the run trained ("cpu" here), not "auto"; compile "auto" is off on the CPU."""
     import tomllib
 
+    from miniglm.config import load_config
     from miniglm.corpus import PrepareOptions, prepare_corpus
     from miniglm.shards import tokenize_corpus
-    from miniglm.config import load_config
     from miniglm.train import train
 
     tok = load_tokenizer(bpe_dir)
