@@ -105,7 +105,7 @@ def test_unknown_tokenizer(capsys, tmp_path, world_dir):
 def test_demo_runs_the_pipeline(capsys, tmp_path):
     out = tmp_path / "demo"
     tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=1", "model.block_size=48",
-            "max_steps=3", "eval_every=3", "batch_size=4"]
+            "max_steps=4", "eval_every=2", "batch_size=4"]  # a probe at step 2: training goes on after it
     argv = ["demo", "--out", str(out), "--characters", "30", "--bios", "2", "--vocab-size", "300", "--questions", "10"]
     assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0
     text = capsys.readouterr().out
@@ -120,10 +120,10 @@ def test_demo_runs_the_pipeline(capsys, tmp_path):
     assert main(["tokenizer", "report", "--tokenizer", str(out / "tokenizer"), "--corpus", str(out / "corpus")]) == 0
     for stage in ["pretrain", "sft"]:
         assert (out / stage / "ckpt" / "model.safetensors").exists()
-    assert json.loads((out / "sft" / "ckpt" / "state.json").read_text())["step"] == 3
+    assert json.loads((out / "sft" / "ckpt" / "state.json").read_text())["step"] == 4
     probes = [r for r in map(json.loads, (out / "pretrain" / "metrics.jsonl").read_text().splitlines())
               if "probe_heldout_em" in r]
-    assert probes and all(0 <= r["probe_heldout_em"] <= 1 and 0 <= r["probe_train_em"] <= 1 for r in probes)
+    assert [r["step"] for r in probes] == [2, 4] and all(0 <= r["probe_heldout_em"] <= 1 and 0 <= r["probe_train_em"] <= 1 for r in probes)
     assert (out / "report.html").exists() and "held-out" in (out / "report.md").read_text()
     assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0  # a second demo in the same folder
 
