@@ -7,6 +7,12 @@ A spec: {"name", "argv", "out", "prev_argv": argv or null, "run": bool, "max_poi
 writes the previous output the killed run replaces; "run" marks a growing run folder (train, finetune),
 where only the sets inside it are checked after a kill. One process imports everything once and forks a
 child per command run, so each kill really ends a process and each run costs no start-up.
+
+That process never runs a command itself, so it never initialises CUDA: a child forked from a process that
+has cannot use the GPU ("Cannot re-initialize CUDA in forked subprocess"). Every run, the uninterrupted one
+too, is a child that sets CUDA up for itself. Should an import have initialised CUDA all the same (a forked
+probe sees it), each child is a fresh `python -m tests.killpoints --child` process instead: slower, as
+each imports everything again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,61 +83,72 @@ def incomplete_sets(out: Path) -> list[str]:
     return bad
 
 
-def run_child(argv: list[str], kill_at: int | None, log: Path) -> int:
-    """cli.main(argv) in a forked child; its exit status (137: killed at the write point)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.environ.pop("MINIGLM_TEST_KILL_AT", None)
-            if kill_at is not None:
-                os.environ["MINIGLM_TEST_KILL_AT"] = str(kill_at)
-            from miniglm import cli
-
-            code = cli.main(argv)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code or 0)
-    t0 = time.perf_counter()
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    print(f"{log.parent.name} {log.stem}: exit {code}, {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
-    return code
+FORK = True  # main() sets it: False when a forked child could not use CUDA
 
 
-def run_here(argv: list[str], log: Path) -> tuple[int, int]:
-    """cli.main(argv) in this process, which imports what the command needs before any fork:
-    (exit status, the number of write points it passed)."""
-    from miniglm import cli, fileio
-
-    saved = os.dup(1), os.dup(2)
+def child_main(argv: list[str], kill_at: int | None, log: Path, count: Path | None) -> int:
+    """In the child: cli.main(argv), its output in LOG, killed at write KILL_AT (os._exit(137)); COUNT gets the
+    number of write points it passed. Its exit status."""
+    code = 1
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    sys.stdout.flush()
-    sys.stderr.flush()
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     try:
+        os.environ.pop("MINIGLM_TEST_KILL_AT", None)
+        if kill_at is not None:
+            os.environ["MINIGLM_TEST_KILL_AT"] = str(kill_at)
+        from miniglm import cli, fileio
+
         code = cli.main(argv)
+        if count is not None:
+            count.write_text(str(fileio._writes))
     except BaseException:
         import traceback
 
         traceback.print_exc()
-        code = 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(fd)
-    return code, fileio._writes
+    return code or 0
+
+
+def run_child(argv: list[str], kill_at: int | None, log: Path, count: Path | None = None) -> int:
+    """cli.main(argv) in a child process (forked, or a fresh one when FORK is off); its exit status (137:
+    killed at the write point)."""
+    t0 = time.perf_counter()
+    if FORK:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = child_main(argv, kill_at, log, count)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+    else:
+        child = [sys.executable, "-m", "tests.killpoints", "--child", str(log), str(kill_at or ""), str(count or ""),
+                 *argv]
+        code = subprocess.run(child).returncode
+    print(f"{log.parent.name} {log.stem}: exit {code}, {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
+    return code
+
+
+def run_counted(argv: list[str], log: Path) -> tuple[int, int]:
+    """An uninterrupted run in a child: (exit status, the number of write points it passed)."""
+    count = log.with_suffix(".count")
+    code = run_child(argv, None, log, count)
+    return code, int(count.read_text()) if code == 0 else 0
+
+
+def fork_can_use_cuda() -> bool:
+    """Whether a child forked now could initialise CUDA: false once this process has touched it."""
+    pid = os.fork()
+    if pid == 0:
+        import torch
+
+        os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def reset(out: Path, prev: Path | None) -> None:
@@ -161,18 +179,17 @@ def check(spec: dict, work: Path) -> dict:
     def fail(msg: str, log: Path) -> None:
         failures.append(f"{msg}\n{log.read_text()[-2000:]}")
 
-    # The previous output (kept aside), then the uninterrupted run over it: the reference. Both run in
-    # this process, so that the forked runs start with everything imported.
+    # The previous output (kept aside), then the uninterrupted run over it: the reference.
     prev = None
     reset(out, None)
     if spec.get("prev_argv"):
-        if run_here(spec["prev_argv"], logs / "prev.log")[0] != 0:
+        if run_counted(spec["prev_argv"], logs / "prev.log")[0] != 0:
             fail("the previous run failed", logs / "prev.log")
             return {"points": 0, "tested": [], "failures": failures}
         prev = work / f"prev-{logs.name}"
         shutil.move(out, prev)
     reset(out, prev)
-    code, count = run_here(spec["argv"], logs / "ref.log")
+    code, count = run_counted(spec["argv"], logs / "ref.log")
     if code != 0:
         fail("the uninterrupted run failed", logs / "ref.log")
         return {"points": 0, "tested": [], "failures": failures}
@@ -204,14 +221,32 @@ def check(spec: dict, work: Path) -> dict:
     return {"points": count, "tested": tested, "failures": failures}
 
 
+def preload() -> None:
+    """What the commands import, imported once before the forks (a child starts with it loaded); nothing that
+    touches CUDA."""
+    import torch
+
+    torch.set_num_threads(1)
+    import gguf  # noqa: F401
+    import jieba
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from miniglm import cli, evaluate, export, finetune, hf, lora, metrics, report, train  # noqa: F401
+
+    jieba.setLogLevel(60)
+    jieba.initialize()  # its dictionary, for ROUGE in eval
+
+
 def main(specs_path: str, results_path: str) -> None:
+    global FORK
     specs = json.loads(Path(specs_path).read_text())
     if os.environ.get("KILLPOINTS_ONLY"):  # debugging one command
         specs = [s for s in specs if s["name"] == os.environ["KILLPOINTS_ONLY"]]
-    import torch  # imported once, before the forks: a child starts with everything loaded
-
-    torch.set_num_threads(1)
-    from miniglm import cli, evaluate, export, report, train  # noqa: F401
+    preload()
+    FORK = fork_can_use_cuda()
+    if not FORK:
+        print("killpoints: CUDA was initialised while importing: each run starts a fresh process", file=sys.stderr)
 
     results = {}
     with tempfile.TemporaryDirectory() as work:
@@ -221,4 +256,7 @@ def main(specs_path: str, results_path: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--child":  # --child LOG KILL_AT COUNT ARGV...: one run in a fresh process
+        log, kill_at, count, *argv = sys.argv[2:]
+        sys.exit(child_main(argv, int(kill_at) if kill_at else None, Path(log), Path(count) if count else None))
     main(*sys.argv[1:])

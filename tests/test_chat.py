@@ -109,12 +109,12 @@ def test_eval_answers_do_not_depend_on_the_batch(run_dir, tmp_path):
 
 def test_compile_without_a_cpp_compiler_is_one_line(run_dir, capsys, monkeypatch):
     """--compile on CPU builds C++: with no compiler, one line and exit 2 before any decoding, not
-    inductor's pages of traceback at the first step."""
+    inductor's pages of traceback at the first step. --device cpu: on CUDA --compile needs no C++ compiler."""
     from torch._inductor import cpp_builder
 
     def missing():
         raise RuntimeError("No working C++ compiler found")
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
-    assert main(["generate", "--run", str(run_dir), "--prompt", "你好", "--compile"]) == 2
+    assert main(["generate", "--run", str(run_dir), "--prompt", "你好", "--compile", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--compile needs a C++ compiler" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
