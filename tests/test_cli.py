@@ -123,7 +123,8 @@ def test_demo_runs_the_pipeline(capsys, tmp_path):
     assert json.loads((out / "sft" / "ckpt" / "state.json").read_text())["step"] == 4
     probes = [r for r in map(json.loads, (out / "pretrain" / "metrics.jsonl").read_text().splitlines())
               if "probe_heldout_em" in r]
-    assert [r["step"] for r in probes] == [2, 4] and all(0 <= r["probe_heldout_em"] <= 1 and 0 <= r["probe_train_em"] <= 1 for r in probes)
+    assert [r["step"] for r in probes] == [2, 4]
+    assert all(0 <= r["probe_heldout_em"] <= 1 and 0 <= r["probe_train_em"] <= 1 for r in probes)
     assert (out / "report.html").exists() and "held-out" in (out / "report.md").read_text()
     assert main([*argv, *sum((["--set", s] for s in tiny), [])]) == 0  # a second demo in the same folder
 

@@ -246,6 +246,6 @@ def test_graph_steps_give_the_plain_tokens(device):
     assert list(graphed.caches) == [(2, 300)] and len(graphed.decode_step.captured) == 2  # buckets 256 and 300
     short = SamplingParams(max_new_tokens=20)
     one, two = graphed.stream([5, 6, 7], short), graphed.stream([3, 4], short)
-    a, b = zip(*[(next(one, ""), next(two, "")) for _ in range(25)])
+    a, b = zip(*[(next(one, ""), next(two, "")) for _ in range(25)], strict=True)
     assert "".join(a) == plain.generate([[5, 6, 7]], short)[0].text
     assert "".join(b) == plain.generate([[3, 4]], short)[0].text
