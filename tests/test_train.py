@@ -143,8 +143,9 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, data_dir):
 
 
 def test_two_processes_match_one(tmp_path, data_dir):
-    """torchrun + DDP (gloo on CPU), 2 x batch 4 == 1 x batch 8: the same losses."""
-    common = [f"data={data_dir}", *TINY, "max_steps=6", "eval_every=6"]
+    """torchrun + DDP (gloo on CPU), 2 x batch 4 == 1 x batch 8: the same losses. On the CPU on any machine
+    (a one-GPU machine would refuse two processes on its GPU: test_more_processes_than_gpus_is_one_line)."""
+    common = [f"data={data_dir}", *TINY, "max_steps=6", "eval_every=6", "device=cpu"]
     one = tmp_path / "one"
     train(load_config(None, [*common, "batch_size=8", f"out_dir={one}"]))
     two = tmp_path / "two"
@@ -159,6 +160,24 @@ def test_two_processes_match_one(tmp_path, data_dir):
     assert out.returncode == 0, out.stderr[:2000] + "\n...\n" + out.stderr[-1000:]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) and max(abs(a[s] - b[s]) for s in a) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh suite runs it)")
+def test_more_processes_than_gpus_is_one_line(tmp_path, data_dir):
+    """torchrun with one process more than the machine has GPUs: each rank past them stops with one line
+    that says so, before any process group or CUDA call (not CUDA's 'invalid device ordinal')."""
+    n = torch.cuda.device_count() + 1
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sets = [f"data={data_dir}", *TINY, "max_steps=2", "device=cuda", f"out_dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
+           "--master_addr=127.0.0.1", "-m", "miniglm.cli", "train", *sum((["--set", a] for a in sets), [])]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert (f"miniglm: error: torchrun started {n} processes on this machine but it has {n - 1} GPU"
+            in out.stdout + out.stderr)
+    assert "invalid device ordinal" not in out.stderr
 
 
 def test_sft_trains_on_answers_from_a_pretrained_run(tmp_path, data_dir, world_dir, bpe_dir):
