@@ -13,6 +13,7 @@ from pathlib import Path
 
 from miniglm import corpus, shards, tokenizer, world
 from miniglm.config import load_config
+from miniglm.devices import resolve_device
 from miniglm.fileio import UserError, atomic_dir, mark_dir, remove_output
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -62,9 +63,10 @@ def check_options(opts: DemoOptions, run: Path) -> None:
             raise UserError(f"--{name} must be at least 1, got {getattr(opts, name)}")
     if opts.vocab_size < tokenizer.MIN_VOCAB_SIZE:
         raise UserError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE}, got {opts.vocab_size}")
-    stage_config("demo.toml", run / "pretrain", run / "data", pretrain_extra(opts, opts.vocab_size))
-    stage_config("demo-sft.toml", run / "sft", run / "sft_data",
-                 [f"init_from={run / 'pretrain'}", *opts.overrides, *opts.sft_overrides])
+    for cfg in (stage_config("demo.toml", run / "pretrain", run / "data", pretrain_extra(opts, opts.vocab_size)),
+                stage_config("demo-sft.toml", run / "sft", run / "sft_data",
+                             [f"init_from={run / 'pretrain'}", *opts.overrides, *opts.sft_overrides])):
+        resolve_device(cfg.device)  # a GPU asked for and not there: one line before the world is written
 
 
 def run_demo(opts: DemoOptions, log=print) -> dict:

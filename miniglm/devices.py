@@ -37,7 +37,7 @@ def resolve_device(name: str = "auto") -> str:
         return name
     if not torch.cuda.is_available():
         raise UserError(f"device '{name}': torch sees no CUDA GPU here (torch {torch.__version__}); "
-                        "use --device cpu (or auto)")
+                        "choose device cpu or auto")
     count = torch.cuda.device_count()
     local = int(os.environ.get("LOCAL_RANK", 0))
     index = int(name.split(":")[1]) if ":" in name else local
