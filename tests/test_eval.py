@@ -46,6 +46,9 @@ def test_sliding_window_perplexity_matches_token_by_token(bpe_dir):
         nll += F.cross_entropy(logits[0, -1:], torch.tensor([ids[i]])).item()
     got = perplexity(model, tok, texts, stride=1)
     assert got["tokens"] == len(ids) - 1
+    # Windows batched against one context at a time: other shapes, other float32 summation orders (and BLAS
+    # kernels, which differ between CPUs) in each token's loss (~6). Relative already: measured ~2e-9 of it
+    # (the errors average out over the tokens); rel=1e-5 is ~80 float32 roundings of one token's loss.
     assert got["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5)
     # Every stride scores each token once; a larger stride gives less context, so no better a loss.
@@ -65,7 +68,7 @@ def test_eval_writes_predictions_metrics_and_reports(run_dir, qa_file, capsys):
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["n"] == 4 and summary["group_by"] == "fact" and set(summary["groups"]) == {"师父", "门派"}
     mean_em = sum(p["scores"]["exact_match"] for p in preds) / 4
-    assert summary["all"]["exact_match"] == pytest.approx(mean_em)
+    assert summary["all"]["exact_match"] == pytest.approx(mean_em)  # a mean of 0/1 in float64: approx's rel=1e-6
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and 'src="http' not in page  # self-contained
     assert "rouge-l" in (out / "report.md").read_text()
@@ -93,6 +96,7 @@ def test_eval_classify(run_dir, tmp_path):
     assert main(["eval", "classify", "--run", str(run_dir), "--data", str(data), "--out", str(tmp_path / "e")]) == 0
     summary = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert summary["labels"] == ["正面", "负面"] and summary["n"] == 3
+    # ratios of counts in float64 (JSON round-trips them exactly): approx's rel=1e-6 for how 2/3 is formed
     assert summary["majority_baseline"] == {"label": "正面", "accuracy": pytest.approx(2 / 3)}
     preds = [json.loads(line) for line in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["prediction"] in ("正面", "负面", "") for p in preds)
@@ -114,6 +118,7 @@ def test_eval_ppl_cli(run_dir, tmp_path):
     text.write_text("司徒沧霄与蔡尘淑是至交好友。" * 20, encoding="utf-8")
     assert main(["eval", "ppl", "--run", str(run_dir), "--text", str(text), "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e" / "perplexity.json").read_text())
+    # math.exp of the very float64 loss written beside it (JSON round-trips floats): equal; approx's rel=1e-6
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"])) and result["bits_per_byte"] > 0
 
 

@@ -33,7 +33,8 @@ def test_rouge_by_hand():
     # rouge-1: overlap {猫, 垫子, 上} = 3; P = 3/4, R = 3/5, F = 2PR/(P+R) = 0.9/1.35 = 2/3
     # rouge-2: pred {猫坐在, 坐在垫子, 垫子上}, ref {猫在, 在垫子, 垫子上, 上睡觉}: overlap 1; P = 1/3, R = 1/4, F = 2/7
     # rouge-l: LCS 猫 垫子 上 = 3 -> same as rouge-1
-    # rouge-chinese adds 1e-8 to P+R, so F is a hair under the exact fraction
+    # rouge-chinese adds 1e-8 to P+R, so F is a hair under the exact fraction: F*100 (~67) lower by ~5e-7;
+    # abs=1e-5 covers that (the rest is float64 arithmetic, exact to ~1e-14) and no other count or formula
     assert s["rouge-1"] == pytest.approx(200 / 3, abs=1e-5)
     assert s["rouge-2"] == pytest.approx(200 / 7, abs=1e-5)
     assert s["rouge-l"] == pytest.approx(200 / 3, abs=1e-5)
@@ -42,8 +43,10 @@ def test_rouge_by_hand():
 def test_rouge_quirks_of_rouge_chinese():
     # n-grams are sets: a repeated word is one unigram, so repetition costs no ROUGE-1 precision; LCS counts them
     s = rouge_scores("好 好 好", "好")
+    # abs=1e-5: F*100 lowered by rouge-chinese's 1e-8 in P+R (~5e-7 here), as in test_rouge_by_hand
     assert s["rouge-1"] == pytest.approx(100, abs=1e-5) and s["rouge-l"] == pytest.approx(50, abs=1e-5)
     # "。\n" makes a whitespace-only sentence, which rouge-chinese scores as one empty token: 你好 。 '' 世界
+    # approx's rel=1e-6 (~67 +- 7e-5): the 1e-8 in P+R shifts F by ~7e-9 of itself
     assert rouge_scores("你好。\n世界", "你好世界")["rouge-1"] == pytest.approx(2 * (2 / 4 * 1) / (2 / 4 + 1) * 100)
 
 
@@ -70,6 +73,8 @@ def test_rouge_equals_rouge_chinese_on_random_pairs():
             continue
         theirs = Rouge().get_scores(hyp, label)[0]
         for key in ("rouge-1", "rouge-2", "rouge-l"):
+            # the same formula (1e-8 included) in float64 on the same counts, maybe in another order: scores of
+            # 0..100 agree to ~1e-13; abs=1e-9 is still far below one count's difference (> 1e-3)
             assert ours[key] == pytest.approx(theirs[key]["f"] * 100, abs=1e-9), (pred, ref, key)
         compared += 1
     assert compared > 800
@@ -116,7 +121,8 @@ def test_rouge_long_pair_bounded_memory_and_fast():
 def test_bleu_by_hand_and_equals_nltk():
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-    # p1..p4 = 4/6, 3/5, 2/4, 1/3 on characters (今天天气 shared), equal lengths so no brevity penalty
+    # p1..p4 = 4/6, 3/5, 2/4, 1/3 on characters (今天天气 shared), equal lengths so no brevity penalty.
+    # All in float64 (pure Python, the same on every CPU): approx's default rel=1e-6 against ~1e-15 roundings.
     assert bleu4("今天天气很好", "今天天气不错") == pytest.approx((4 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25 * 100)
     # "ab" vs "abcd": p1 = p2 = 1; no 3- or 4-grams, so method 3 uses 1/2 and 1/4; brevity penalty exp(1 - 4/2)
     assert bleu4("ab", "abcd") == pytest.approx(math.exp(-1) * (0.5 * 0.25) ** 0.25 * 100)
@@ -168,6 +174,7 @@ def test_classification_report_by_hand():
     refs = ["正面", "正面", "负面", "负面", "中性"]
     preds = ["正面", "负面", "负面", "负面", "其他"]
     r = classification_report(preds, refs, labels)
+    # ratios of small counts in float64: approx's default rel=1e-6 only absorbs how each fraction is formed
     assert r["accuracy"] == pytest.approx(3 / 5)
     assert r["per_class"]["正面"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
     assert r["per_class"]["负面"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
@@ -199,6 +206,7 @@ def test_embedder_paraphrase_beats_unrelated(embedder):
     unrelated = [(a, d), (c, f), (e, b)]
     vectors = embedder.encode([a, b, c])
     assert vectors.shape == (3, 512)
+    # unit vectors of 512 float32 values: their norms are 1 to a few float32 roundings (eps 1.2e-7), so abs=1e-5
     assert np.linalg.norm(vectors, axis=1) == pytest.approx([1, 1, 1], abs=1e-5)
     close = cosine_similarities([a for a, _ in para], [b for _, b in para], embedder)
     far = cosine_similarities([a for a, _ in unrelated], [b for _, b in unrelated], embedder)

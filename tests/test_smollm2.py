@@ -41,8 +41,13 @@ def test_logits_match_transformers(run, reference):
         for ids in prompts:
             x = torch.tensor([ids])
             ours, theirs = run.engine.model(x)[0], hf(x).logits
-            assert (ours - theirs).abs().max() <= 1e-3
-            assert torch.equal(ours.argmax(-1), theirs.argmax(-1))  # the same argmax at every position
+            # The same dequantized weights through other code: 30 layers of other summation orders and BLAS
+            # kernels (which differ between CPUs) on logits of size ~30-45. Measured ~4e-6 of their size;
+            # 3e-5 of it (~250 float32 roundings). A mis-mapped weight moves them by O(their size).
+            assert (ours - theirs).abs().max() <= 3e-5 * theirs.abs().max()
+            # the same argmax at every position: exact, token ids; safe across CPUs because the closest top two
+            # logits in these prompts are ~3e-3 apart, ~30 times the rounding differences above (~1e-4)
+            assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
 def test_tokenizer_matches_the_model(run, reference):
@@ -70,7 +75,7 @@ def test_chat_prompt_and_greedy_decoding_match_transformers(run, reference):
     ours = run.engine.generate([story], SamplingParams(max_new_tokens=32, stop_ids=stops))[0]
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([story]), max_new_tokens=32, do_sample=False)[0, len(story):].tolist()
-    assert len(ours.ids) == 32 and ours.ids == theirs
+    assert len(ours.ids) == 32 and ours.ids == theirs  # token ids, exact: each step's top two >= 0.016 apart
 
 
 def test_generate_answers_paris_and_stops_at_im_end(smollm2_run, capsys):
@@ -87,7 +92,10 @@ def test_hf_export_keeps_logits(run, smollm2_run, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     ids, _ = run.prompt(FRANCE)
     with torch.no_grad():
-        assert (hf(torch.tensor([ids])).logits - run.engine.model(torch.tensor([ids]))[0]).abs().max() <= 1e-4
+        want = run.engine.model(torch.tensor([ids]))[0]
+        # transformers' Llama against ours, as in test_logits_match_transformers: logits of size ~40, measured
+        # ~2e-6 of it (an absolute 1e-4 was within 20% of failing); 3e-5 of it, ~250 float32 roundings
+        assert (hf(torch.tensor([ids])).logits - want).abs().max() <= 3e-5 * want.abs().max()
     eos = hf.generation_config.eos_token_id
     assert 2 in (eos if isinstance(eos, list) else [eos])  # generate() stops at <|im_end|>
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
