@@ -34,10 +34,17 @@ class Job:
     on_event: Callable[[dict], None]
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     cancelled: bool = False
+    # the server's per-request hooks: logit_bias {id: bias} is added to this row's logits before sampling;
+    # top_logprobs (0..20, None: off) sends {"logprob": (id, logprob, [(id, logprob), ...])} before each
+    # new token's text: the model's own distribution (log_softmax of its logits, before temperature, bias,
+    # penalty and top-k/top-p), as vLLM reports by default
+    logit_bias: dict[int, float] | None = None
+    top_logprobs: int | None = None
     # decoding state, owned by the batcher thread
     row: Row | None = None
     history: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) on the device
 
 
 class Batcher:
@@ -135,6 +142,9 @@ class Batcher:
             r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
         if r.params.repetition_penalty != 1.0:
             r.history = torch.tensor([r.prompt], device=self.device)
+        if r.logit_bias:
+            r.bias = (torch.tensor(list(r.logit_bias), device=self.device),
+                      torch.tensor(list(r.logit_bias.values()), device=self.device))
         alone = KVCache(self.model.config, 1, len(r.prompt), device=self.device, dtype=self._dtype())
         logits, _ = self.model(torch.tensor([r.prompt], device=self.device), cache=alone)
         P, B = len(r.prompt), len(self.active)
@@ -237,14 +247,29 @@ class Batcher:
                 pass
         return tokens
 
+    def _bias_and_logprobs(self) -> dict[int, torch.Tensor]:
+        """The server's hooks, before sampling: the log-probabilities of the rows that asked for them (by row,
+        from the model's logits), then each row's logit_bias added to its logits (a copy: the step's own
+        output may be a static buffer)."""
+        want = [i for i, r in enumerate(self.active) if r.top_logprobs is not None]
+        logprobs = dict(zip(want, torch.log_softmax(self.logits[want].float(), -1), strict=True)) if want else {}
+        biased = [i for i, r in enumerate(self.active) if r.bias is not None]
+        if biased:
+            self.logits = self.logits.float().clone()
+            for i in biased:
+                ids, values = self.active[i].bias
+                self.logits[i, ids] += values
+        return logprobs
+
     def _step(self) -> None:
         next_ids, keep = [], []
+        logprobs = self._bias_and_logprobs()
         together = self._sample_together()
         for i, r in enumerate(self.active):
             try:  # the others sample alone, each from its own generator: a row that fails leaves the rest as they are
                 t = together[i] if i in together else sample_next(self.logits[i:i + 1], r.params, r.history,
                                                                   r.generator).item()
-                self._advance(r, t)
+                self._advance(r, t, logprobs.get(i))
             except Exception as e:
                 _fail(r, f"{type(e).__name__}: {e}")
                 r.row.done, t = True, 0
@@ -263,7 +288,7 @@ class Batcher:
             if r.history is not None:
                 r.history = torch.cat([r.history, torch.tensor([[t]], device=self.device)], 1)
 
-    def _advance(self, r: Job, t: int) -> None:
+    def _advance(self, r: Job, t: int, logprobs: torch.Tensor | None = None) -> None:
         """Take one sampled token for a row: send the text that is safe to send, and say when it ends."""
         row = r.row
         if r.cancelled:
@@ -271,6 +296,10 @@ class Batcher:
         elif t in r.params.stop_ids:
             row.finish("stop")
         else:
+            if logprobs is not None:  # the token's, then its top alternatives' (a stop token has none)
+                top = torch.topk(logprobs, r.top_logprobs) if r.top_logprobs else None
+                r.on_event({"logprob": (t, logprobs[t].item(), [] if top is None else list(
+                    zip(top.indices.tolist(), top.values.tolist(), strict=True)))})
             row.push(t)
             if len(row.prompt) + len(row.ids) >= self.model.config.block_size:
                 row.finish("length")

@@ -449,12 +449,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_API_KEY_ENV = "MINIGLM_API_KEY"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from miniglm.serve import serve
 
-    key = args.api_key or os.environ.get(args.api_key_env) or None
+    # A key that was asked for (--api-key, --api-key-env, or MINIGLM_API_KEY set) must be there: an empty or
+    # unset one never starts the server open. Nothing asked for: open, and serve() says so in one line.
+    if args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif args.api_key_env is not None:
+        key, source = os.environ.get(args.api_key_env), f"--api-key-env {args.api_key_env}"
+        if key is None:
+            raise UserError(f"{source}: the variable {args.api_key_env} is not set (the server would have no key)")
+    else:
+        key, source = os.environ.get(DEFAULT_API_KEY_ENV), DEFAULT_API_KEY_ENV
+    if key is not None and not key.strip():
+        raise UserError(f"{source}: the API key is empty (the server would have no key)")
     serve(args.run, args.host, args.port, key, args.device, args.max_batch, args.int8, args.max_body)
     return 0
 
@@ -666,7 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    sv.add_argument("--api-key-env", default="MINIGLM_API_KEY", help="or read the key from this variable")
+    sv.add_argument("--api-key-env", default=None, metavar="NAME",
+                    help=f"or read the key from this variable (default {DEFAULT_API_KEY_ENV}, if it is set); "
+                         "an unset or empty one refuses to start")
     sv.add_argument("--max-batch", type=at_least(1), default=32,
                     help="requests decoded together; more wait in order for a free row (default 32)")
     sv.add_argument("--max-body", type=at_least(1), default=1 << 20, metavar="BYTES",

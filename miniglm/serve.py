@@ -10,28 +10,38 @@ Concurrent requests are decoded together by the Batcher; a client that disconnec
 The batcher hands each step's events to the event loop at once (Outbox: one wake-up per step), and a
 stream writes what one wake-up brought as one event, framed ahead (only its text is encoded per event).
 Requests past --max-batch wait in order for a free row (a stream is answered at once, its first chunk
-then comes when its row starts). Every error is OpenAI's JSON error shape: 400 for malformed JSON,
-fields out of range (engine.SamplingParams.validate) and prompts past the context, 401 for a wrong API
-key, 413 for a body over --max-body, 500/503 for a failed row or a shutdown. A failure in one row
-ends that row only; a shutdown (SIGTERM, Ctrl-C) ends every stream with an error event first.
+then comes when its row starts). One request model (parse_request, REQUEST_FIELDS) reads every body:
+each field is honoured, harmless metadata, or refused with a 400 naming it. Every error is OpenAI's JSON
+error shape: 400 for malformed JSON, invalid text, unsupported or unknown fields, fields out of range
+(engine.SamplingParams.validate) and prompts past the context, 401 for a wrong API key, 413 for a body
+over --max-body, 500/503 for a failed row or a shutdown. A failure in one row ends that row only; a
+shutdown (SIGTERM, Ctrl-C) ends every stream with an error event first. A client that goes away is
+normal: nothing is logged (QuietDisconnects).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
+import math
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from miniglm.batcher import Batcher, Job
 from miniglm.chat import LoadedRun, load_run
@@ -57,16 +67,253 @@ def error_body(e: APIError) -> dict:
     return {"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}
 
 
+# --- the request model ------------------------------------------------------------------------------
+# Every request field the server knows, in one place: what it does with each, and for a field it does not
+# implement, the values that ask for nothing (accepted) — any other value is a 400 naming the field, as
+# OpenAI answers a field it does not know. A field not in this table is a 400 too ("unrecognized").
+HONOURED = "honoured"  # read and acted on (checked for type and range)
+METADATA = "accepted"  # harmless metadata: no effect on the answer
+REFUSED = "refused"  # a 400 unless its value asks for nothing (null, false, 0, [], "none", ...)
+
+
+@dataclass(frozen=True)
+class Field:
+    where: str  # "chat", "completions" or "both"
+    treatment: str  # HONOURED, METADATA or REFUSED
+    inert: Callable[[Any], bool] | None = None  # REFUSED: the values that ask for nothing
+    why: str = "is not supported"
+
+
+def _null(v) -> bool:
+    return v is None
+
+
+def _false(v) -> bool:
+    return v is None or v is False
+
+
+def _zero(v) -> bool:  # NaN is not 0: refused
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
+
+
+def _no_list(v) -> bool:
+    return v is None or v == []
+
+
+def _none_choice(v) -> bool:
+    return v is None or v == "none"
+
+
+def _one(v) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1)
+
+
+REQUEST_FIELDS: dict[str, Field] = {
+    # the prompt
+    "messages": Field("chat", HONOURED),
+    "prompt": Field("completions", HONOURED),
+    # sampling (SamplingParams.validate checks each range; top_k, repetition_penalty, ignore_eos and
+    # skip_special_tokens are vLLM's extensions)
+    "max_completion_tokens": Field("both", HONOURED),
+    "max_tokens": Field("both", HONOURED),  # beside max_completion_tokens: must be the same number
+    "temperature": Field("both", HONOURED),
+    "top_p": Field("both", HONOURED),
+    "top_k": Field("both", HONOURED),
+    "repetition_penalty": Field("both", HONOURED),
+    "stop": Field("both", HONOURED),
+    "seed": Field("both", HONOURED),
+    "logit_bias": Field("both", HONOURED),
+    "logprobs": Field("both", HONOURED),  # chat: true/false; completions: 0..5 (the legacy shape)
+    "top_logprobs": Field("chat", HONOURED),
+    "ignore_eos": Field("both", HONOURED),
+    "skip_special_tokens": Field("both", HONOURED),
+    "n": Field("both", REFUSED, _one, "must be 1: one choice per request"),
+    # the response's form
+    "stream": Field("both", HONOURED),
+    "stream_options": Field("both", HONOURED),  # include_usage
+    # metadata
+    "model": Field("both", METADATA),  # one model per server: any name answers with it
+    "user": Field("both", METADATA),
+    "metadata": Field("chat", METADATA),
+    "store": Field("chat", METADATA),
+    "service_tier": Field("both", METADATA),
+    "prompt_cache_key": Field("chat", METADATA),
+    "safety_identifier": Field("chat", METADATA),
+    "parallel_tool_calls": Field("chat", METADATA),  # tools are refused: nothing to call in parallel
+    # not implemented: refused unless they ask for nothing
+    "tools": Field("chat", REFUSED, _no_list, "is not supported: this server has no tool calling"),
+    "tool_choice": Field("chat", REFUSED, _none_choice, "is not supported: this server has no tool calling"),
+    "functions": Field("chat", REFUSED, _no_list, "is not supported: this server has no function calling"),
+    "function_call": Field("chat", REFUSED, _none_choice, "is not supported: this server has no function calling"),
+    "response_format": Field("chat", REFUSED, lambda v: v is None or v == {"type": "text"},
+                             'is not supported except {"type": "text"}: no JSON or schema mode'),
+    "presence_penalty": Field("both", REFUSED, _zero, "is not supported (0 only); repetition_penalty is"),
+    "frequency_penalty": Field("both", REFUSED, _zero, "is not supported (0 only); repetition_penalty is"),
+    "echo": Field("completions", REFUSED, _false, "is not supported: the answer never repeats the prompt"),
+    "suffix": Field("completions", REFUSED, lambda v: v is None or v == "", "is not supported: no insertion"),
+    "best_of": Field("completions", REFUSED, _one, "must be 1: one candidate per request"),
+    "modalities": Field("chat", REFUSED, lambda v: v is None or v == ["text"], 'is not supported except ["text"]'),
+    "audio": Field("chat", REFUSED, _null, "is not supported: text only"),
+    "prediction": Field("chat", REFUSED, _null, "is not supported"),
+    "reasoning_effort": Field("chat", REFUSED, _null, "is not supported: not a reasoning model"),
+    "verbosity": Field("chat", REFUSED, _null, "is not supported"),
+    "web_search_options": Field("chat", REFUSED, _null, "is not supported: no web search"),
+}
+# the keys of one message: role and content are read; the rest ask for nothing or are metadata
+MESSAGE_FIELDS: dict[str, Field] = {
+    "role": Field("chat", HONOURED),
+    "content": Field("chat", HONOURED),  # a string, or text parts ({"type": "text", "text": ...}) only
+    "name": Field("chat", METADATA),
+    "refusal": Field("chat", REFUSED, _null),
+    "tool_calls": Field("chat", REFUSED, _no_list, "is not supported: this server has no tool calling"),
+    "function_call": Field("chat", REFUSED, _null, "is not supported: this server has no function calling"),
+    "audio": Field("chat", REFUSED, _null, "is not supported: text only"),
+    "annotations": Field("chat", REFUSED, _no_list),
+}
+MAX_TOP_LOGPROBS = {"chat": 20, "completions": 5}  # OpenAI's limits
+LOGIT_BIAS_LIMIT = 100.0
+
+
+@dataclass
+class APIRequest:
+    """A request body parsed and checked: what the handlers use. Sampling settings are checked once the
+    prompt's length is known (sampling_from)."""
+    body: dict
+    chat: bool
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    ignore_eos: bool = False
+    top_logprobs: int | None = None  # None: no logprobs; else how many alternatives per token
+    logit_bias: dict[int, float] | None = None
+
+
 def _field(body: dict, key: str, default):
     value = body.get(key)
     return default if value is None else value
 
 
-def _flag(body: dict, key: str, default: bool = False) -> bool:
+def _flag(body: dict, key: str, default: bool = False, param: str | None = None) -> bool:
     value = _field(body, key, default)
     if not isinstance(value, bool):
-        raise APIError(400, f"'{key}' must be true or false", key)
+        raise APIError(400, f"'{param or key}' must be true or false", param or key)
     return value
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(name, str) else repr(name)
+
+
+def check_text(body) -> None:
+    """Every string in the body (keys too) is valid Unicode text, or a 400 naming where it is not. Python's
+    json reads lone surrogates ("\\ud800"), which no tokenizer can encode and no reply can carry."""
+    todo = [(body, "")]  # a stack, not recursion: bodies may be nested deep
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                sub = f"{path}.{_printable(k)}" if path else _printable(k)
+                _check_string(k, sub)
+                todo.append((v, sub))
+        elif isinstance(value, list):
+            todo.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_string(value, path)
+
+
+def _check_string(s: str, path: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"'{path or 'body'}' is not valid text: a lone surrogate (U+{ord(s[e.start]):04X}) "
+                            f"at character {e.start}", path or None, "invalid_text") from None
+
+
+def check_fields(obj: dict, table: dict[str, Field], where: str, prefix: str = "") -> None:
+    """Each key of obj is known for this endpoint, and a field this server does not implement asks for nothing."""
+    for key, value in obj.items():
+        param = prefix + key
+        spec = table.get(key)
+        if spec is None or spec.where not in ("both", where):
+            raise APIError(400, f"unrecognized request argument '{param}'"
+                                + (f" (a {spec.where} field)" if spec else ""), param, "unknown_parameter")
+        if spec.treatment == REFUSED and not spec.inert(value):
+            raise APIError(400, f"'{param}' {spec.why}", param, "unsupported_parameter")
+
+
+def parse_request(body: dict, chat: bool, vocab_size: int) -> APIRequest:
+    """The request model: a JSON body -> what the handlers use, or a 400 in OpenAI's shape naming the field."""
+    where = "chat" if chat else "completions"
+    check_text(body)
+    check_fields(body, REQUEST_FIELDS, where)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "'model' must be a string", "model")
+    req = APIRequest(body, chat, stream=_flag(body, "stream"), ignore_eos=_flag(body, "ignore_eos"))
+    if chat:
+        req.messages = parse_messages(body)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(400, "'prompt' must be a non-empty string", "prompt")
+        req.prompt = prompt
+    options = _field(body, "stream_options", {})
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options")
+    for key in options:
+        if key != "include_usage":
+            raise APIError(400, f"'stream_options.{key}' is not supported (include_usage is)",
+                           f"stream_options.{key}", "unsupported_parameter")
+    req.include_usage = _flag(options, "include_usage", param="stream_options.include_usage")
+    req.top_logprobs = _logprobs(body, chat)
+    req.logit_bias = _logit_bias(body, vocab_size)
+    return req
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Chat: logprobs true (+ top_logprobs 0..20); completions: logprobs 0..5. None: no logprobs."""
+    limit = MAX_TOP_LOGPROBS["chat" if chat else "completions"]
+    value = body.get("logprobs")
+    if chat:
+        on = _flag(body, "logprobs")
+        top = body.get("top_logprobs")
+        if top is None:
+            return 0 if on else None
+        if not (isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= limit):
+            raise APIError(400, f"'top_logprobs' must be an integer from 0 to {limit}", "top_logprobs")
+        if not on:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return top
+    if value is None or value is False:
+        return None
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit):
+        raise APIError(400, f"'logprobs' must be an integer from 0 to {limit}", "logprobs")
+    return value
+
+
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """{"token id": bias}: ids of this model's vocabulary, biases from -100 to 100, added to the logits."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise APIError(400, "'logit_bias' must be an object of token ids to numbers", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise APIError(400, f"'logit_bias' has {json.dumps(key)}: not a token id of this model "
+                                f"(0 to {vocab_size - 1})", "logit_bias")
+        if not (_is_finite(value) and -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT):
+            raise APIError(400, f"'logit_bias' of token {key} must be a number from -100 to 100", "logit_bias")
+        out[int(key)] = float(value)
+    return out or None
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def sampling_from(body: dict, prompt_len: int, block_size: int, vocab_size: int) -> SamplingParams:
@@ -79,7 +326,13 @@ def sampling_from(body: dict, prompt_len: int, block_size: int, vocab_size: int)
     if n is not None and (isinstance(n, bool) or n != 1):
         raise APIError(400, "only n=1 is supported", "n")
     stop = _field(body, "stop", [])
-    max_tokens = _field(body, "max_tokens", _field(body, "max_completion_tokens", min(256, room)))
+    # max_completion_tokens is OpenAI's name now; max_tokens the older one: one of them, or both the same
+    new, old = body.get("max_completion_tokens"), body.get("max_tokens")
+    if new is not None and old is not None and (type(new) is not type(old) or new != old):
+        raise APIError(400, f"'max_tokens' ({json.dumps(old)}) differs from 'max_completion_tokens' "
+                            f"({json.dumps(new)}): send one of them", "max_tokens")
+    name = "max_completion_tokens" if new is not None else "max_tokens"
+    max_tokens = new if new is not None else _field(body, "max_tokens", min(256, room))
     params = SamplingParams(max_new_tokens=max_tokens, temperature=_field(body, "temperature", 1.0),
                             top_p=_field(body, "top_p", 1.0), top_k=_field(body, "top_k", 0),
                             repetition_penalty=_field(body, "repetition_penalty", 1.0),
@@ -88,13 +341,13 @@ def sampling_from(body: dict, prompt_len: int, block_size: int, vocab_size: int)
     try:
         params.validate(vocab_size)
     except SamplingError as e:
-        name = API_NAMES.get(e.field, e.field)
-        raise APIError(400, f"'{name}' {e.rule}", name) from None
+        field_name = {**API_NAMES, "max_new_tokens": name}.get(e.field, e.field)
+        raise APIError(400, f"'{field_name}' {e.rule}", field_name) from None
     if params.max_new_tokens < 1:
-        raise APIError(400, "'max_tokens' must be an integer >= 1", "max_tokens")
+        raise APIError(400, f"'{name}' must be an integer >= 1", name)
     if prompt_len + params.max_new_tokens > block_size:
-        raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) is past this "
-                            f"model's context of {block_size} tokens", "max_tokens", "context_length_exceeded")
+        raise APIError(400, f"prompt ({prompt_len} tokens) + {name} ({params.max_new_tokens}) is past this "
+                            f"model's context of {block_size} tokens", name, "context_length_exceeded")
     return params
 
 
@@ -162,15 +415,54 @@ def parse_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise APIError(400, f"messages[{i}].role must be system, user or assistant", f"messages[{i}].role")
+        check_fields(m, MESSAGE_FIELDS, "chat", f"messages[{i}].")
         content = m.get("content")
-        if isinstance(content, list):  # the content-parts form: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if isinstance(content, list):  # the content-parts form: text parts only (an image is refused, not dropped)
+            for j, p in enumerate(content):
+                if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+                    kind = p.get("type") if isinstance(p, dict) and isinstance(p.get("type"), str) else None
+                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts ({{\"type\": \"text\", "
+                                        f"\"text\": ...}}) are supported" + (f", not {kind!r}" if kind else ""),
+                                   f"messages[{i}].content[{j}]", "unsupported_content")
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
         out.append({"role": m["role"], "content": content})
     if out[-1]["role"] != "user":
         raise APIError(400, "the last message must be from the user", "messages")
     return out
+
+
+class QuietDisconnects:
+    """A client that goes away mid-body or mid-stream is normal, not an error: nothing is logged (Starlette
+    would log a ClientDisconnect traceback per dropped client). Its row, if it had one, is freed by respond.
+    At shutdown, a request still sending its body when uvicorn's grace runs out is cancelled: it gets a 503,
+    and the log uvicorn's one line ("Cancel 1 running task(s)"), not a CancelledError traceback."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def send_tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except ClientDisconnect:
+            pass
+        except asyncio.CancelledError:
+            if scope["type"] != "http" or not getattr(self.state, "closing", False):
+                raise
+            if not started:
+                body = json.dumps(error_body(APIError(503, "the server is shutting down"))).encode()
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
 
 
 def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, max_body: int = MAX_BODY,
@@ -198,6 +490,8 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
 
     app = FastAPI(title="miniglm", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.closing = False  # Server.shutdown sets it
+    app.add_middleware(QuietDisconnects, state=app.state)  # inside Starlette's error middleware (it would log)
     model_name = run.name
     block_size = run.engine.model.config.block_size
     vocab_size = run.engine.tokenizer.vocab_size
@@ -253,54 +547,105 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
             raise APIError(400, f"the prompt has {chars:,} characters, past this model's context of {block_size} "
                                 "tokens", param, "context_length_exceeded")
 
-    def start(prompt: list[int], params: SamplingParams) -> tuple[Job, asyncio.Queue]:
+    def start(prompt: list[int], params: SamplingParams, req: APIRequest) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         outbox = outboxes.get(loop) or outboxes.setdefault(loop, Outbox(loop))
         queue: asyncio.Queue = asyncio.Queue()  # lists of events: what one or more steps gave this request
-        req = Job(prompt, params, lambda ev: outbox.put(queue, ev))
-        batcher.submit(req)
-        return req, queue
+        job = Job(prompt, params, lambda ev: outbox.put(queue, ev), logit_bias=req.logit_bias,
+                  top_logprobs=req.top_logprobs)
+        batcher.submit(job)
+        return job, queue
 
     def usage(done: dict) -> dict:
         return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
                 "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
 
-    async def respond(request: Request, body: dict, prompt: list[int], stops: list[int], chat: bool):
-        params = sampling_from(body, len(prompt), block_size, vocab_size)
-        params.stop_ids = [] if _flag(body, "ignore_eos") else sorted(set(stops))  # vLLM's extension, for benchmarks
-        stream = _flag(body, "stream")
-        options = _field(body, "stream_options", {})
-        if not isinstance(options, dict):
-            raise APIError(400, "'stream_options' must be an object", "stream_options")
-        include_usage = _flag(options, "include_usage")
-        req, queue = start(prompt, params)
-        cid = ("chatcmpl-" if chat else "cmpl-") + req.id
+    tokens: dict[int, tuple[str, list[int]]] = {}
+
+    def token_info(i: int) -> tuple[str, list[int]]:
+        """A token's text and bytes, as OpenAI's logprobs give them: bytes that are not whole characters
+        (part of a character a byte-level BPE split) as "bytes:\\xe4\\xb8"."""
+        if i not in tokens:
+            tok = run.engine.tokenizer
+            try:
+                raw = tok.token_bytes(i)
+            except Exception:  # an id this tokenizer does not use
+                raw = None
+            raw = tok.decode([i]).encode("utf-8", "replace") if raw is None else raw
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            tokens[i] = (text, list(raw))
+        return tokens[i]
+
+    class Logprobs:
+        """One request's logprobs, in the chat shape ({"content": [{token, logprob, bytes, top_logprobs}]})
+        or the legacy completions shape ({tokens, token_logprobs, top_logprobs, text_offset})."""
+
+        def __init__(self, chat: bool):
+            self.chat, self.offset = chat, 0
+            self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # text_offset counts whole characters
+
+        def shape(self, entries: list[tuple]) -> dict:
+            def lp(x: float) -> float:  # JSON has no -inf: OpenAI's floor for the unlikeliest tokens
+                return x if math.isfinite(x) else -9999.0
+
+            if self.chat:
+                def one(i, x):
+                    text, raw = token_info(i)
+                    return {"token": text, "logprob": lp(x), "bytes": raw}
+
+                return {"content": [{**one(t, x), "top_logprobs": [one(i, y) for i, y in top]}
+                                    for t, x, top in entries], "refusal": None}
+            out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for t, x, top in entries:
+                text, raw = token_info(t)
+                out["tokens"].append(text)
+                out["token_logprobs"].append(lp(x))
+                out["top_logprobs"].append({token_info(i)[0]: lp(y) for i, y in top})
+                out["text_offset"].append(self.offset)
+                self.offset += len(self.decoder.decode(bytes(raw)))
+            return out
+
+    async def respond(req: APIRequest, prompt: list[int], stops: list[int]):
+        params = sampling_from(req.body, len(prompt), block_size, vocab_size)
+        params.stop_ids = [] if req.ignore_eos else sorted(set(stops))  # vLLM's extension, for benchmarks
+        chat = req.chat
+        job, queue = start(prompt, params, req)
+        logprobs = Logprobs(chat) if req.top_logprobs is not None else None
+        cid = ("chatcmpl-" if chat else "cmpl-") + job.id
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict:
+        def chunk(delta: str | None, finish: str | None, first: bool = False, entries: list | None = None) -> dict:
             if chat:
                 d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": finish}
+                choice = {"index": 0, "delta": d}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish}
+                choice = {"index": 0, "text": delta or ""}
+            choice["logprobs"] = logprobs.shape(entries) if entries else None
+            choice["finish_reason"] = finish
             return {"id": cid, "object": kind + (".chunk" if chat else ""), "created": created, "model": model_name,
                     "choices": [choice]}
 
-        if not stream:
-            text, done = "", None
+        if not req.stream:
+            text, done, entries = "", None, []
             try:
                 while done is None:
                     for ev in await queue.get():
                         if "error" in ev:
                             raise APIError(ev.get("status", 500), ev["error"])
+                        if "logprob" in ev:
+                            entries.append(ev["logprob"])
                         text += ev.get("delta", "")
                         if ev.get("done"):
                             done = ev
             finally:
-                req.cancelled = done is None
+                job.cancelled = done is None
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
                       else {"index": 0, "text": text})
+            choice["logprobs"] = logprobs.shape(entries) if logprobs else None
             choice["finish_reason"] = done["finish_reason"]
             return JSONResponse({"id": cid, "object": kind, "created": created, "model": model_name,
                                  "choices": [choice], "usage": usage(done)})
@@ -316,23 +661,29 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
                 while not ended:
                     # One body write per wake-up: the text of every step since the last one as one event,
                     # then the row's end (its finish and usage, or an error) if it ended.
-                    delta, end = "", []
+                    delta, end, entries = "", [], []
                     for ev in await queue.get():
                         if "error" in ev:  # the row failed, or the server is shutting down
                             end.append(sse(error_body(APIError(ev.get("status", 500), ev["error"]))))
+                        elif "logprob" in ev:
+                            entries.append(ev["logprob"])
                         else:
                             delta += ev.get("delta", "")
                         if ev.get("done"):
                             end.append(sse(chunk(None, ev["finish_reason"])))
-                            if include_usage:
+                            if req.include_usage:
                                 end.append(sse({**chunk(None, None), "choices": [], "usage": usage(ev)}))
                     ended = bool(end)
                     if ended:
                         end.append("data: [DONE]\n\n")
-                    yield (head + json.dumps(delta, ensure_ascii=False) + tail if delta else "") + "".join(end)
+                    if entries:  # logprobs asked for: the whole chunk (not the framed one) holds them
+                        text = sse(chunk(delta, None, entries=entries))
+                    else:
+                        text = head + json.dumps(delta, ensure_ascii=False) + tail if delta else ""
+                    yield text + "".join(end)
             finally:
                 if not ended:  # the client went away: free its row
-                    req.cancelled = True
+                    job.cancelled = True
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -349,23 +700,17 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request)
-        messages = parse_messages(body)
-        check_length(sum(len(m["content"]) for m in messages), "messages")
-        ids, stops = run.prompt(messages)
-        return await respond(request, body, ids, stops, chat=True)
+        req = parse_request(await read_body(request), True, vocab_size)
+        check_length(sum(len(m["content"]) for m in req.messages), "messages")
+        ids, stops = run.prompt(req.messages)
+        return await respond(req, ids, stops)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-        check_length(len(prompt), "prompt")
+        req = parse_request(await read_body(request), False, vocab_size)
+        check_length(len(req.prompt), "prompt")
         tok = run.engine.tokenizer
-        return await respond(request, body, tok.encode(prompt), [tok.eot_id], chat=False)
+        return await respond(req, tok.encode(req.prompt), [tok.eot_id])
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -379,6 +724,7 @@ class Server(uvicorn.Server):
     error event, a plain request a 503), so open connections close at once instead of holding the exit."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.config.app.state.closing = True
         await asyncio.to_thread(self.config.app.state.batcher.stop, 2)
         await super().shutdown(sockets)
 
@@ -412,6 +758,9 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         raise
     port = sock.getsockname()[1]
     print(f"serving {run_dir} on http://{host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
+    if api_key is None:
+        print("miniglm: no API key (--api-key, --api-key-env NAME or MINIGLM_API_KEY): anyone who can reach "
+              f"{host}:{port} can use the API", file=sys.stderr, flush=True)
     # the graceful timeout is a backstop: rows end at once on shutdown, but a client may not read its stream
     # lifespan off: Server.shutdown stops the batcher, and a forced exit (a second Ctrl-C) would otherwise
     # leave the lifespan task to be cancelled with a logged traceback

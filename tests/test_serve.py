@@ -1,6 +1,7 @@
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx2 as httpx
 import pytest
@@ -17,14 +18,14 @@ def run_dir(tmp_path_factory, bpe_dir):
     return make_chat_run(tmp_path_factory.mktemp("serve"), bpe_dir, block_size=320, n_layer=2)
 
 
-@pytest.fixture(scope="module")
-def server(run_dir):
-    """A real uvicorn on a loopback port, stopped after the module."""
+@contextmanager
+def running_server(run_dir, api_key="sekret"):
+    """A real uvicorn on a loopback port (base URL, app), stopped on leaving."""
     import uvicorn
 
     from miniglm.serve import create_app, listen
 
-    app = create_app(load_run(run_dir, "cpu"), api_key="sekret")
+    app = create_app(load_run(run_dir, "cpu"), api_key=api_key)
     sock = listen("127.0.0.1", 0)  # the server's own: TCP_NODELAY on its connections
     port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -37,10 +38,19 @@ def server(run_dir):
                 break
         except httpx.HTTPError:
             time.sleep(0.05)
-    yield base, app
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield base, app
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """A real uvicorn on a loopback port, stopped after the module."""
+    with running_server(run_dir) as running:
+        yield running
 
 
 def client(base, key="sekret"):
