@@ -13,12 +13,14 @@ GPT-2-small size is added, with MFU against the bf16 peak.
     .venv/bin/python bench/train.py [--steps 2] [--rounds 5] [--modes eager,compile] [--sizes demo,13.8M]
                                     [--nanogpt PATH] [--device cpu|cuda]
     .venv/bin/python bench/train.py --profile [--sizes 13.8M]     # where a step's time goes, per model
+    .venv/bin/python bench/train.py --count-ops [--sizes 124M]     # aten ops per step, fp32 and bf16 autocast
     .venv/bin/python bench/train.py --modes eager --malloc          # also under glibc's default allocator
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib.util
 import io
@@ -93,13 +95,16 @@ class Contestant:
         self.autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
         self.best, self.warm = 0.0, 0.0
 
-    def step(self) -> None:
-        with self.autocast:
+    def step(self, mark=lambda phase: contextlib.nullcontext()) -> None:
+        """One training step; mark(phase) wraps each phase (count_ops labels them for the profiler)."""
+        with mark("forward"), self.autocast:
             _, loss = self.step_model(self.x, self.y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with mark("backward"):
+            loss.backward()
+        with mark("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
 
     def run(self, steps: int) -> float:
         sync(self.device)
@@ -162,6 +167,57 @@ def profile(sizes: dict, nanogpt, device: str) -> None:
            "aten ops' own CPU time (torch.profiler), backward ops included")
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+def step_ops(c: Contestant) -> dict[str, collections.Counter]:
+    """The aten ops of one training step of c, per phase: every aten:: event torch.profiler records, nested
+    ones included (aten::linear and the t and addmm under it each count: each is a trip through the
+    dispatcher, which is what an eager step on a GPU waits on). A phase holds the ops that start inside its
+    range, on any thread (CUDA's backward runs on the autograd engine's own thread)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    c.step()  # warm: the optimizer's state exists, lazy inits are done
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        c.step(lambda phase: record_function(f"step:{phase}"))
+    events = prof.events()
+    ranges = {e.name[5:]: e.time_range for e in events if e.name.startswith("step:")}
+    counts = {phase: collections.Counter() for phase in PHASES}
+    for e in events:
+        if e.name.startswith("aten::"):
+            phase = next((p for p, r in ranges.items() if r.start <= e.time_range.start <= r.end), None)
+            if phase is not None:
+                counts[phase][e.name[6:]] += 1
+    return counts
+
+
+def count_ops(sizes: dict, nanogpt, device: str, top: int = 8) -> None:
+    """aten ops per eager training step, per contestant, in fp32 and under bf16 autocast (on CPU too: its
+    autocast casts the same weights and activations as CUDA's, so the casts' _to_copy/copy_ show up here).
+    The count depends on the layers, barely on the batch and sequence length (a few dozen ops in thousands,
+    in the backward): counted on 1 x 64 tokens, so 124M's takes seconds on a CPU."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rows = []
+    for size, (cfg, _) in sizes.items():
+        cfg = ModelConfig(**{**cfg.to_dict(), "block_size": min(cfg.block_size, 64)})
+        for precision in ("fp32", "bf16 autocast"):
+            for c in contestants(size, cfg, 1, device, False, nanogpt):
+                c.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision != "fp32")
+                counts = step_ops(c)
+                total = sum(counts.values(), collections.Counter())
+                rows.append([size, c.name, precision, f"{total.total():,}",
+                             *(f"{counts[p].total():,}" for p in PHASES),
+                             ", ".join(f"{op} {n}" for op, n in total.most_common(top))])
+                print(" | ".join(rows[-1]), flush=True)
+    record(f"Training ops per step (bench/train.py --count-ops, {device})",
+           table(["size", "model", "precision", "aten ops per step", *PHASES, f"top {top} by count"], rows)
+           + "\n\neager, 1 x 64 tokens a step (the count barely depends on them); a step as in the throughput "
+           "table; every aten:: event torch.profiler records, nested "
+           "ones included (a dispatcher trip each); a phase holds the ops that start in its range. On CPU nanoGPT's "
+           "own configure_optimizers picks the unfused AdamW (fused on CUDA only; miniglm's is fused on both), so "
+           "compare the forward and backward columns there")
+
+
 class Measured:
     """A contestant measured in another process: what the table needs of it."""
 
@@ -217,6 +273,8 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, default=NANOGPT, help="nanoGPT's model.py, or the folder holding it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true", help="only where one eager step's time goes, per model")
+    ap.add_argument("--count-ops", action="store_true", help="only aten ops per step, per model, fp32 and bf16 "
+                    "autocast (on CPU too, 124M included)")
     ap.add_argument("--malloc", action="store_true", help="CPU: every contestant also under glibc's defaults (in "
                     "a second process, its rounds interleaved with these; miniglm train keeps freed memory for reuse)")
     args = ap.parse_args()
@@ -229,9 +287,11 @@ def main() -> None:
     sizes = {"demo": (demo.model, demo.batch_size),
              "13.8M": (ModelConfig(style="gpt2", vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=384),
                        16)}
-    if cuda:
+    if cuda or args.count_ops:
         sizes["124M"] = (ModelConfig(style="gpt2", vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
                                      n_embd=768), 16)
+    if args.count_ops:
+        return count_ops({k: v for k, v in sizes.items() if k in args.sizes.split(",")}, nanogpt, device)
     if args.profile:
         return profile({k: v for k, v in sizes.items() if k in args.sizes.split(",")}, nanogpt, device)
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -12,6 +12,7 @@ them at the first real token) and an optional 2-D padding mask, and a KVCache fo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -66,6 +67,9 @@ class ModelConfig:
         for key in ("rope_theta", "norm_eps"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be greater than 0, got {getattr(self, key)}")
+        if self.style == "llama" and self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2:
+            raise ValueError(f"n_embd must be an even multiple of n_head in llama style (rotary embeddings turn "
+                             f"pairs): head_dim n_embd/n_head = {self.n_embd}/{self.n_head} is odd")
 
     @property
     def head_dim(self) -> int:
@@ -101,7 +105,7 @@ class KVCache:
 
 def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin per position (block_size, head_dim), HF's layout (rotate halves, not interleaved pairs),
-    the sign of rotate_half folded into sin's first half: apply_rope is then one roll and two products."""
+    the sign of rotate_half folded into sin's first half: apply_rope is then one swap and two products."""
     dims = torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** dims)
     t = torch.arange(config.block_size, device=device).float()
@@ -110,8 +114,34 @@ def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] = roll(x) with sin's sign folded in."""
-    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1]: the halves swapped (one flip of a
+    (2, D/2) view: fewer ops than roll's narrow, narrow, cat, backward too), sin's sign folded in."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+def fused_linear(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor:
+    """Several bias-free products of one input as one product over their weights concatenated: the
+    weights stay separate parameters (names as in LlamaForCausalLM), a training step runs one product,
+    one cast of its input and weight under autocast, and one backward, instead of one each. A layer that is
+    not a plain nn.Linear (a LoRA adapter) is called as itself."""
+    if all(type(m) is nn.Linear for m in linears):
+        return F.linear(x, torch.cat([m.weight for m in linears]))
+    return torch.cat([m(x) for m in linears], dim=-1)
+
+
+def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim CPU tensor: as an operand it costs one op, where a Python number is first made a tensor and
+    cast (four ops more, each a trip through the dispatcher). Made once (torch.compile traces it into its
+    graph instead: dynamo warns of cached functions)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=dtype)
+    return _cached_scalar(value, dtype)
+
+
+@functools.cache
+def _cached_scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype)
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -119,7 +149,8 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps))
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        r = torch.rsqrt(torch.addcmul(_scalar(eps, x.dtype), norm, norm, value=1 / x.size(-1)))  # mean(x²) + eps
         xhat = x * r
         ctx.save_for_backward(xhat, r, weight)
         return xhat * weight
@@ -128,8 +159,8 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, dy):
         xhat, r, weight = ctx.saved_tensors
         dyw = dy * weight
-        dot = torch.linalg.vecdot(dyw, xhat, dim=-1).unsqueeze(-1).div_(xhat.size(-1))
-        dx = torch.addcmul(dyw, xhat, dot, value=-1).mul_(r)
+        dot = torch.linalg.vecdot(dyw, xhat, dim=-1).unsqueeze(-1)
+        dx = torch.addcmul(dyw, xhat, dot, value=-1 / xhat.size(-1)).mul_(r)
         dw = (dy * xhat).reshape(-1, xhat.size(-1)).sum(0)
         return dx, dw, None
 
@@ -229,17 +260,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, layer, cache, mask, rope):
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                                              self.n_kv_head * self.head_dim], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, layer, cache, mask, self.dropout if self.training else 0.0)
+        H, Hkv = self.n_head, self.n_kv_head
+        qkv = self.qkv_proj(x) if self.qkv_proj is not None else fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        # (B, T, heads, D): q and k rotated together (rope's tables are (T, 1, D) or (B, T, 1, D)), and the
+        # heads moved forward as views, no copies (SDPA takes the strides)
+        qk, v = qkv.view(B, T, H + 2 * Hkv, self.head_dim).split_with_sizes([H + Hkv, Hkv], dim=2)
+        q, k = apply_rope(qk, *rope).split_with_sizes([H, Hkv], dim=2)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layer, cache, mask,
+                   self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -252,10 +280,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # gate and up in one product, set for decoding
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:  # a decoding copy's own fused product
+            gate_up = self.gate_up_proj(x)
+        else:
+            gate_up = fused_linear(x, self.gate_proj, self.up_proj)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -347,25 +377,26 @@ class MiniGLM(nn.Module):
         # row reaching the end has finished (the engine's per-row limit), its positions are clamped below.
         if past + T - (cache.max_pad if cache is not None else 0) > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than the block size {self.config.block_size}")
-        fresh = position_ids is None and cache is None and attention_mask is None  # positions 0..T-1 in every row
-        if position_ids is None:  # with left padding, positions count real tokens only
-            position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
-            if cache is not None:
-                position_ids = (position_ids - cache.n_pad[:, None]).clamp(0, self.config.block_size - 1)
-            elif attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        mask = self._attention_mask(position_ids, attention_mask, cache, T)
+        # fresh (training, scoring): positions 0..T-1 in every row, plain causal attention. No mask to build,
+        # so no check for restarts either (a host sync on a GPU), and one row of positions, broadcast.
+        fresh = position_ids is None and cache is None and attention_mask is None
+        if fresh:
+            position_ids, mask = torch.arange(T, device=idx.device), None
+        else:
+            if position_ids is None:  # with left padding, positions count real tokens only
+                position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
+                if cache is not None:
+                    position_ids = (position_ids - cache.n_pad[:, None]).clamp(0, self.config.block_size - 1)
+                elif attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = self._attention_mask(position_ids, attention_mask, cache, T)
 
         if self.config.style == "gpt2":
-            pos = position_ids[0] if fresh else position_ids  # fresh: one row of positions, broadcast
-            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
             rope = None
         else:
             x = self.model.embed_tokens(idx)
-            if fresh:  # slices of the tables, not a gather per row
-                rope = (self.rope_cos[:T], self.rope_sin[:T])
-            else:
-                rope = (self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1))
+            rope = self._rope(position_ids, fresh, x)
         for i, block in enumerate(self.blocks):
             x = block(x, i, cache, mask, rope)
         x = self.transformer.ln_f(x) if self.config.style == "gpt2" else self.model.norm(x)
@@ -376,6 +407,17 @@ class MiniGLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _rope(self, position_ids: torch.Tensor, fresh: bool, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each position, (T, 1, D) or (B, T, 1, D) to broadcast over (B, T, heads, D), in the
+        dtype q and k will have (autocast's, else the weights'): cast once here, not in every layer's
+        products (where bf16 q times fp32 cos would also make q and k fp32, for SDPA to cast back). As HF's
+        Llama, which casts its tables to q's dtype."""
+        cos, sin = (self.rope_cos[:position_ids.size(-1)], self.rope_sin[:position_ids.size(-1)]) if fresh else (
+            self.rope_cos[position_ids], self.rope_sin[position_ids])  # fresh: slices, not a gather per row
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)
 
     @staticmethod
     def _attention_mask(position_ids, attention_mask, cache, T) -> torch.Tensor | None:
