@@ -24,6 +24,8 @@
 #   bash bench/gpu_wheels.sh                                              (here, once)
 #   run(command="bash bench/gpu.sh", carry=[".gpu"], timeout_s=540)
 #   run(command="bash bench/gpu.sh e2e", carry=[".gpu"], timeout_s=240)   # some stages only
+#   run(command="TRAIN_ARGS='--device cuda --sizes 124M --modes eager,compile --batches 32,64 --steps 6 --rounds 2' "
+#               "bash bench/gpu.sh train", carry=[".gpu"], timeout_s=300)    # MFU at larger micro-batches
 #
 #   bash bench/gpu.sh [--dry-run] [STAGE ...]    (default: suite train decode pretrain e2e, in that order)
 #

@@ -264,6 +264,33 @@ class DefaultMallocGroup:
         self.proc.join()
 
 
+def measure(size: str, cfg: ModelConfig, batch: int, compile: bool, device: str, nanogpt, args) -> list:
+    """One size, micro-batch and mode: every contestant's best tok/s over interleaved rounds."""
+    steps = args.steps or max(2, 8192 // (batch * cfg.block_size))
+    mode = "compile" if compile else "eager"
+    group = contestants(size, cfg, batch, device, compile, nanogpt)
+    remote = (DefaultMallocGroup(size, cfg, batch, compile, args.nanogpt if nanogpt else None)
+              if args.malloc and not device.startswith("cuda") else None)
+    for c in group:  # warm-up (and compilation)
+        c.warm = c.run(3)
+    if remote:
+        for c, t in zip(remote.contestants, remote.run(3), strict=True):
+            c.warm = t
+    for _ in range(args.rounds):
+        for c in group:
+            c.best = max(c.best, batch * cfg.block_size * steps / c.run(steps))
+        if remote:
+            for c, t in zip(remote.contestants, remote.run(steps), strict=True):
+                c.best = max(c.best, batch * cfg.block_size * steps / t)
+    if remote:
+        remote.close()
+        group += remote.contestants
+    for c in group:
+        print(f"{size} {c.name} {mode} batch {batch} malloc {c.malloc}: {c.best:,.0f} tok/s (warm-up {c.warm:.1f}s)",
+              flush=True)
+    return group
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=0, help="steps per round (default: ~8k tokens' worth, at least 2)")
@@ -272,6 +299,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="demo,13.8M", help="demo, 13.8M (and 124M on CUDA), comma-separated")
     ap.add_argument("--nanogpt", type=Path, default=NANOGPT, help="nanoGPT's model.py, or the folder holding it")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="", help="micro-batch sizes to run each size at, comma-separated (default: "
+                    "its own, 16 for 13.8M and 124M); one that does not fit in GPU memory is skipped, said so")
     ap.add_argument("--profile", action="store_true", help="only where one eager step's time goes, per model")
     ap.add_argument("--count-ops", action="store_true", help="only aten ops per step, per model, fp32 and bf16 "
                     "autocast (on CPU too, 124M included)")
@@ -297,37 +326,21 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     ceiling = matmul_ceiling(device, dtype)
     results = []
-    for size in args.sizes.split(",") + (["124M"] if cuda and "124M" not in args.sizes else []):
-        cfg, batch = sizes[size]
-        steps = args.steps or max(2, 8192 // (batch * cfg.block_size))
-        for mode in args.modes.split(","):
-            group = contestants(size, cfg, batch, device, mode == "compile", nanogpt)
-            remote = (DefaultMallocGroup(size, cfg, batch, mode == "compile", args.nanogpt if nanogpt else None)
-                      if args.malloc and not cuda else None)
-            for c in group:  # warm-up (and compilation)
-                c.warm = c.run(3)
-            if remote:
-                for c, t in zip(remote.contestants, remote.run(3), strict=True):
-                    c.warm = t
-            for _ in range(args.rounds):
-                for c in group:
-                    c.best = max(c.best, batch * cfg.block_size * steps / c.run(steps))
-                if remote:
-                    for c, t in zip(remote.contestants, remote.run(steps), strict=True):
-                        c.best = max(c.best, batch * cfg.block_size * steps / t)
-            if remote:
-                remote.close()
-                group += remote.contestants
-            for c in group:
-                print(f"{size} {c.name} {mode} malloc {c.malloc}: {c.best:,.0f} tok/s (warm-up {c.warm:.1f}s)",
-                      flush=True)
-            results += group
+    listed = args.sizes.split(",") + (["124M"] if cuda and "124M" not in args.sizes else [])
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else []
+    modes = args.modes.split(",")
+    for size, batch, mode in [(s, b, m) for s in listed for b in batches or [sizes[s][1]] for m in modes]:
+        try:
+            results += measure(size, sizes[size][0], batch, mode == "compile", device, nanogpt, args)
+        except torch.cuda.OutOfMemoryError:  # a micro-batch past the GPU's memory: the next one goes on
+            print(f"{size} {mode} batch {batch}: out of GPU memory, skipped", flush=True)
+            torch.cuda.empty_cache()
     ceiling = max(ceiling, matmul_ceiling(device, dtype))  # the best of before and after the runs
     peak = next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None) if cuda else None
     rows = []
     for c in results:
         ref = next((r for r in results if r.name == "nanoGPT" and r.size == c.size and r.compile == c.compile
-                    and r.malloc == "reuse"), None)
+                    and r.malloc == "reuse" and r.batch == c.batch), None)
         flops = c.flops_per_token() * c.best
         row = [c.size, c.name, "compile" if c.compile else "eager", f"{c.n_params / 1e6:.2f}M",
                f"{c.batch}x{c.cfg.block_size}", f"{c.best:,.0f}", f"{c.best / ref.best:.2f}x" if ref else "n/a",
