@@ -11,6 +11,7 @@ A config file has the training keys at the top level and the model in a [model] 
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -83,6 +84,11 @@ class TrainConfig:
         for key in ("beta1", "beta2", "lora_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        for prefix, obj in (("", self), ("model.", self.model)):  # inf passes "> 0" and trains a NaN model
+            for f in fields(obj):
+                value = getattr(obj, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UserError(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
 def _parse_value(text: str) -> Any:

@@ -244,6 +244,11 @@ def setup_device(cfg: TrainConfig) -> tuple[str, int, int, torch.dtype]:
     return device, rank, world, dtype
 
 
+class Diverged(UserError):
+    """The loss became nan or inf: the run stops (exit 1: the input was fine, the training failed)."""
+    exit_code = 1
+
+
 def to_device(batch: torch.Tensor, device: str) -> torch.Tensor:
     """A batch to the training device; to a GPU through pinned memory, so the copy does not stall the host."""
     if device == "cpu":
@@ -457,8 +462,14 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
             elapsed = time.perf_counter() - t_start
             is_log = step % cfg.log_every == 0 or step == cfg.max_steps
             is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
-            if is_log or is_eval:  # the same steps on every process (all_mean)
+            saved = is_eval if cfg.save_every == 0 else step % cfg.save_every == 0 or step == cfg.max_steps
+            stopping = any_rank(stop.requested, world)
+            if is_log or is_eval or saved or stopping:  # the same steps on every process (all_mean)
                 loss_avg = all_mean(loss_sum.item(), world)
+                if not math.isfinite(loss_avg):  # checked before anything is saved: the last good checkpoint stays
+                    raise Diverged(f"the loss became {loss_avg} by step {step}: training stopped, the last good "
+                                   f"checkpoint in {out / 'ckpt'} is kept; lower lr (now {cfg.lr:g}) or raise "
+                                   "warmup_steps, then rerun")
             if master and is_log:
                 row = {"step": step, "loss": loss_avg, "lr": lr, "tok_per_s": tokens_run / elapsed,
                        "time": elapsed}
@@ -487,10 +498,9 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
                     if master:
                         save(out / "best", with_optimizer=False)
                 summary.update(ev)
-            saved = is_eval if cfg.save_every == 0 else step % cfg.save_every == 0 or step == cfg.max_steps
             if master and saved:
                 save(out / "ckpt", with_optimizer=True)
-            if any_rank(stop.requested, world):  # Ctrl-C: stop here, at a step boundary
+            if stopping:  # Ctrl-C: stop here, at a step boundary
                 interrupted = True
                 if master:
                     pbar.close()

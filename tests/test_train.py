@@ -53,6 +53,28 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["model.layers=3"])
 
 
+def test_non_finite_settings_are_refused():
+    for key in ("lr=inf", "min_lr=nan", "grad_clip=inf", "model.rope_theta=inf", "model.norm_eps=nan"):
+        with pytest.raises(UserError, match="finite|greater than 0|at least 0"):  # each named, nan too
+            load_config(None, [key])
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, data_dir, capsys):
+    """A loss that becomes nan or inf stops training with one line and exit 1; no checkpoint is written
+    after it (the one of step 2 stays, finite)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    sets = [f"data={data_dir}", f"out_dir={out}", *TINY, "max_steps=40", "eval_every=2", "warmup_steps=0",
+            "lr=1e3", "grad_clip=0"]  # an absurd step size: the weights blow up within a few steps
+    assert main(["train", *sum((["--set", a] for a in sets), [])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the loss became" in err[0] and "last good checkpoint" in err[0], err
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert state["step"] >= 2 and f"by step {state['step']}" not in err[0]
+    assert all(torch.isfinite(t).all() for t in load_file(out / "ckpt" / "model.safetensors").values())
+
+
 def test_pretrain_writes_a_run(tmp_path, data_dir):
     out = tmp_path / "run"
     summary = train(cfg_for(data_dir, out, "max_steps=30", "eval_every=15"))
