@@ -770,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:  # one line, even where it quotes a library's message of several
         print(f"miniglm: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2: bad input; 1: the work itself failed (a diverged training)
     except KeyboardInterrupt:
         print("miniglm: interrupted", file=sys.stderr)
         return 130
