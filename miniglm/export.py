@@ -83,13 +83,21 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
 # --- Hugging Face transformers ------------------------------------------------------------------
 
 
-def hf_config(config: ModelConfig, eos_ids: list[int] | None = None, pad_id: int | None = None):
+def bos_of(tok: Tokenizer) -> int:
+    """BOS in every export (HF and GGUF alike): the tokenizer's own (SmolLM2's <|im_start|>), else
+    end-of-text as GPT-2 does."""
+    return tok.bos_id if tok.bos_id is not None else tok.eot_id
+
+
+def hf_config(config: ModelConfig, eos_ids: list[int] | None = None, pad_id: int | None = None,
+              bos: int | None = None):
     """The transformers config. eos_ids: end-of-text first, then the chat's end-of-turn tokens; a list
-    when there are several (as Llama 3 does), so generate() stops at the end of an answer."""
+    when there are several (as Llama 3 does), so generate() stops at the end of an answer. bos: bos_of(tok),
+    else the first of eos_ids."""
     from transformers import GPT2Config, LlamaConfig
 
     eos_ids = eos_ids or [None]
-    bos_id, eos_id = eos_ids[0], eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    bos_id, eos_id = eos_ids[0] if bos is None else bos, eos_ids if len(eos_ids) > 1 else eos_ids[0]
     if config.style == "gpt2":
         return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                           n_layer=config.n_layer, n_head=config.n_head, n_inner=config.intermediate_size,
@@ -130,7 +138,8 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
 
     opened, chat, tok = _open_for_export(run)
     model = runs.load_model(opened).eval()
-    cfg = hf_config(model.config, end_ids(tok, chat) if tok else None, tok.pad_id if tok else None)
+    cfg = hf_config(model.config, end_ids(tok, chat) if tok else None, tok.pad_id if tok else None,
+                    bos_of(tok) if tok else None)
     hf = AutoModelForCausalLM.from_config(cfg)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     missing = [k for k in missing if not k.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))]
@@ -255,8 +264,7 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
-        # BOS: the tokenizer's own (SmolLM2's <|im_start|>), else end-of-text as GPT-2 does; EOS: its end-of-text.
-        w.add_bos_token_id(tok.bos_id if tok.bos_id is not None else tok.eot_id)
+        w.add_bos_token_id(bos_of(tok))  # EOS: the tokenizer's end-of-text
         w.add_eos_token_id(tok.eot_id)
         w.add_pad_token_id(tok.pad_id)
         w.add_add_bos_token(False)

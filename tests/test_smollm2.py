@@ -98,6 +98,7 @@ def test_hf_export_keeps_logits(run, smollm2_run, tmp_path):
         assert (hf(torch.tensor([ids])).logits - want).abs().max() <= 3e-5 * want.abs().max()
     eos = hf.generation_config.eos_token_id
     assert 2 in (eos if isinstance(eos, list) else [eos])  # generate() stops at <|im_end|>
+    assert hf.config.bos_token_id == 1  # <|im_start|>, as the GGUF export says (test_gguf_export_reads_back)
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     text = hf_tok.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=False)
     assert text == run.engine.tokenizer.decode(ids)
