@@ -88,7 +88,9 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
 
         raise UserError(f"{opts.model}: a {family.name} model runs its own code from the model repository: pass "
                         f"--trust-remote-code if you trust it. {REMOTE_CODE_HINT}")
-    tok = load_tokenizer(f"hf:{opts.model}", opts.trust_remote_code)
+    # A local folder loads as every later command loads it (a miniglm export's BPE as miniglm's own, so the
+    # data's tokenizer identity is the one training computes); a name goes to the hub's loader.
+    tok = load_tokenizer(opts.model if Path(opts.model).is_dir() else f"hf:{opts.model}", opts.trust_remote_code)
     family = detect_family(config, tok, opts.template)
     template = family.template if opts.template == "auto" else opts.template
     # Records longer than the model's context would lose their answer in training's cut: cut the prompt here.

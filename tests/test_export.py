@@ -211,3 +211,16 @@ def test_exported_chat_model_stops_after_its_answer(tmp_path, bpe_dir, one_threa
     eot_field = fields["tokenizer.ggml.eot_token_id"]
     assert eot_field.parts[eot_field.data[0]][0] == end
     assert bytes(fields["tokenizer.chat_template"].parts[-1]).decode() == jinja_template("miniglm")
+
+
+def test_finetune_takes_a_miniglm_export(tmp_path, bpe_dir, world_dir):
+    """A miniglm run exported to transformers fine-tunes with `miniglm finetune`: the data it prepares
+    and the training that reads it see one tokenizer (a local folder loads the same way in both)."""
+    from .conftest import make_chat_run
+
+    run = make_chat_run(tmp_path, bpe_dir, block_size=64, n_layer=1)
+    assert main(["export", "--run", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    argv = ["finetune", "--model", str(tmp_path / "hf"), "--data", str(world_dir / "sft_train.jsonl"), "--template",
+            "miniglm", "--out", str(tmp_path / "ft"), "--set", "max_steps=1", "--set", "eval_batches=1"]
+    assert main(argv) == 0
+    assert (tmp_path / "ft" / "ckpt" / "state.json").exists()
