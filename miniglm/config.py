@@ -152,6 +152,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise UserError(f"unknown model key '{k}' (known: {', '.join(base)})")
     try:
         cfg.model = ModelConfig.from_dict({**base, **model})
+        cfg.model_keys = frozenset(model)  # the model keys the file and --set gave: checked against a loaded model
     except ValueError as e:  # ModelConfig.validate names the key
         raise UserError(f"model.{e}") from None
     cfg.validate()

@@ -27,7 +27,7 @@ from miniglm import checkpoint, fileio, runs
 from miniglm.config import TrainConfig, save_config
 from miniglm.devices import resolve_device
 from miniglm.fileio import UserError, read_jsonl, recover_dir, write_json
-from miniglm.model import MiniGLM
+from miniglm.model import MiniGLM, ModelConfig
 from miniglm.sft.templates import IGNORE
 from miniglm.shards import load_meta, open_shards, tokenizer_of
 from miniglm.tokenizer import identity, load_tokenizer
@@ -244,6 +244,15 @@ def setup_device(cfg: TrainConfig) -> tuple[str, int, int, torch.dtype]:
     return device, rank, world, dtype
 
 
+def check_model_keys(cfg: TrainConfig, loaded: ModelConfig, source: str) -> None:
+    """A model key given in the config or by --set that differs from the loaded model's: one line, not ignored."""
+    for key in sorted(getattr(cfg, "model_keys", ())):
+        asked, have = getattr(cfg.model, key), getattr(loaded, key)
+        if asked != have:
+            raise UserError(f"model.{key} = {asked!r}, but the model of {source} has {have!r}: its architecture "
+                            f"comes from its checkpoint; leave model.{key} out, or train a new run elsewhere")
+
+
 class Diverged(UserError):
     """The loss became nan or inf: the run stops (exit 1: the input was fine, the training failed)."""
     exit_code = 1
@@ -328,6 +337,8 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
         torch.manual_seed(cfg.seed)
         model = MiniGLM(cfg.model)
     if not cfg.hf:
+        if resume or cfg.init_from != "scratch":  # the architecture is the checkpoint's: a differing key is an error
+            check_model_keys(cfg, model.config, f"the run {out} it resumes" if resume else f"init_from {cfg.init_from}")
         cfg.model = model.config
     if model.config.vocab_size < load_meta(cfg.data)["vocab_size"]:
         raise UserError(f"the model's vocab ({model.config.vocab_size}) is smaller than the data's tokenizer's")

@@ -334,3 +334,18 @@ def test_freed_memory_is_reused_without_page_faults():
     faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "reuse")}
     assert faults["reuse"] * 10 < faults["default"], faults  # 0 against 16,385 with 4 kB pages
+
+
+def test_model_keys_that_a_checkpoint_overrides_are_refused(tmp_path, data_dir, capsys):
+    """On resume and with init_from the architecture is the checkpoint's: a model key given that differs is
+    one line (it was silently ignored), one that agrees is fine."""
+    out = tmp_path / "run"
+    sets = [f"data={data_dir}", f"out_dir={out}", *TINY, "max_steps=2", "eval_every=2"]
+    assert main(["train", *sum((["--set", a] for a in sets), [])]) == 0
+    more = ["--set", "max_steps=3"]
+    assert main(["train", *sum((["--set", a] for a in sets), []), *more, "--set", "model.n_layer=4"]) == 2
+    assert "model.n_layer = 4, but the model of the run" in capsys.readouterr().err
+    sft = [f"data={data_dir}", f"out_dir={tmp_path / 'ft'}", f"init_from={out}", "max_steps=1", "eval_batches=1"]
+    assert main(["train", *sum((["--set", a] for a in sft), []), "--set", "model.block_size=64"]) == 2
+    assert "model.block_size = 64, but the model of init_from" in capsys.readouterr().err
+    assert main(["train", *sum((["--set", a] for a in sft), []), "--set", "model.block_size=32"]) == 0
