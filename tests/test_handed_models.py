@@ -261,3 +261,19 @@ def test_train_records_the_device_it_used(tmp_path, world_dir, bpe_dir):
     recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
     assert recorded["device"] == "cpu" and recorded["compile"] == "auto"
     assert not any("torch.compile" in line for line in logs)
+
+
+def test_a_device_not_there_is_named_not_a_damaged_file(tmp_path, bpe_dir, capsys, monkeypatch):
+    """--device for a GPU this machine lacks: one line about the device (it was reported as a damaged
+    model.safetensors, "train the run again")."""
+    from miniglm.cli import main
+
+    from .conftest import make_chat_run
+
+    run = make_chat_run(tmp_path, bpe_dir, block_size=32, n_layer=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["generate", "--run", str(run), "--prompt", "你好", "--device", "cuda:7"],
+                 ["eval", "ppl", "--run", str(run), "--text", str(bpe_dir / "tokenizer.json"), "--device", "cuda"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA GPU" in err[0] and "damaged" not in err[0], err
