@@ -272,8 +272,9 @@ def test_a_device_not_there_is_named_not_a_damaged_file(tmp_path, bpe_dir, capsy
 
     run = make_chat_run(tmp_path, bpe_dir, block_size=32, n_layer=1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "t.txt").write_text("话说天下大势，分久必合，合久必分。", encoding="utf-8")
     for argv in (["generate", "--run", str(run), "--prompt", "你好", "--device", "cuda:7"],
-                 ["eval", "ppl", "--run", str(run), "--text", str(bpe_dir / "tokenizer.json"), "--device", "cuda"]):
+                 ["eval", "ppl", "--run", str(run), "--text", str(tmp_path / "t.txt"), "--device", "cuda"]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "no CUDA GPU" in err[0] and "damaged" not in err[0], err
