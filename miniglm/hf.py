@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from miniglm.fileio import UserError, atomic_dir, write_json, write_with
+from miniglm.hf_weights import check_model_ref
 from miniglm.sft.templates import IGNORE
 from miniglm.shards import load_meta
 
@@ -76,8 +77,7 @@ def read_hf_config(ref: str | Path) -> dict:
     from transformers import PretrainedConfig
 
     quiet()
-    if str(ref).startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().exists():
-        raise UserError(f"{ref}: no such model folder")
+    check_model_ref(ref)
     try:
         config, _ = PretrainedConfig.get_config_dict(str(ref))
     except Exception as e:

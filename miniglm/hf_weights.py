@@ -17,10 +17,25 @@ GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
+def check_model_ref(ref: str | Path) -> str:
+    """A Hugging Face model name (ORG/NAME) or a local folder. What reads as a local path must exist here:
+    a typo in one ('runs/tpyo', './model') would otherwise go to the hub, a long wait offline and then an
+    unclear error. It reads as local when it starts like a path, has more than two parts, or its first part
+    is a folder here."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    local = (text.startswith(("/", "./", "../", "~")) or len(path.parts) > 2
+             or (len(path.parts) == 2 and Path(path.parts[0]).is_dir()))
+    if local and not path.exists():
+        raise UserError(f"{ref}: no such model folder (a Hugging Face model is named ORG/NAME)")
+    return text
+
+
 def from_hf(path: str | Path) -> MiniGLM:
     """A GPT2LMHeadModel or LlamaForCausalLM (name or folder) as a MiniGLM with the same logits."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_model_ref(path)
     try:
         hf_cfg = AutoConfig.from_pretrained(str(path))
     except Exception as e:

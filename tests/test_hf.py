@@ -407,3 +407,18 @@ def test_shared_classification_csvs():
         load_records(hotel)
     records = load_records(hotel, "label,review", {"1": "正面", "0": "负面"})
     assert len(records) == 7765 and {r.messages[0]["content"] for r in records} == {"正面", "负面"}
+
+
+def test_a_local_path_typo_never_goes_to_the_hub(tmp_path, monkeypatch):
+    """What reads as a local path and is not there is one line at once (it went to the hub: a long wait
+    offline, then "(OSError)"); an ORG/NAME stays a hub name."""
+    from miniglm.hf import read_hf_config
+    from miniglm.hf_weights import check_model_ref, from_hf
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for ref in ("runs/tpyo", "./model", "a/b/c", str(tmp_path / "nope")):
+        for load in (read_hf_config, from_hf):
+            with pytest.raises(UserError, match="no such model folder"):
+                load(ref)
+    assert check_model_ref("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B"
