@@ -201,6 +201,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, args.overwrite)
     run = runs.open_run(args.run)
+    if not runs.has_adapter(run):
+        raise UserError(f"{args.run}: no LoRA adapter to merge (its weights are whole already); use the run as it "
+                        "is, or `miniglm export` it")
     chat = runs.read_chat(run.dir)  # the merged model chats with the template it was tuned with
     if run.hf:  # a transformers folder (from_pretrained loads it) that is also a run
         from miniglm.hf import merge_run
@@ -333,10 +336,14 @@ def _stdin_reader(encoding: str | None):
     if hasattr(sys.stdin, "reconfigure"):  # keep the bytes that do not decode, to name them
         sys.stdin.reconfigure(encoding=encoding or "utf-8", errors="surrogateescape")
 
+    count = 0  # lines read so far: an error names the line it is on
+
     def read(prompt: str) -> str:
+        nonlocal count
         line = input(prompt)
+        count += 1
         if any("\udc80" <= ch <= "\udcff" for ch in line):
-            decode_text(line.encode(sys.stdin.encoding, "surrogateescape"), "stdin", encoding)
+            decode_text(line.encode(sys.stdin.encoding, "surrogateescape"), "stdin", encoding, line=count)
         return line
     return read
 

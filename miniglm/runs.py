@@ -249,9 +249,14 @@ def load_model(ref: str | Path | Run, device: str | torch.device = "cpu", dtype:
 
         return load_run_model(run.ckpt, run.state, dtype)
     model = load_base_model(run.ckpt, device)
-    if (run.ckpt / "adapter.safetensors").exists() or (run.ckpt / "adapter_config.json").exists():
+    if has_adapter(run):
         model = _with_adapter(model, run.ckpt)
     return model
+
+
+def has_adapter(run: Run) -> bool:
+    """A LoRA run: its checkpoint holds an adapter (MiniGLM's adapter.safetensors, PEFT's adapter_config.json)."""
+    return (run.ckpt / "adapter.safetensors").exists() or (run.ckpt / "adapter_config.json").exists()
 
 
 def load_any(ref: str | Path, device: str | torch.device = "cpu") -> MiniGLM:

@@ -757,7 +757,8 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         sock.close()
         raise
     port = sock.getsockname()[1]
-    print(f"serving {run_dir} on http://{host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
+    url_host = f"[{host}]" if ":" in host else host  # an IPv6 address is bracketed in a URL
+    print(f"serving {run_dir} on http://{url_host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
     if api_key is None:
         print("miniglm: no API key (--api-key, --api-key-env NAME or MINIGLM_API_KEY): anyone who can reach "
               f"{host}:{port} can use the API", file=sys.stderr, flush=True)

@@ -118,3 +118,14 @@ def test_compile_without_a_cpp_compiler_is_one_line(run_dir, capsys, monkeypatch
     assert main(["generate", "--run", str(run_dir), "--prompt", "你好", "--compile", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--compile needs a C++ compiler" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_line_typed_into_chat_is_named_by_its_number(run_dir, capsys, monkeypatch):
+    """Undecodable bytes on the second line typed: the error says stdin:2 (it said stdin:1)."""
+    import io
+    import sys
+
+    typed = "你好\n".encode() + "你好\n".encode("gbk")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8"))
+    assert main(["chat", "--run", str(run_dir), "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    assert "stdin:2: not UTF-8" in capsys.readouterr().err

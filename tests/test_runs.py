@@ -94,18 +94,20 @@ def command(name: str, run: Path, made: Path, tmp_path: Path) -> list[str]:
     }[name]
 
 
+# merge is left out: a run without an adapter is refused before its files are read
+# (test_merge_without_an_adapter_is_one_line); a LoRA run's damaged files: below
 CASES = [
-    ("model.safetensors truncated", ["generate", "serve", "resume", "merge", "export"]),
+    ("model.safetensors truncated", ["generate", "serve", "resume", "export"]),
     ("model.safetensors empty", ["generate", "resume", "eval ppl"]),
-    ("config.json broken", ["generate", "serve", "resume", "merge", "export"]),
+    ("config.json broken", ["generate", "serve", "resume", "export"]),
     ("config.json wrong type", ["generate", "resume"]),
-    ("state.json broken", ["generate", "serve", "resume", "merge", "export"]),
+    ("state.json broken", ["generate", "serve", "resume", "export"]),
     ("state.json a list", ["generate", "resume"]),
-    ("chat.json broken", ["generate", "serve", "merge", "export"]),
+    ("chat.json broken", ["generate", "serve", "export"]),
     ("chat.json unknown template", ["generate"]),
-    ("tokenizer.json missing", ["generate", "serve", "merge", "export", "tokenizer report"]),
-    ("tokenizer.json truncated", ["generate", "serve", "merge", "tokenizer report"]),
-    ("tokenizer_config.json bad", ["generate", "merge", "tokenizer report"]),
+    ("tokenizer.json missing", ["generate", "serve", "export", "tokenizer report"]),
+    ("tokenizer.json truncated", ["generate", "serve", "tokenizer report"]),
+    ("tokenizer_config.json bad", ["generate", "tokenizer report"]),
     ("optim.pt truncated", ["resume"]),
 ]
 
@@ -128,6 +130,13 @@ def test_a_damaged_file_is_one_line_naming_it(kind, cmd, made, tmp_path, capsys,
     damage(run / rel)
     code, err = run_cli(command(cmd, run, made, tmp_path), capsys)
     assert_one_line(code, err, str(run / rel))
+
+
+def test_merge_without_an_adapter_is_one_line(made, tmp_path, capsys):
+    """A full run has nothing to merge: one line, nothing written (it said "merged the adapter")."""
+    code, err = run_cli(["merge", str(made / "base"), "--out", str(tmp_path / "merged")], capsys)
+    assert_one_line(code, err, "no LoRA adapter to merge")
+    assert not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("rel,cmd", [("ckpt/adapter.safetensors", "generate"), ("ckpt/adapter.safetensors", "resume"),
@@ -176,7 +185,7 @@ def test_a_run_with_another_tokenizer_put_in(made, tmp_path, capsys):
     run = copy_run(made, tmp_path)
     shutil.rmtree(run / "tokenizer")
     load_tokenizer(made / "other_tok").save(run / "tokenizer")
-    for cmd in ("generate", "merge", "export"):
+    for cmd in ("generate", "export"):  # merge refuses a run without an adapter first
         code, err = run_cli(command(cmd, run, made, tmp_path), capsys)
         assert_one_line(code, err, str(run / "tokenizer"), "300 ids", "400 ids")
 
