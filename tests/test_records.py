@@ -4,6 +4,7 @@ fields named with --columns (ChatGLM's --prompt_column/--response_column/--histo
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -103,3 +104,18 @@ def test_value_renames_json_labels(tmp_path):
     assert [r.messages[-1]["content"] for r in recs] == ["正面", "负面"]
     with pytest.raises(UserError, match="--value renames the values of --columns"):
         load_records(tmp_path / "hotel.jsonl", None, {"1": "正面"})
+
+
+@pytest.mark.parametrize("turn,says", [
+    ({"from": "tool", "value": "x"}, "has the role 'tool'; known: human"),
+    ({"role": "user", "content": None}, "conversations[0].content must be text, got NoneType"),
+    ({"role": "user"}, "needs its text in value/content"),
+    ({"value": "x"}, "needs from/role"),
+])
+def test_a_bad_turn_says_what_is_wrong_with_it(tmp_path, turn, says):
+    """Each wrong turn is named for what it gets wrong (it said "needs from/role ... and value/content" even
+    where both were there)."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"conversations": [turn, {"from": "gpt", "value": "好"}]}]), encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_records(path)

@@ -82,11 +82,17 @@ def to_messages(row: dict, where: str) -> list[dict]:
         for i, t in enumerate(turns):
             if not isinstance(t, dict):
                 raise UserError(f"{where}: {key}[{i}] must be an object")
-            role = ROLES.get(str(t.get("from", t.get("role", ""))).lower())
+            given = t.get("from", t.get("role"))
+            role = ROLES.get(str(given).lower())
             content = t.get("value", t.get("content"))
-            if role is None or not isinstance(content, str):
-                raise UserError(f"{where}: {key}[{i}] needs from/role (human, gpt, user, assistant, system) "
-                                "and value/content")
+            if given is None:
+                raise UserError(f"{where}: {key}[{i}] needs from/role ({', '.join(ROLES)})")
+            if role is None:
+                raise UserError(f"{where}: {key}[{i}] has the role {given!r}; known: {', '.join(ROLES)}")
+            if not isinstance(content, str):
+                field = "value" if "value" in t else "content" if "content" in t else None
+                raise UserError(f"{where}: {key}[{i}] needs its text in value/content" if field is None else
+                                f"{where}: {key}[{i}].{field} must be text, got {type(content).__name__}")
             messages.append({"role": role, "content": content})
     elif "instruction" in row:
         instruction = _text(row, "instruction", where)
