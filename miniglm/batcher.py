@@ -5,7 +5,8 @@ then its keys are copied in at the end of the filled positions with padding befo
 and its position ids count only its own tokens), so it decodes exactly as it would alone. A row that
 finishes, or whose client went away, leaves at the next step.
 
-Each row's text goes through engine.Row, the same decode state Engine uses. A row that fails (its
+Each row's text goes through engine.Row, the same decode state Engine uses, and its tokens through the
+same TextMask (never invalid UTF-8) and, with a seed, a generator of its own. A row that fails (its
 sampling, its prefill, its client's callback) ends alone with an error event; the others go on. A
 failure of the batch's forward pass ends every row in flight. Requests past max_batch wait, in order,
 until a row leaves.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from miniglm.devices import model_device
-from miniglm.engine import Row, SamplingParams, sample_next
+from miniglm.engine import Row, SamplingParams, mask_for, row_generator, sample_next
 from miniglm.model import KVCache, MiniGLM
 from miniglm.tokenizer import Tokenizer
 
@@ -64,6 +65,7 @@ class Batcher:
         # the model as it is handed over (an engine's decoding copy, in eval mode), on its own device
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.device = model_device(model)
+        self.text_mask = mask_for(tokenizer, model.config.vocab_size)  # as Engine's: the same tokens allowed
         # one token per row (B,) through the cache -> logits (B, V): Engine.forward_step for an engine's
         # decoding copy (DecodeStep's fewer ops), else the model's forward
         self.forward_step = step or (lambda tokens, cache: self.model(tokens[:, None], cache=cache)[0][:, -1])
@@ -137,9 +139,9 @@ class Batcher:
             self.on_step()
 
     def _join(self, r: Job) -> None:
-        r.row = Row(r.prompt, r.params, self.tokenizer)
+        r.row = Row(r.prompt, r.params, self.tokenizer, mask=self.text_mask)
         if r.params.seed is not None:
-            r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
+            r.generator = row_generator(r.params.seed, r.prompt, self.device)  # as Engine's: the same answer
         if r.params.repetition_penalty != 1.0:
             r.history = torch.tensor([r.prompt], device=self.device)
         if r.logit_bias:
@@ -242,7 +244,8 @@ class Batcher:
             try:
                 uniforms = None if params.temperature <= 0 else torch.cat(
                     [torch.rand(1, generator=self.active[i].generator, device=self.device) for i in rows])
-                tokens.update(zip(rows, sample_next(logits, params, None, None, uniforms).tolist(), strict=True))
+                mask = self.text_mask.rows([self.active[i].row.utf8 for i in rows], logits)
+                tokens.update(zip(rows, sample_next(logits, params, None, None, uniforms, mask).tolist(), strict=True))
             except Exception:
                 pass
         return tokens
@@ -267,8 +270,12 @@ class Batcher:
         together = self._sample_together()
         for i, r in enumerate(self.active):
             try:  # the others sample alone, each from its own generator: a row that fails leaves the rest as they are
-                t = together[i] if i in together else sample_next(self.logits[i:i + 1], r.params, r.history,
-                                                                  r.generator).item()
+                if i in together:
+                    t = together[i]
+                else:
+                    logits = self.logits[i:i + 1]
+                    mask = self.text_mask.rows([r.row.utf8], logits)
+                    t = sample_next(logits, r.params, r.history, r.generator, mask=mask).item()
                 self._advance(r, t, logprobs.get(i))
             except Exception as e:
                 _fail(r, f"{type(e).__name__}: {e}")

@@ -64,9 +64,8 @@ def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, bat
         rendered = [run.prompt(([{"role": "system", "content": system}] if system else [])
                                + [{"role": "user", "content": t}]) for t in chunk]
         stop = sorted({s for _, stops in rendered for s in stops} | set(params.stop_ids))
-        # Each batch reseeds: offset the seed so that repeated prompts in later batches sample anew.
-        seed = None if params.seed is None else params.seed + i
-        batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop, "seed": seed})
+        # The seed as it is: each row draws from its own generator, so an answer does not depend on its batch
+        batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop})
         outs = run.engine.generate([ids for ids, _ in rendered], batch_params)
         if warn and not warned and any(o.capped for o in outs):
             warn(f"--max-new-tokens {params.max_new_tokens} is past the room the context of "

@@ -2,13 +2,18 @@
 
 A batch of prompts is left-padded (an attention mask keeps padding out, positions count real tokens)
 and each sequence stops on its own: at a stop token or a stop string, neither of which is returned.
-Streaming goes through the StreamDecoder, so a chunk never holds half a character.
+Streaming goes through the StreamDecoder, so a chunk never holds half a character. The sampler never
+picks a token that would make the text invalid UTF-8 (TextMask), and a seeded row draws from its own
+generator, so its answer does not depend on its batch.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import weakref
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import InitVar, dataclass, field
 
@@ -44,13 +49,13 @@ class SamplingParams:
                 raise SamplingError(name, rule)
 
         need(_is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens", "must be an integer >= 0")
-        need(_is_finite(self.temperature) and 0 <= self.temperature <= 2, "temperature",
-             "must be a number from 0 (greedy) to 2")
+        need(_is_finite(self.temperature) and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2),
+             "temperature", f"must be 0 (greedy) or a number from {MIN_TEMPERATURE:g} to 2")
         top = vocab_size if vocab_size is not None else MAX_TOP_K
         need(_is_int(self.top_k) and 0 <= self.top_k <= top, "top_k", f"must be an integer from 0 (off) to {top}")
         need(_is_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number above 0 and at most 1")
-        need(_is_finite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
-             "must be a number above 0 and at most 10 (1 = off)")
+        need(_is_finite(self.repetition_penalty) and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10,
+             "repetition_penalty", f"must be a number from {MIN_REPETITION_PENALTY:g} to 10 (1 = off)")
         need(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**63), "seed",
              "must be an integer that fits in 64 bits")
         stops = self.stop_strings
@@ -64,6 +69,9 @@ class SamplingParams:
 
 
 MAX_TOP_K = 1_000_000  # when the vocabulary is not known yet (the CLI before loading a run)
+# Below these, logits / temperature and logits / penalty overflow float32 (inf, then NaN probabilities):
+# validate refuses them, sample_next takes them at the floor. 1e-5 is already greedy in all but ties.
+MIN_TEMPERATURE, MIN_REPETITION_PENALTY = 1e-5, 1e-2
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 
 
@@ -111,6 +119,8 @@ class Row:
     done: bool = False
     finish_reason: str = "length"  # "stop" (a stop token or string), "length", or the caller's reason
     cut: bool = False  # ended by a stop string (the text after it is dropped)
+    mask: TextMask | None = field(default=None, repr=False)  # the tokens allowed next, by utf8 state
+    utf8: int = 0  # where the text's UTF-8 stands after the new tokens: a TextMask state (0: a boundary)
     decoder: StreamDecoder = field(init=False, repr=False)
 
     def __post_init__(self, tokenizer: Tokenizer) -> None:
@@ -121,17 +131,20 @@ class Row:
     def push(self, token: int) -> None:
         """Take one new token (not a stop token); the row ends at a stop string or at max_new_tokens."""
         self.ids.append(token)
+        if self.mask is not None:
+            self.utf8 = self.mask.after(self.utf8, token)
         self.text += self.decoder.push(token)
         self._cut_at_stop()
         if len(self.ids) >= self.max_new:
             self.finish("length")
 
     def finish(self, reason: str) -> None:
-        """End the row (a stop token, the length limit, ...): the decoder's held-back bytes become text."""
+        """End the row (a stop token, the length limit, ...): the decoder's held-back bytes become text, but
+        for a character the limit cut short, which is dropped (never a U+FFFD at the end)."""
         if self.done:
             return
         self.done, self.finish_reason = True, reason
-        self.text += self.decoder.flush()
+        self.text += self.decoder.flush(drop_partial=True)
         self._cut_at_stop()
 
     def _cut_at_stop(self) -> None:
@@ -150,19 +163,27 @@ class Row:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-                generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator | None, uniforms: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). history (B, S) holds the ids seen so far, for the repetition penalty.
     A sampled token is where the row's uniform draw falls in its cumulative probabilities (inverse CDF):
     uniforms (B,) are the rows' draws in [0, 1), else drawn from `generator`. So rows that each keep a
-    generator of their own (the server's seeded requests) still sample in one batch of ops."""
+    generator of their own (seeded rows, in Engine and the server) still sample in one batch of ops.
+    mask (B or 1, V): added to the logits, -inf on the tokens a row may not take and 0 on the rest
+    (TextMask.rows), before top-k and top-p, so they choose among the rest; greedy takes the best allowed
+    token. A temperature or penalty under
+    its floor (validate refuses them) is taken at the floor: greedy, MIN_REPETITION_PENALTY."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and history is not None:
+        penalty = max(params.repetition_penalty, MIN_REPETITION_PENALTY)
         seen = torch.gather(logits, 1, history)
-        seen = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        seen = torch.where(seen > 0, seen / penalty, seen * penalty)
         logits = logits.scatter(1, history, seen)
-    if params.temperature <= 0:
-        return logits.argmax(-1)
+    if params.temperature < MIN_TEMPERATURE:  # 0: greedy, the limit of sampling as the temperature falls
+        return (logits if mask is None else logits + mask).argmax(-1)
     logits = logits / params.temperature
+    if mask is not None:  # an add, in place (the division made a new tensor): on CPU masked_fill is ~20x slower
+        logits += mask
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -180,6 +201,133 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     # the draw scaled by the row's total, which rounding leaves a hair off 1
     picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
     return picked.clamp_(max=cdf.size(-1) - 1)
+
+
+# --- valid text by construction -------------------------------------------------------------------
+# The states of a row's UTF-8: at a character boundary, or inside a character with bytes still owed.
+# A count alone (1-3 owed) would let overlong forms, surrogates and code points past U+10FFFF through, so
+# the lead bytes that narrow the next byte's range (E0, ED, F0, F4) have states of their own, as in the
+# standard UTF-8 automaton. EF and EF BF track U+FFFD (EF BF BD): broken text's mark is never sampled.
+BOUNDARY, OWE1, OWE2, OWE3, AFTER_E0, AFTER_ED, AFTER_F0, AFTER_F4, AFTER_EF, AFTER_EFBF = range(10)
+N_STATES = 10
+# the next byte's range in each state inside a character, and the state after it
+_OWED = {OWE1: (0x80, 0xBF, BOUNDARY), OWE2: (0x80, 0xBF, OWE1), OWE3: (0x80, 0xBF, OWE2),
+         AFTER_E0: (0xA0, 0xBF, OWE1), AFTER_ED: (0x80, 0x9F, OWE1), AFTER_F0: (0x90, 0xBF, OWE2),
+         AFTER_F4: (0x80, 0x8F, OWE2), AFTER_EF: (0x80, 0xBF, OWE1), AFTER_EFBF: (0x80, 0xBF, BOUNDARY)}
+# The only C0 control characters sampled. A rule, not a measurement: tokens holding any other are masked even
+# where the tokenizer's training text had them (no run here is trained on such text; a chat answer never wants them).
+ALLOWED_C0 = b"\t\n\r"
+
+
+def utf8_step(state: int, b: int) -> int:
+    """The state after byte b, or N_STATES where b makes the text invalid (or a C0 control, or U+FFFD)."""
+    bad = N_STATES
+    if state == BOUNDARY:
+        if b < 0x80:
+            return BOUNDARY if b >= 0x20 or b in ALLOWED_C0 else bad
+        for lo, hi, after in ((0xC2, 0xDF, OWE1), (0xE0, 0xE0, AFTER_E0), (0xED, 0xED, AFTER_ED),
+                              (0xEF, 0xEF, AFTER_EF), (0xE1, 0xEF, OWE2), (0xF0, 0xF0, AFTER_F0),
+                              (0xF4, 0xF4, AFTER_F4), (0xF1, 0xF3, OWE3)):
+            if lo <= b <= hi:
+                return after
+        return bad  # a continuation byte, C0/C1 (overlong leads), F5-FF
+    lo, hi, after = _OWED[state]
+    if not lo <= b <= hi or (state == AFTER_EFBF and b == 0xBD):
+        return bad
+    return AFTER_EFBF if state == AFTER_EF and b == 0xBF else after
+
+
+class TextMask:
+    """Which tokens may come next, by the row's UTF-8 state: `blocked` (states, width) is True where a
+    token's bytes cannot continue the state validly, `next` the state a token leaves. Built once per
+    tokenizer and vocabulary width (every id's bytes walked through the automaton from every state, all
+    ids at once); a decoding step then costs one gather (none when the rows share a state) and one add
+    of -inf where blocked, for the whole batch.
+
+    At a boundary a token may not start with a continuation byte, hold an invalid sequence, a C0 control
+    other than \\t \\n \\r, or U+FFFD; inside a character it must continue or complete it. Special tokens
+    are allowed at a boundary only; ids past the tokenizer's are never allowed. A state no token leaves
+    is never entered. A token taken though blocked (only where the mask is off) resyncs to a boundary."""
+
+    def __init__(self, tokenizer: Tokenizer, width: int):
+        n = min(width, tokenizer.vocab_size)
+        # Tokenizer's own, or its default over token_bytes for a stand-in with no more than that (tests, benches)
+        piece_bytes = getattr(tokenizer, "piece_bytes", None) or (lambda i: Tokenizer.piece_bytes(tokenizer, i))
+        pieces = [piece_bytes(i) for i in range(n)]
+        # every state x every token, a byte at a time: the tokens longest first, so the j-th bytes are of a prefix
+        order = sorted(range(n), key=lambda i: -len(pieces[i] or b""))
+        walk = [pieces[i] or b"" for i in order]
+        step = torch.tensor([[utf8_step(s, b) for b in range(256)] for s in range(N_STATES)] + [[N_STATES] * 256])
+        joined = torch.frombuffer(bytearray(b"".join(walk)) or bytearray(1), dtype=torch.uint8).long()
+        starts = torch.tensor([0] + [len(p) for p in walk]).cumsum(0)[:-1]
+        walked = torch.arange(N_STATES)[:, None].repeat(1, n)
+        k = n
+        for j in range(len(walk[0]) if walk else 0):
+            while len(walk[k - 1]) <= j:
+                k -= 1
+            walked[:, :k] = step[walked[:, :k], joined[starts[:k] + j]]
+        state = torch.empty_like(walked)
+        state[:, order] = walked
+        state[:, [i for i, p in enumerate(pieces) if p is None]] = N_STATES
+        specials = {*tokenizer.all_special_ids, *getattr(tokenizer, "special_ids", {}).values()}
+        special = torch.tensor(sorted(i for i in specials if i < n), dtype=torch.long)
+        state[:, special] = N_STATES
+        state[BOUNDARY, special] = BOUNDARY
+        while True:  # a state no token can leave would trap a row: block the tokens that lead into it
+            dead = (state < N_STATES).sum(1) == 0
+            into = torch.cat([dead, torch.tensor([False])])[state] & (state < N_STATES)
+            if not into.any():
+                break
+            state[into] = N_STATES
+        blocked = torch.ones(N_STATES, width, dtype=torch.bool)
+        blocked[:, :n] = state == N_STATES
+        self.blocked = blocked
+        self.next = torch.where(blocked[:, :n], BOUNDARY, state).to(torch.uint8)
+        self._next = [bytes(row.tolist()) for row in self.next]  # Row.push's lookups, in Python
+        self._on: dict[tuple[str, int | None], torch.Tensor] = {}
+
+    def after(self, state: int, token: int) -> int:
+        """The state after one token (a row's, in Row.push)."""
+        row = self._next[state]
+        return row[token] if token < len(row) else BOUNDARY
+
+    def table(self, device: torch.device | str, width: int | None = None) -> torch.Tensor:
+        """(states, width) fp32 on the device (made there once): -inf where blocked, else 0."""
+        key = (str(device), width)
+        if key not in self._on and width:
+            self._on[key] = self.table(device)[:, :width]
+        elif key not in self._on:
+            self._on[key] = torch.zeros(self.blocked.shape).masked_fill_(self.blocked, float("-inf")).to(device)
+        return self._on[key]
+
+    def rows(self, states: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        """The mask sample_next adds to logits (B, V) (V at most the mask's width) for rows in these states.
+        Rows all in one state (most steps: all at a boundary) share its row, (1, V), a view: no gather."""
+        table = self.table(logits.device, logits.size(-1))
+        if all(s == states[0] for s in states):
+            return table[states[0]:states[0] + 1]
+        return table.index_select(0, torch.tensor(states, device=logits.device))
+
+
+_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def mask_for(tokenizer: Tokenizer, width: int) -> TextMask:
+    """The tokenizer's TextMask over `width` ids (a model's vocabulary), built once and kept while the
+    tokenizer lives."""
+    masks = _MASKS.setdefault(tokenizer, {})
+    if width not in masks:
+        masks[width] = TextMask(tokenizer, width)
+    return masks[width]
+
+
+def row_generator(seed: int, prompt: Sequence[int], device: torch.device | str) -> torch.Generator:
+    """A seeded row's own generator (Engine's and the server's), seeded from the seed and the row's prompt:
+    a prompt gets the same answer in any batch and at any place in it, while other prompts in the batch do
+    not draw the same numbers. Another sample of one prompt: another seed."""
+    h = hashlib.blake2b(seed.to_bytes(8, "little", signed=True), digest_size=8)  # a seed past 64 bits: an error
+    h.update(array("q", prompt).tobytes())
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h.digest(), "little"))
 
 
 def fused_weight(linears: Sequence[torch.nn.Module], scale: torch.Tensor | None) -> torch.Tensor:
@@ -480,7 +628,7 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 class Engine:
     def __init__(self, model: MiniGLM, tokenizer: Tokenizer, device: str | None = None, int8: bool = False,
-                 transposed: bool = True, compile: bool = False, graphs: bool | None = None):
+                 transposed: bool = True, compile: bool = False, graphs: bool | None = None, valid_text: bool = True):
         """The model is decoded through a copy (for_decoding): fused products, on CPU with (in, out)
         weights (transposed=False: nn.Linear's (out, in)); llama-style models take their decoding steps
         through DecodeStep. Same logits as the model, to float rounding. The caller's model is left as it
@@ -490,7 +638,9 @@ class Engine:
         move slightly, so greedy output may differ from fp32.
         compile: decoding steps through torch.compile (DecodeStep; llama style): tens of seconds of compiling
         per new batch size or length bucket, then faster steps on some models (bench/decode.py measures).
-        graphs: each step replayed as a CUDA graph (DecodeStep; llama style); None: on CUDA, off on the CPU."""
+        graphs: each step replayed as a CUDA graph (DecodeStep; llama style); None: on CUDA, off on the CPU.
+        valid_text: sample only tokens that keep the text valid UTF-8 (TextMask; False: bench/utf8_mask.py's
+        baseline)."""
         device = str(model_device(model)) if device is None else resolve_device(device)
         if int8 and device != "cpu":
             raise UserError("--int8 is for CPU decoding; leave it off on this device")
@@ -505,6 +655,7 @@ class Engine:
         self.busy: set[tuple[int, int]] = set()  # the kept caches a decoding is using now
         self.tokenizer = tokenizer
         self.device = device
+        self.text_mask = mask_for(tokenizer, self.model.config.vocab_size) if valid_text else None
 
     def cache_for(self, rows: int, length: int) -> KVCache:
         """An empty cache: a new one, or for static steps the one kept for this shape, emptied (no need to
@@ -536,12 +687,12 @@ class Engine:
         block, new = self.model.config.block_size, params.max_new_tokens
         room = block - len(ids)
         if params.fit_new_tokens and 0 < room < new:
-            return Row(ids, params, self.tokenizer, room)
+            return Row(ids, params, self.tokenizer, room, mask=self.text_mask)
         if len(ids) + new <= block:
-            return Row(ids, params, self.tokenizer)
+            return Row(ids, params, self.tokenizer, mask=self.text_mask)
         if params.trim_prompt:
             keep = block - min(new, block // 2)  # leave room for an answer, at most half the context
-            return Row(ids[-keep:], params, self.tokenizer, min(new, block - keep))
+            return Row(ids[-keep:], params, self.tokenizer, min(new, block - keep), mask=self.text_mask)
         raise UserError(f"prompt of {len(ids)} tokens + {new} new tokens is past the context "
                         f"of {block}; shorten it, lower max_new_tokens, or trim the prompt")
 
@@ -573,16 +724,21 @@ class Engine:
 
     def _decode(self, rows: list[Row], params: SamplingParams, idx: torch.Tensor, mask: torch.Tensor,
                 padded: bool, steps: int, cache: KVCache) -> Iterator[list[tuple[int, int]]]:
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        generators = None
+        if params.seed is not None and params.temperature > 0:
+            generators = [row_generator(params.seed, r.prompt, self.device) for r in rows]
+        history = None
+        if params.repetition_penalty != 1.0:  # padded with the row's own first token, never penalised twice
+            history = torch.where(mask.bool(), idx, idx.gather(1, (mask == 0).sum(1, keepdim=True))).to(self.device)
         idx = idx.to(self.device)
         logits, _ = self.model(idx, attention_mask=mask.to(self.device) if padded else None, cache=cache)
-        history = idx if params.repetition_penalty != 1.0 else None
         stop_ids = set(params.stop_ids)
         logits = logits[:, -1]
         for _ in range(steps):
-            nxt = sample_next(logits, params, history, generator)
+            uniforms = None if generators is None else torch.cat(
+                [torch.rand(1, generator=g, device=self.device) for g in generators])
+            mask = None if self.text_mask is None else self.text_mask.rows([r.utf8 for r in rows], logits)
+            nxt = sample_next(logits, params, history, None, uniforms, mask)
             yield self._accept(rows, nxt.tolist(), stop_ids)
             if all(r.done for r in rows):
                 return

@@ -91,8 +91,7 @@ def answer(run, examples: list[Example], params: SamplingParams, batch_size: int
         cut += sum(c for _, _, c in fitted)
         rendered = [(ids, stops) for ids, stops, _ in fitted]
         stops = sorted({s for _, ss in rendered for s in ss} | set(params.stop_ids))
-        seed = None if params.seed is None else params.seed + i  # as generate_texts: each batch samples anew
-        batch = SamplingParams(**{**params.__dict__, "stop_ids": stops, "seed": seed})
+        batch = SamplingParams(**{**params.__dict__, "stop_ids": stops})  # seeded rows: each its own generator
         completions = run.engine.generate([ids for ids, _ in rendered], batch)
         capped = capped or any(c.capped for c in completions)
         outs += [c.text.strip() for c in completions]

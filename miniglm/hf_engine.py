@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from miniglm.devices import evaluating, model_device, resolve_device
-from miniglm.engine import Engine, Row, SamplingParams, left_pad
+from miniglm.engine import BOUNDARY, Engine, Row, SamplingParams, left_pad, mask_for
 from miniglm.fileio import UserError
 from miniglm.hf import HFCausalLM
 from miniglm.tokenizer import Tokenizer
@@ -45,6 +45,26 @@ class _Steps:
         return torch.full((input_ids.shape[0],), self.halt.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _ValidText:
+    """A transformers logits processor: Engine's TextMask for generate(). It keeps each row's UTF-8 state on
+    the device, advanced by the last token of input_ids at each call (the first call sees the prompt, which
+    ends at a character boundary): one gather for the state, one gather and an add of -inf for the scores."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.states, self.next = tokenizer, None, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        mask = mask_for(self.tokenizer, scores.size(-1))
+        if self.states is None:
+            self.next = mask.next.to(scores.device).long()
+            self.states = torch.full((scores.size(0),), BOUNDARY, dtype=torch.long, device=scores.device)
+        else:  # ids past the table (none unless the scores are wider than the tokenizer) resync to a boundary
+            last = input_ids[:, -1]
+            inside = last < self.next.size(1)
+            self.states = torch.where(inside, self.next[self.states, last.clamp(max=self.next.size(1) - 1)], BOUNDARY)
+        return scores + mask.table(scores.device)[self.states]
+
+
 class HFEngine(Engine):
     def __init__(self, model: HFCausalLM, tokenizer: Tokenizer, device: str | None = None):
         """Decodes the model where it is (device None), in eval mode while it decodes: the caller's model
@@ -53,6 +73,7 @@ class HFEngine(Engine):
         target = here if device is None else torch.device(resolve_device(device))
         self.model = model if target == here else copy.deepcopy(model).to(target)
         self.tokenizer, self.device = tokenizer, str(target)
+        self.text_mask = None  # transformers' generate() samples: _ValidText masks its scores
         # The family's end tokens (gpt2-chinese's [SEP], Qwen's <|im_end|>) end an answer too.
         ends = [tokenizer.token_id(t) for t in model.family.end_tokens] + [tokenizer.eot_id]
         self.end_ids = {i for i in ends if i is not None}
@@ -69,7 +90,7 @@ class HFEngine(Engine):
 
     def _generate(self, rows: list[Row], params: SamplingParams, stop_ids: set[int], hooks: _Steps) -> None:
         """transformers' generate() over the rows' prompts, its steps through hooks; an error as a UserError."""
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         idx, mask = left_pad([r.prompt for r in rows], self.tokenizer.pad_id)
         if params.seed is not None:  # generate() samples from torch's global generator
@@ -78,6 +99,7 @@ class HFEngine(Engine):
             with evaluating(self.model):
                 self.model.model.generate(input_ids=idx.to(self.device), attention_mask=mask.to(self.device),
                                           streamer=hooks, stopping_criteria=StoppingCriteriaList([hooks]),
+                                          logits_processor=LogitsProcessorList([_ValidText(self.tokenizer)]),
                                           generation_config=self._generation_config(params, stop_ids,
                                                                                     max(r.max_new for r in rows)))
         except Exception as e:

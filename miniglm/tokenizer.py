@@ -73,6 +73,15 @@ class Tokenizer:
         """The raw bytes of one token, or None where the backend has no such notion."""
         raise NotImplementedError
 
+    def piece_bytes(self, token_id: int) -> bytes | None:
+        """One token's bytes as far as the text's validity goes (the sampler's UTF-8 mask, engine.TextMask):
+        token_bytes, else the token's own text; None where the id is no token."""
+        try:
+            piece = self.token_bytes(token_id)
+        except (KeyError, IndexError):  # a gap in the ids (tiktoken's, an HF vocabulary's)
+            return None
+        return piece if piece is not None else self._decode_text([token_id]).encode()
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = list(ids)
         parts = [self.token_bytes(i) for i in ids]
@@ -286,6 +295,7 @@ class TiktokenTokenizer(Tokenizer):
 
 # --- any HF tokenizer ----------------------------------------------------------------------------
 _CJK = r"\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"  # CJK + full-width forms
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 _CJK_SPACE = re.compile(rf"(?<=[{_CJK}]) (?=\S)|(?<=\S) (?=[{_CJK}])")
 
 
@@ -353,6 +363,18 @@ class HFTokenizer(Tokenizer):
         if tok in self._added:
             return tok.encode()
         return bytes(BYTE_DECODER[c] for c in tok)
+
+    def piece_bytes(self, token_id: int) -> bytes | None:
+        """Byte-level: the token's bytes. Otherwise (SentencePiece, WordPiece) the piece's text, and for a
+        byte-fallback piece (<0xE4>) its byte, so the mask lets a rare character be spelt out in bytes."""
+        if self._id_to_token is not None:
+            return super().piece_bytes(token_id)
+        piece = self.tok.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return None
+        if m := _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(m[1], 16)])
+        return piece.replace("\u2581", " ").encode()  # SentencePiece's word-start mark is a space
 
     def _decode_text(self, ids: list[int]) -> str:
         text = self.tok.decode(ids, clean_up_tokenization_spaces=False)
@@ -432,9 +454,14 @@ class StreamDecoder:
             return self._text_so_far(final=False)
         return self._utf8.decode(b"".join(parts))  # type: ignore[arg-type]
 
-    def flush(self) -> str:
+    def flush(self, drop_partial: bool = False) -> str:
+        """The text held back. drop_partial: an unfinished character at the end (an answer cut by its
+        token limit mid-character) is left out rather than shown as U+FFFD."""
         if self._ids:
-            return self._text_so_far(final=True)
+            return self._text_so_far(final=not drop_partial)
+        if drop_partial:
+            self._utf8.reset()  # it holds back only the unfinished character's bytes
+            return ""
         return self._utf8.decode(b"", final=True)
 
     def _text_so_far(self, final: bool) -> str:
