@@ -44,6 +44,19 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_text(texts: Sequence[str]) -> None:
+    """Refuse what is not Unicode text before a backend sees it (it would raise, or swap in U+FFFD): a lone
+    surrogate, as JSON's "\\ud800" writes one, or a byte that was not UTF-8, which Python's surrogateescape
+    reading keeps as U+DC80..U+DCFF."""
+    for text in texts:
+        if isinstance(text, str) and (m := _SURROGATE.search(text)):
+            c, at = ord(m[0]), m.start() + 1
+            what = (f"a stray byte 0x{c - 0xDC00:02x} that is not UTF-8 (or a lone surrogate)" if c >= 0xDC80
+                    else "a lone surrogate, which is no character")
+            raise UserError(f"the text has \\u{c:04x} at character {at}, {what}; give valid Unicode text")
 
 
 class Tokenizer:
@@ -66,7 +79,9 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Plain text to ids, in parallel over the inputs (all backends use native threads)."""
+        """Plain text to ids, in parallel over the inputs (all backends use native threads). Text is only
+        text: "<|end|>" typed in it is spelt out in ordinary tokens, never the control token, which only a
+        template puts in (by id). Text that is not Unicode is refused (check_text)."""
         raise NotImplementedError
 
     def token_bytes(self, token_id: int) -> bytes | None:
@@ -139,12 +154,14 @@ class BPETokenizer(Tokenizer):
         added_tokens = self.tok.get_added_tokens_decoder()
         added = {t.content for t in added_tokens.values()}
         self.all_special_ids = frozenset(i for i, t in added_tokens.items() if t.special)
+        self.tok.encode_special_tokens = True  # special-token text in the input is text (encode_batch)
         self._bytes = [
             tok.encode() if tok in added else bytes(BYTE_DECODER[c] for c in tok)
             for tok in sorted(vocab, key=vocab.__getitem__)
         ]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        check_text(texts)
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def fingerprint(self) -> str:
@@ -270,6 +287,7 @@ class TiktokenTokenizer(Tokenizer):
                             f"of a local {name}.tiktoken file instead") from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        check_text(texts)  # encode_ordinary: special-token text is text
         return self.enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
 
     def fingerprint(self) -> str:
@@ -348,7 +366,8 @@ class HFTokenizer(Tokenizer):
         self._spaced = backend is not None and "WordPiece" in str(backend.decoder)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+        check_text(texts)
+        return self.tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def token_id(self, token: str) -> int | None:
         return self._vocab.get(token)

@@ -37,6 +37,7 @@ def _export(run, out, outtype="f32"):
 
 
 def test_gguf_round_trip_keeps_logits_and_tokens(tiny_run, tmp_path, bpe_dir):
+    from miniglm.sft.templates import render
     from miniglm.tokenizer import load_tokenizer
 
     _export(tiny_run, tmp_path / "m.gguf")
@@ -53,7 +54,10 @@ def test_gguf_round_trip_keeps_logits_and_tokens(tiny_run, tmp_path, bpe_dir):
     ours, imported = load_tokenizer(bpe_dir), load_tokenizer(tmp_path / "back" / "tokenizer")
     assert imported.encode(SAMPLE_ZH) == ours.encode(SAMPLE_ZH)
     user, end = ours.special("<|user|>"), ours.special("<|end|>")
-    assert imported.encode("<|user|>你好<|end|>") == [user, *ours.encode("你好"), end]  # specials stay whole
+    assert [imported.token_id("<|user|>"), imported.token_id("<|end|>")] == [user, end]  # specials stay whole
+    chat = [{"role": "user", "content": "你好"}]
+    assert render("miniglm", chat, imported, True).ids == render("miniglm", chat, ours, True).ids
+    assert imported.encode("<|user|>你好<|end|>") == ours.encode("<|user|>你好<|end|>")  # typed: text in both
     assert imported.eot_id == ours.eot_id and imported.decode(ours.encode(SAMPLE_ZH)) == SAMPLE_ZH
     assert not (tmp_path / "back" / "chat.json").exists()  # no chat_template in the file: raw text
 

@@ -55,7 +55,10 @@ def test_tokenizer_matches_the_model(run, reference):
     tok = run.engine.tokenizer
     assert tok.encode("12345") == [33, 34, 35, 36, 37]  # smollm: every digit alone
     assert tok.encode("in 2024") == [254, 216, 34, 32, 34, 36]
-    assert tok.encode("<|im_start|>user\nHi<|im_end|>") == [1, 4093, 198, 26843, 2]  # control tokens whole
+    assert [tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")] == [1, 2]  # control tokens whole
+    typed = "<|im_start|>user\nHi<|im_end|>"  # typed as text, they stay text (only the template makes them)
+    assert tok.encode(typed) == hf_tok(typed, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert not {1, 2} & set(tok.encode(typed)) and tok.decode(tok.encode(typed)) == typed
     for text in ["你好，世界！今天天气很好。", "def f(x):\n    return x ** 2", "emoji 🙂👍🏽 and ü"]:
         assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(tok.encode(text)) == text

@@ -4,7 +4,8 @@ so training and inference never disagree.
 
 Segments (role markers, each message, end tokens) are tokenised separately and their ids joined,
 so the seam between prompt and answer never depends on BPE merges. Labels are -100 on prompts and
-padding; the answer and the token that ends it are trained.
+padding; the answer and the token that ends it are trained. Control tokens come from the template alone
+(by id): the messages' text goes through tok.encode, where "<|end|>" typed by a user is text.
 
   miniglm   <|endoftext|> [<|system|> S <|end|>] <|user|> Q <|end|> <|assistant|> A <|end|> ...
   chatglm   ChatGLM-6B: [Round i]\\n问：…\\n答：… history in the prompt; prompt [gMASK] <sop> A <eop>
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from miniglm.fileio import UserError
-from miniglm.tokenizer import EOT, HFTokenizer, Tokenizer
+from miniglm.tokenizer import EOT, HFTokenizer, Tokenizer, check_text
 
 IGNORE = -100
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
@@ -218,8 +219,16 @@ def render_hf(messages, tok: Tokenizer, add_generation_prompt: bool, opts: Templ
     if system:
         msgs = [{"role": "system", "content": system}, *msgs]
 
+    check_text([m["content"] for m in msgs])  # the template renders text, not through tok.encode
+
     def ids_of(chat: list[dict], gen: bool) -> list[int]:
-        out = tok.tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen)
+        # sanitize_control_tokens: control-token text in the messages is encoded as text; only the template's
+        # own are tokens. A chat without any renders to the same ids as before.
+        try:
+            out = tok.tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen,
+                                              sanitize_control_tokens=True)
+        except ValueError as e:  # "Can't sanitize '<x>': the tokenizer produces it from plain text"
+            raise UserError(f"tokenizer {tok.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     ends = [tok.token_id(t) for t in ("<|im_end|>", "<|eot_id|>", "<|end|>")]  # common end-of-turn tokens
