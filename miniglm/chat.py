@@ -32,6 +32,41 @@ class LoadedRun:
         r = render(self.template, messages, self.engine.tokenizer, add_generation_prompt=True, opts=self.options)
         return r.ids, r.stop_ids
 
+    def fitted(self, messages: list[dict], max_len: int, keep_end: bool) -> tuple[list[int], list[int], bool]:
+        """The prompt within max_len tokens, cut in the text, never in what the template adds (role tokens,
+        the system prompt, a tail such as " Label : "): the oldest history turns go first, then the last
+        user turn's text loses its start (keep_end: a chat's latest words matter) or its end (as `sft
+        prepare` fits records). (ids, stop ids, cut?)"""
+        ids, stops = self.prompt(messages)
+        if len(ids) <= max_len:
+            return ids, stops, False
+        while len(ids) > max_len and sum(m["role"] == "user" for m in messages) > 1:
+            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            nxt = next(i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user")
+            messages = messages[:first] + messages[nxt:]
+            ids, stops = self.prompt(messages)
+        if len(ids) <= max_len:
+            return ids, stops, True
+        content = messages[-1]["content"]
+
+        def with_text(n: int) -> list[int]:  # the last turn with n characters of its text
+            text = content[len(content) - n:] if keep_end else content[:n]
+            return self.prompt([*messages[:-1], {**messages[-1], "content": text}])[0]
+
+        lo, hi = 0, len(content)  # the most text that fits (0 if none: the engine then says why)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(with_text(mid)) <= max_len:
+                lo = mid
+            else:
+                hi = mid - 1
+        return with_text(lo), stops, True
+
+    def room(self, params: SamplingParams) -> int:
+        """The prompt tokens a trimmed prompt keeps: the context less room for an answer (at most half)."""
+        block = self.engine.model.config.block_size
+        return block - min(params.max_new_tokens, block // 2)
+
 
 def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: bool = False,
              compile: bool = False) -> LoadedRun:
@@ -61,8 +96,11 @@ def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, bat
     warned = False
     for i in range(0, len(texts), batch_size):
         chunk = texts[i:i + batch_size]
-        rendered = [run.prompt(([{"role": "system", "content": system}] if system else [])
-                               + [{"role": "user", "content": t}]) for t in chunk]
+        chats = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": t}]
+                 for t in chunk]
+        # --trim-prompt cuts the start of the text, never the template's tokens nor the system prompt
+        rendered = [run.fitted(c, run.room(params), keep_end=True)[:2] if params.trim_prompt else run.prompt(c)
+                    for c in chats]
         stop = sorted({s for _, stops in rendered for s in stops} | set(params.stop_ids))
         # The seed as it is: each row draws from its own generator, so an answer does not depend on its batch
         batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop})
@@ -101,16 +139,12 @@ def chat_repl(run: LoadedRun, params: SamplingParams, read: Callable[[str], str]
             history = []
             write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
             continue
-        block = run.engine.model.config.block_size
-        while True:  # forget the oldest exchanges before the room for an answer gets small
-            messages = ([{"role": "system", "content": system}] if system else []) + history
-            ids, stops = run.prompt([*messages, {"role": "user", "content": line}])
-            if not history or block - len(ids) >= min(params.max_new_tokens, block // 2):
-                break
-            history = history[2:]
-        # Past the context even alone, the message keeps its end; an answer fills what room is left.
+        # The oldest exchanges are forgotten before the room for an answer gets small; past the context even
+        # alone, the message keeps its end (the template's tokens and the system prompt stay whole)
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids, stops, _ = run.fitted([*messages, {"role": "user", "content": line}], run.room(params), keep_end=True)
         turn_params = SamplingParams(**{**params.__dict__, "stop_ids": sorted(set(stops) | set(params.stop_ids)),
-                                        "trim_prompt": True, "fit_new_tokens": True})
+                                        "fit_new_tokens": True})
         write("模型: ")
         answer = ""
         for chunk in run.engine.stream(ids, turn_params):

@@ -47,35 +47,6 @@ def load_examples(path: str | Path, limit: int = 0, columns: str | None = None,
     return examples[:limit] if limit else examples
 
 
-def fitted_prompt(run, messages: list[dict], max_len: int) -> tuple[list[int], list[int], bool]:
-    """The rendered prompt within max_len tokens: as `sft prepare` fits training records, the oldest
-    history turns go first, then the end of the last user turn's text (the template's tail, e.g.
-    " Label : ", stays). (ids, stop ids, cut?)"""
-    ids, stops = run.prompt(messages)
-    if len(ids) <= max_len:
-        return ids, stops, False
-    while len(ids) > max_len and sum(m["role"] == "user" for m in messages) > 1:
-        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        nxt = next(i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user")
-        messages = messages[:first] + messages[nxt:]
-        ids, stops = run.prompt(messages)
-    if len(ids) <= max_len:
-        return ids, stops, True
-    content = messages[-1]["content"]
-
-    def with_prompt(n: int) -> list[int]:
-        return run.prompt([*messages[:-1], {**messages[-1], "content": content[:n]}])[0]
-
-    lo, hi = 0, len(content)  # the longest prefix that fits (0 if none: the engine then says why)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(with_prompt(mid)) <= max_len:
-            lo = mid
-        else:
-            hi = mid - 1
-    return with_prompt(lo), stops, True
-
-
 def answer(run, examples: list[Example], params: SamplingParams, batch_size: int = 32, log=None,
            note=None) -> list[str]:
     """The run's answer to each example's chat, batched through the generation engine. A prompt too long
@@ -87,7 +58,7 @@ def answer(run, examples: list[Example], params: SamplingParams, batch_size: int
     params = SamplingParams(**{**params.__dict__, "fit_new_tokens": True})
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        fitted = [fitted_prompt(run, e.messages, max_len) for e in chunk]
+        fitted = [run.fitted(e.messages, max_len, keep_end=False) for e in chunk]  # as sft prepare fits
         cut += sum(c for _, _, c in fitted)
         rendered = [(ids, stops) for ids, stops, _ in fitted]
         stops = sorted({s for _, ss in rendered for s in ss} | set(params.stop_ids))

@@ -129,3 +129,22 @@ def test_a_bad_line_typed_into_chat_is_named_by_its_number(run_dir, capsys, monk
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8"))
     assert main(["chat", "--run", str(run_dir), "--max-new-tokens", "2", "--device", "cpu"]) == 2
     assert "stdin:2: not UTF-8" in capsys.readouterr().err
+
+
+def test_trim_prompt_keeps_the_template_and_the_system_prompt(run_dir):
+    """--trim-prompt on a message past the context cuts the start of its text, never the template's own
+    tokens nor the system prompt (it cut the rendered ids' start: the role tokens and the system text)."""
+    from miniglm.chat import generate_texts
+
+    run = load_run(run_dir, "cpu")
+    system = {"role": "system", "content": "你是江湖百晓生"}
+    params = SamplingParams(max_new_tokens=8, trim_prompt=True)
+    long_text = "天下大势，分久必合，合久必分。" * 20 + "最后一句"
+    out = next(generate_texts(run, [long_text], params, system=system["content"]))
+    ids, _, cut = run.fitted([system, {"role": "user", "content": long_text}], run.room(params), keep_end=True)
+    assert cut and out["prompt_tokens"] == len(ids) <= run.room(params)
+    frame = run.prompt([system, {"role": "user", "content": ""}])[0]  # all the template and system prompt add
+    same_start = next(i for i, (a, b) in enumerate(zip(frame, ids, strict=False)) if a != b)
+    same_end = next(i for i, (a, b) in enumerate(zip(frame[::-1], ids[::-1], strict=False)) if a != b)
+    assert same_start + same_end == len(frame)  # the frame whole around what is left of the text
+    assert run.engine.tokenizer.decode(ids[same_start:len(ids) - same_end]).endswith("最后一句")

@@ -145,11 +145,16 @@ def test_sampled_eval_repeats_with_its_seed(run_dir, qa_file, tmp_path):
 def test_fitted_prompt_drops_oldest_turns_first():
     from types import SimpleNamespace
 
-    from miniglm.evaluate import fitted_prompt
+    from miniglm.chat import LoadedRun
 
     run = SimpleNamespace(prompt=lambda msgs: (list("".join(m["content"] for m in msgs)), [0]))  # a token a char
+
+    def fitted(chat, n, keep_end=False):
+        return LoadedRun.fitted(run, chat, n, keep_end)
     chat = [{"role": "user", "content": "a" * 10}, {"role": "assistant", "content": "b" * 10},
             {"role": "user", "content": "c" * 8}]
-    assert fitted_prompt(run, chat, 30) == (list("a" * 10 + "b" * 10 + "c" * 8), [0], False)
-    assert fitted_prompt(run, chat, 12) == (list("c" * 8), [0], True)  # the old turn goes, the question stays
-    assert fitted_prompt(run, chat, 5) == (list("c" * 5), [0], True)  # then the question's end
+    assert fitted(chat, 30) == (list("a" * 10 + "b" * 10 + "c" * 8), [0], False)
+    assert fitted(chat, 12) == (list("c" * 8), [0], True)  # the old turn goes, the question stays
+    assert fitted(chat, 5) == (list("c" * 5), [0], True)  # then the question's end
+    chat[-1]["content"] = "cd" * 4
+    assert fitted(chat, 3, keep_end=True) == (list("dcd"), [0], True)  # a chat keeps the text's end
