@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from miniglm.corpus import CHAPTER_PATTERN
 from miniglm.devices import check_device_name
-from miniglm.fileio import UserError, allow_overwrite, begin_command, check_output_dir, check_output_file
+from miniglm.fileio import UserError, allow_overwrite, begin_command, check_output, end_command
 
 DEFAULT_NEW_TOKENS = 128
 
@@ -62,7 +62,7 @@ def _add_encoding(p: argparse.ArgumentParser, what: str = "the input file") -> N
 def cmd_corpus_prepare(args: argparse.Namespace) -> int:
     from miniglm import corpus
 
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, corpus.input_paths(args.inputs), args.overwrite)
     opts = corpus.PrepareOptions(
         text_field=args.text_field, split=args.split, chapter_regex=args.chapter_regex,
         val_fraction=args.val_fraction, seed=args.seed, nfkc=args.nfkc, drop=args.drop,
@@ -78,7 +78,7 @@ def cmd_corpus_prepare(args: argparse.Namespace) -> int:
 def cmd_corpus_tokenize(args: argparse.Namespace) -> int:
     from miniglm import shards, tokenizer
 
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, [args.corpus, _local(args.tokenizer)], args.overwrite)
     tok = tokenizer.load_tokenizer(args.tokenizer)
     meta = shards.tokenize_corpus(args.corpus, tok, args.out)
     print(f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']}), "
@@ -92,7 +92,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:  # before reading the corpus
         raise UserError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE} (256 bytes + specials), "
                         f"got {args.vocab_size}")
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, [args.corpus], args.overwrite)
     docs = corpus.load_documents(f"{args.corpus}/train.jsonl")
     tok = tokenizer.train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency,
                               han_chars=args.han_chars)
@@ -117,7 +117,7 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> int:
 def cmd_world(args: argparse.Namespace) -> int:
     from miniglm import world
 
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, overwrite=args.overwrite)
     stats = world.build_world(args.out, args.characters, args.bios, args.heldout_fraction, args.seed)
     print(json.dumps(stats.__dict__, ensure_ascii=False))
     print(f"wrote {args.out}/corpus.jsonl, characters.jsonl, sft_train.jsonl, sft_test.jsonl")
@@ -127,7 +127,7 @@ def cmd_world(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from miniglm.demo import DemoOptions, run_demo
 
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, overwrite=args.overwrite)
     run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
                          vocab_size=args.vocab_size, seed=args.seed, questions=args.questions, overrides=args.set,
                          pretrain_overrides=args.set_pretrain, sft_overrides=args.set_sft, mix_qa=args.mix_qa,
@@ -156,7 +156,9 @@ def cmd_sft_prepare(args: argparse.Namespace) -> int:
 
     if (args.test_fraction is not None or args.test_count) and not args.test_out:
         raise UserError("--test-fraction and --test-count need --test-out FILE.jsonl (where the held-out records go)")
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, [args.data, _local(args.tokenizer)], args.overwrite)
+    if args.test_out:  # a file of records: any file there is replaced (b""), never an input or a folder
+        check_output(args.test_out, [args.data, _local(args.tokenizer)], magic=b"")
     tok = load_tokenizer(args.tokenizer)
     opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
                            end_token=args.end_token, max_source_len=args.max_source_len,
@@ -183,7 +185,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.full and args.lora_r is not None:
         raise UserError("--full and --lora-r exclude each other: LoRA trains adapters, --full every weight")
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, [args.data, _local(args.model)], args.overwrite, grow=True)
     topts = TemplateOptions(system=args.system, end_token=args.end_token)
     opts = FinetuneOptions(model=args.model, data=args.data, out=args.out, template=args.template,
                            lora_r=0 if args.full else (args.lora_r or 8), max_len=args.max_len,
@@ -199,7 +201,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from miniglm import runs
     from miniglm.checkpoint import save_run
 
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, runs.run_inputs(args.run), args.overwrite)
     run = runs.open_run(args.run)
     if not runs.has_adapter(run):
         raise UserError(f"{args.run}: no LoRA adapter to merge (its weights are whole already); use the run as it "
@@ -230,7 +232,7 @@ def cmd_import_ckpt(args: argparse.Namespace) -> int:
     from miniglm.export import import_nanogpt
     from miniglm.gguf_import import is_gguf
 
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, [args.ckpt, _local(args.tokenizer)], args.overwrite)
     if is_gguf(args.ckpt):
         return _import_gguf(args)
     if args.max_context is not None:
@@ -257,13 +259,14 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from miniglm.export import export_gguf, export_hf
+    from miniglm.runs import run_inputs
 
     if args.to == "gguf":
-        check_output_file(args.out, b"GGUF", args.overwrite)
+        check_output(args.out, run_inputs(args.run), args.overwrite, magic=b"GGUF")
         path = export_gguf(args.run, args.out, args.outtype)
         print(f"exported GGUF ({args.outtype.upper()}) for llama.cpp -> {path}")
     else:
-        check_output_dir(args.out, args.overwrite)
+        check_output(args.out, run_inputs(args.run), args.overwrite)
         print(f"exported a transformers model -> {export_hf(args.run, args.out)}")
     return 0
 
@@ -402,10 +405,19 @@ def _add_compile(p: argparse.ArgumentParser) -> None:
                         "--int8)")
 
 
-def _eval_out(args: argparse.Namespace) -> None:
+def _eval_out(args: argparse.Namespace, data: str | None) -> None:
     from pathlib import Path
 
-    check_output_dir(args.out or Path(args.run) / "eval", args.overwrite)
+    from miniglm.runs import run_inputs
+
+    check_output(args.out or Path(args.run) / "eval", [*run_inputs(args.run), data], args.overwrite)
+
+
+def _local(ref: str | None) -> str | None:
+    """A tokenizer or model given by path (an input to protect), not by name (cl100k_base, a hub name)."""
+    from pathlib import Path
+
+    return ref if ref and Path(ref).exists() else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -414,7 +426,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not args.run or not args.data:
         raise UserError("miniglm eval needs --run DIR and --data FILE (or a subcommand: ppl, classify)")
-    _eval_out(args)
+    _eval_out(args, args.data)
     params = _sampling(args)
     evaluate_generation(args.run, args.data, args.out, args.template, params,
                         None if args.embedder == "none" else args.embedder, args.limit, args.batch_size,
@@ -426,7 +438,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_perplexity
 
-    _eval_out(args)
+    _eval_out(args, args.text)
     evaluate_perplexity(args.run, args.text, args.stride, args.out, encoding=args.encoding, device=args.device)
     return 0
 
@@ -436,7 +448,7 @@ def cmd_eval_classify(args: argparse.Namespace) -> int:
     from miniglm.finetune import parse_values
 
     _check_batch_size(args)
-    _eval_out(args)
+    _eval_out(args, args.data)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
                             columns=args.columns, values=parse_values(args.value), encoding=args.encoding,
@@ -770,17 +782,81 @@ def command_name(args: argparse.Namespace) -> str:
     return " ".join([args.command, *(s for s in sub if s)])
 
 
+class StdoutError(Exception):
+    """Writing to stdout failed (a closed pipe, a full disk): not an OSError, so no command mistakes it for
+    one of its own files."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Stdout:
+    """sys.stdout during a command: its OSErrors become StdoutError, for main to answer once."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise StdoutError(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise StdoutError(e) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what the shell reports for `yes | head -1`'s yes
+
+
+def _stdout_failed(e: StdoutError, stream) -> int:
+    """A reader that went away (`miniglm ... | head -1`) ends the command quietly, as Unix tools end, with
+    the status of one killed by SIGPIPE; any other failure (a full disk, a closed stdout) is one line on
+    stderr and status 2. What is left in the buffer goes to /dev/null, so the exit adds no second error."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to flush at exit
+        pass
+    if isinstance(e.error, BrokenPipeError):
+        return SIGPIPE_STATUS
+    from miniglm.fileio import output_error
+
+    print(f"miniglm: error: {output_error('stdout', e.error)}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stream = sys.stdout
+    if stream is None:  # started with stdout closed (`miniglm ... >&-`): what it prints would be lost
+        print("miniglm: error: stdout is closed; redirect it to a file or to /dev/null", file=sys.stderr)
+        return 2
     begin_command(command_name(args))
+    sys.stdout = _Stdout(stream)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, not as an error at exit
+        return code
+    except StdoutError as e:
+        return _stdout_failed(e, stream)
     except UserError as e:  # one line, even where it quotes a library's message of several
         print(f"miniglm: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2: bad input; 1: the work itself failed (a diverged training)
     except KeyboardInterrupt:
         print("miniglm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = stream
+        end_command()
 
 
 if __name__ == "__main__":

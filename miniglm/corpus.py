@@ -15,6 +15,7 @@ from pathlib import Path
 from miniglm.fileio import (
     UserError,
     atomic_dir,
+    bom_encoding,
     guess_encoding,
     is_wide,
     read_jsonl,
@@ -83,7 +84,7 @@ class Skipped(UserError):
 
 
 def looks_binary(data: bytes) -> bool:
-    return b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff"))
+    return b"\x00" in data[:8192] and not is_wide(bom_encoding(data) or "utf-8")
 
 
 def binary_message(name: str, data: bytes) -> str:
@@ -105,10 +106,11 @@ def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str |
                             "try without --encoding or with --errors replace") from None
         except LookupError:
             raise UserError(f"--encoding {encoding}: unknown encoding (e.g. gbk, gb18030, big5, utf-16-le)") from None
-    if data.startswith(b"\xef\xbb\xbf"):
+    bom = bom_encoding(data)  # UTF-32's before UTF-16's: UTF-32LE's BOM starts with UTF-16LE's
+    if bom == "utf-8-sig":
         return replace(decode_bytes(data[3:], name, errors, "utf-8"), encoding="utf-8-sig")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return decode_bytes(data, name, errors, "utf-16")
+    if bom is not None:
+        return decode_bytes(data, name, errors, bom)
     results: list[Decoded] = []
     first_bad: dict[str, int] = {}
     for enc in CANDIDATES:
@@ -134,6 +136,8 @@ def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str |
 def detect_encoding(data: bytes) -> str | None:
     """The encoding decode_bytes would pick (gbk when GBK reads the bytes: the name users know), or None.
     Bytes with NUL bytes may be UTF-16 without a BOM: the byte order that reads as plausible text."""
+    if bom_encoding(data) == "utf-32":
+        return "utf-32"
     if b"\x00" in data:
         scores = {}
         for enc in ("utf-16-le", "utf-16-be"):
@@ -254,7 +258,19 @@ def expand_inputs(inputs: list[str]) -> list[tuple[Path, bool]]:
                     paths.setdefault(f, False)
             else:
                 paths[p] = paths.get(p, False) or named
-    return list(paths.items())
+    # A symlink and its target (or one file named twice, or by a pattern and a folder) are one file: read it
+    # once, where it is first found, else the same text lands in train and in val.
+    seen: dict[Path, Path] = {}
+    for p, named in paths.items():
+        first = seen.setdefault(p.resolve(), p)
+        paths[first] = paths[first] or named
+    return [(p, paths[p]) for p in seen.values()]
+
+
+def input_paths(inputs: list[str]) -> list[Path]:
+    """The files and folders the inputs name, patterns expanded: what the output must not be or hold."""
+    return [Path(p) for spec in inputs
+            for p in (glob.glob(spec, recursive=True) if any(c in spec for c in "*?[") else [spec])]
 
 
 def _kind(path: Path) -> str | None:

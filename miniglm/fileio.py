@@ -54,6 +54,13 @@ def begin_command(name: str) -> None:
     _overwrite.clear()
 
 
+def end_command() -> None:
+    """After a command: library calls (tests, scripts) write as no command, replacing any marked folder."""
+    global _command
+    _command = "miniglm"
+    _overwrite.clear()
+
+
 def _write_point() -> None:
     """Every file write and rename passes here. MINIGLM_TEST_KILL_AT=N ends the process at the N-th,
     as a kill -9 would: the fault-injection tests check that no output is ever left half-written."""
@@ -110,46 +117,162 @@ _TMP_NAME = re.compile(r"^\..+\.\d+\.\w+\.tmp$")  # .NAME.PID.RANDOM.tmp
 
 def _is_empty_dir(path: Path) -> bool:
     """Nothing in it, or only temporary files of ours (a kill before the marker was written)."""
-    return path.is_dir() and all(_TMP_NAME.match(p.name) for p in path.iterdir())
+    return path.is_dir() and all(_TMP_NAME.match(p.name) or p.name == LOCK for p in path.iterdir())
 
 
-def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse, before any work, an --out folder that would lose what miniglm did not write: an existing
-    file, or a non-empty folder without our marker (unless --overwrite, which lets it be replaced)."""
+def check_output_dir(path: str | Path, overwrite: bool = False, inputs: Iterable[Any] = (),
+                     grow: bool = False) -> Path:
+    """check_output for a folder (the name the callers have used)."""
+    return check_output(path, inputs=inputs, overwrite=overwrite, grow=grow)
+
+
+def check_output_file(path: str | Path, magic: bytes, overwrite: bool = False, inputs: Iterable[Any] = ()) -> Path:
+    """check_output for a one-file output: an existing file is replaced if it starts with `magic` (a file
+    of the kind we write) or with --overwrite; a folder is refused."""
+    return check_output(path, inputs=inputs, overwrite=overwrite, magic=magic)
+
+
+# --- the one output check every command goes through --------------------------------------------------
+# What each command writes. A marked folder is replaced only by a command writing the same kind (an
+# export replaces an export, never a run); a marker with no known command (written by library calls, or
+# by an older miniglm) is replaced as before. The kind of a set written inside a composite command's folder
+# (the demo's world/, corpus/, ...; a run's tokenizer/) is read from the files its marker lists.
+KINDS = {"world": "synthetic world", "corpus prepare": "corpus", "corpus tokenize": "token shards",
+         "tokenizer train": "tokenizer", "sft prepare": "SFT data", "train": "training run", "finetune": "training run",
+         "merge": "merged run", "import-ckpt": "imported run", "export": "transformers export", "eval": "evaluation",
+         "eval ppl": "evaluation", "eval classify": "evaluation", "demo": "demo"}
+_COMPOSITE = {"demo", "train", "finetune"}
+_SIGNATURES = (("evaluation", {"metrics.json", "perplexity.json", "predictions.jsonl"}),
+               ("synthetic world", {"characters.jsonl"}), ("corpus", {"stats.json"}), ("token shards", {"train.bin"}),
+               ("SFT data", {"meta.json"}), ("tokenizer", {"tokenizer.json"}))
+LOCK = ".miniglm.lock"  # the advisory lock of a folder being written over time (a training run)
+
+
+def read_marker(path: Path) -> dict:
+    try:
+        m = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def _folder_kind(marker: dict) -> str | None:
+    """The kind of a marked folder: its command's, or for a set nested in a composite command's folder, what
+    its files say. None: not known (any command may replace it)."""
+    command = marker.get("command")
+    if command in _COMPOSITE and isinstance(marker.get("files"), list):
+        files = set(marker["files"])
+        return next((kind for kind, names in _SIGNATURES if files & names), None)
+    return KINDS.get(command) if isinstance(command, str) else None
+
+
+def _kind_refusal(path: Path) -> str | None:
+    """Why the running command may not replace the marked folder `path`, or None."""
+    mine = KINDS.get(_command)
+    if mine is None or not is_marked(path):
+        return None
+    marker = read_marker(path)
+    if marker.get("command") == _command:
+        return None
+    theirs = _folder_kind(marker)
+    if theirs is None or theirs == mine:
+        return None
+    def a(kind: str) -> str:
+        return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+    return (f"{path}: holds {a(theirs)} (written by `miniglm {marker.get('command')}`); `miniglm {_command}` "
+            f"replaces only {a(mine)}; choose another --out, or pass --overwrite to replace it")
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _protected(real: Path) -> str | None:
+    """The file system root, the home folder and the current folder (or a folder holding them)."""
+    if real == Path(real.anchor):
+        return "the file system root"
+    places = (("the current folder", _real(os.getcwd())), ("your home folder", _real(Path.home())))
+    for name, place in places:
+        if place == real:
+            return name
+    return next((f"a folder holding {name}" for name, place in places if _within(place, real)), None)
+
+
+def check_output(path: str | Path, inputs: Iterable[Any] = (), overwrite: bool = False, magic: bytes | None = None,
+                 grow: bool = False) -> Path:
+    """The one check of an output, before any work (a UserError, one line, names the refusal):
+    - never the file system root, the home folder or the current folder (not even with --overwrite);
+    - never an input of the command, a folder holding one (unless `grow`: a run folder only adds its own
+      files, such as finetune's RUN/data beside the checkpoints), or a path inside an input folder; paths
+      compared resolved, symlinks followed. `inputs`: paths (None skipped) the command reads;
+    - a folder (magic None) is refused if a file is there, or if it is not empty and not ours (marked), or
+      marked by a command writing another kind of output (unless --overwrite);
+    - a file (magic: how our files of that kind start) is refused if a folder is there, or a file not
+      starting with magic (unless --overwrite).
+    --overwrite lets this output replace what is there."""
     path = Path(path)
+    _check_place(path, inputs, grow)
     with writing(path):
+        if magic is not None:
+            if path.is_dir():
+                raise UserError(f"{path}: is a folder; --out names the file to write")
+            if path.exists():
+                with open(path, "rb") as f:
+                    ours = f.read(len(magic)) == magic
+                if not ours and not overwrite:
+                    raise UserError(f"{path}: exists and is not a file miniglm writes; choose another --out, "
+                                    "or pass --overwrite to replace it")
+            return path
         if path.exists() and not path.is_dir():
             raise UserError(f"{path}: is a file, not a folder; choose another --out")
-        if path.is_dir() and not _is_empty_dir(path) and not is_marked(path):
+        if path.is_dir() and not _is_empty_dir(path):
             if not overwrite:
-                raise UserError(f"{path}: exists and was not written by miniglm (no {MARKER} marker); "
-                                "choose another --out, or pass --overwrite to replace it")
-            allow_overwrite(path)
+                if not is_marked(path):
+                    raise UserError(f"{path}: exists and was not written by miniglm (no {MARKER} marker); "
+                                    "choose another --out, or pass --overwrite to replace it")
+                why = _kind_refusal(path)
+                if why is not None:
+                    raise UserError(why)
+            else:
+                allow_overwrite(path)
     return path
 
 
-def check_output_file(path: str | Path, magic: bytes, overwrite: bool = False) -> Path:
-    """The same for a one-file output: an existing file is replaced if it starts with `magic` (a file of
-    the kind we write) or with --overwrite; a folder is refused."""
-    path = Path(path)
-    with writing(path):
-        if path.is_dir():
-            raise UserError(f"{path}: is a folder; --out names the file to write")
-        if path.exists():
-            with open(path, "rb") as f:
-                ours = f.read(len(magic)) == magic
-            if not ours and not overwrite:
-                raise UserError(f"{path}: exists and is not a file miniglm writes; choose another --out, "
-                                "or pass --overwrite to replace it")
-    return path
+def _check_place(path: Path, inputs: Iterable[Any], grow: bool) -> None:
+    """check_output's rules on where an output is: never the root, home or current folder; never an input."""
+    real = _real(path)
+    where = _protected(real)
+    if where is not None:
+        raise UserError(f"{path}: is {where}; miniglm never writes an output over it; choose another --out")
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        inp = _real(item)
+        if inp == real:
+            raise UserError(f"{path}: is also an input of this command ({item}); writing it would destroy the "
+                            "input; choose another --out")
+        if _within(inp, real) and not grow:
+            raise UserError(f"{path}: holds an input of this command ({item}); replacing it would delete the "
+                            "input; choose another --out")
+        if _within(real, inp) and not inp.is_file():
+            raise UserError(f"{path}: is inside an input of this command ({item}); choose another --out "
+                            "outside it")
 
 
 def _replaceable(path: Path) -> bool:
-    """Ours (marked), empty, or inside an output named with --overwrite."""
-    if not path.exists() or _is_empty_dir(path) or is_marked(path):
+    """Ours (marked by a command writing this kind of output), empty, or inside an output named with
+    --overwrite."""
+    if not path.exists() or _is_empty_dir(path):
         return True
     full = path.resolve()
-    return any(p in _overwrite for p in (full, *full.parents))
+    if any(p in _overwrite for p in (full, *full.parents)):
+        return True
+    return is_marked(path) and _kind_refusal(path) is None
 
 
 def _marker(files: list[str] | None) -> dict:
@@ -174,14 +297,56 @@ def mark_dir(path: str | Path) -> Path:
     return path
 
 
+@contextmanager
+def output_lock(path: str | Path, inputs: Iterable[Any] = (), writer: bool = True) -> Iterator[Path]:
+    """Hold a folder written over time (a training run) for the block: check it as check_output does
+    (a folder holding a resumable checkpoint, ckpt/state.json, may be resumed without a marker), then take
+    an advisory lock, flock on FOLDER/.miniglm.lock, that a second writer is refused with one line. The kernel
+    drops the lock when its process ends, however it ends: a killed run never blocks the next. `writer`:
+    False for the processes of a torchrun job other than rank 0, which write nothing (rank 0 holds the lock
+    for the job). A folder this call created and nothing was written into is removed again."""
+    import fcntl
+
+    path = Path(path)
+    if not writer:
+        yield path
+        return
+    resume = (path / "ckpt" / "state.json").exists()
+    if resume:
+        _check_place(path, inputs, grow=True)
+        why = None if path.resolve() in _overwrite else _kind_refusal(path)
+        if why is not None:
+            raise UserError(why)
+    else:
+        check_output(path, inputs, overwrite=path.resolve() in _overwrite, grow=True)
+    created = not path.exists()
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{path}: another miniglm process is writing this run now; wait for it to finish, "
+                            "or choose another out_dir") from None
+        try:
+            yield path
+        finally:
+            if created and [p.name for p in path.iterdir()] == [LOCK]:  # nothing written: leave nothing
+                (path / LOCK).unlink(missing_ok=True)
+                path.rmdir()
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def remove_output(path: str | Path) -> None:
     """Delete a folder miniglm wrote (a stage a rerun makes anew); refuse one it did not."""
     path = Path(path)
     if not path.exists():
         return
     if not _replaceable(path):
-        raise UserError(f"{path}: exists and was not written by miniglm (no {MARKER} marker); move it away, "
-                        "or pass --overwrite to replace it")
+        raise UserError(_kind_refusal(path) or f"{path}: exists and was not written by miniglm (no {MARKER} "
+                        "marker); move it away, or pass --overwrite to replace it")
     _write_point()
     with writing(path):
         shutil.rmtree(path)
@@ -274,13 +439,13 @@ def recover_dir(path: str | Path) -> Path:
 
 
 def _listing(folder: Path) -> list[str]:
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name != MARKER)
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in (MARKER, LOCK))
 
 
 def _carry_over(old: Path, new: Path) -> None:
     """Copy what the old folder holds and the new set does not write (another eval's perplexity.json)."""
     for p in old.iterdir():
-        if p.name == MARKER or _TMP_NAME.match(p.name) or (new / p.name).exists():
+        if p.name in (MARKER, LOCK) or _TMP_NAME.match(p.name) or (new / p.name).exists():
             continue
         if p.is_dir():
             copy_dir(p, new / p.name)
@@ -300,8 +465,8 @@ def atomic_dir(path: str | Path, keep: bool = False, replace: bool = False) -> I
         if path.exists() and not path.is_dir():
             raise UserError(f"{path}: is a file, not a folder; choose another --out")
         if not replace and not _replaceable(path):
-            raise UserError(f"{path}: exists and was not written by miniglm (no {MARKER} marker); "
-                            "choose another --out, or pass --overwrite to replace it")
+            raise UserError(_kind_refusal(path) or f"{path}: exists and was not written by miniglm (no {MARKER} "
+                            "marker); choose another --out, or pass --overwrite to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_orphans(path)
         _write_point()
@@ -377,6 +542,14 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
 # Every reader of user text decodes through decode_text, so every command reports a bad byte the same
 # way: the file, the byte offset, what the bytes look like, and the --encoding that reads them.
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# UTF-32LE's BOM begins with UTF-16LE's: the UTF-32 ones are looked for first.
+BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+        (b"\xfe\xff", "utf-16"), (codecs.BOM_UTF8, "utf-8-sig"))
+
+
+def bom_encoding(data: bytes) -> str | None:
+    """The encoding a byte order mark at the start of `data` names (utf-32, utf-16, utf-8-sig), or None."""
+    return next((enc for bom, enc in BOMS if data.startswith(bom)), None)
 NEWLINE = b"\n"
 
 
@@ -418,10 +591,10 @@ def decode_text(data: bytes, path: str | Path, encoding: str | None = None, erro
     offset and the fix: the command's --encoding (encoding_flag), or else converting the file (the files
     other stages wrote)."""
     if encoding is None:
-        enc = "utf-16" if offset == 0 and data.startswith(UTF16_BOMS) else "utf-8-sig" if offset == 0 else "utf-8"
+        enc = (bom_encoding(data) or "utf-8-sig") if offset == 0 else "utf-8"
     else:
         enc = _lookup(encoding)
-    if encoding is None and b"\x00" in data and enc != "utf-16":
+    if encoding is None and b"\x00" in data and not is_wide(enc):
         at = data.index(0)
         where = f"{path}:{line + data.count(NEWLINE, 0, at)}"
         guess = guess_encoding(data)
@@ -505,7 +678,7 @@ def read_jsonl(path: str | Path, encoding: str | None = None,
     path = Path(path)
     _check_readable(path)
     with open(path, "rb") as f:
-        wide = f.read(2) in UTF16_BOMS if encoding is None else is_wide(_lookup(encoding))
+        wide = is_wide(bom_encoding(f.read(4)) or "utf-8") if encoding is None else is_wide(_lookup(encoding))
     if wide:  # UTF-16/32 lines do not end at a b"\n" byte: decode the file whole
         yield from _json_lines(path, read_text(path, encoding, encoding_flag=encoding_flag).split("\n"))
         return

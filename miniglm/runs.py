@@ -99,6 +99,33 @@ def open_run(ref: str | Path | Run) -> Run:
     return Run(ckpt, run_dir_of(ckpt), read_state(ckpt))
 
 
+def run_inputs(ref: str | Path | None) -> list[Path]:
+    """What a command reading the run (or checkpoint) `ref` reads, for the output check (fileio.check_output):
+    its checkpoint, best/, tokenizer/, chat.json, config.toml, metrics.jsonl and RUN/data, and the base
+    checkpoint a LoRA adapter is applied to. Not the run folder as a whole: outputs may go inside it
+    (RUN/eval, an export in RUN/hf), but an output that is the run or holds it would delete these.
+    Anything that is not a run is returned as it is (the command reports it)."""
+    if ref is None:
+        return []
+    p = Path(ref)
+    if not is_run(p):
+        return [p]
+    ckpt = find_checkpoint(p)
+    run = run_dir_of(ckpt)
+    if ckpt == run:  # a checkpoint folder that is its own run (a merged transformers folder): its files
+        found = [f for f in ckpt.iterdir() if f.is_file() and not f.name.startswith(".")]
+    else:
+        found = [ckpt, *(run / n for n in ("ckpt", "best"))]
+    found += [run / n for n in ("tokenizer", "chat.json", "config.toml", "metrics.jsonl", "data")]
+    try:
+        base = read_state(ckpt).get("base_model")
+    except UserError:
+        base = None
+    if isinstance(base, str) and Path(base).exists():
+        found.append(Path(base))
+    return found
+
+
 # --- the small JSON files ------------------------------------------------------------------------
 def read_state(ckpt: Path) -> dict:
     path = ckpt / "state.json"

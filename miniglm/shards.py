@@ -70,7 +70,19 @@ class TokenShard:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"{self.path}: no such shard; run `miniglm corpus tokenize` first")
-        self.tokens = np.memmap(self.path, dtype=np.dtype(dtype), mode="r")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise UserError(f"{self.path.parent / 'meta.json'}: dtype {dtype!r} is not a token type; "
+                            "run `miniglm corpus tokenize` again") from None
+        size = self.path.stat().st_size
+        fix = "the shards are damaged or were cut short; run `miniglm corpus tokenize` again"
+        if size == 0:
+            raise UserError(f"{self.path}: the shard is empty (0 bytes); {fix}")
+        if size % dtype.itemsize:
+            raise UserError(f"{self.path}: {size} bytes, not a whole number of {dtype.name} tokens "
+                            f"({dtype.itemsize} bytes each); {fix}")
+        self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -300,7 +300,21 @@ def write_chat_info(cfg: TrainConfig, out: Path) -> None:
 def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Train as cfg says; return the last evaluation and the run's totals. probe(model) -> {name: number}
     is called at each evaluation (on the main process, the model in eval mode, no grad); its numbers go
-    into metrics.jsonl beside val_loss, and its time is left out of tokens/s."""
+    into metrics.jsonl beside val_loss, and its time is left out of tokens/s.
+
+    out_dir is checked (never an input: the data, the tokenizer, init_from's run unless resuming itself) and
+    locked for the run's life: a second train on it is refused with one line. Under torchrun rank 0 alone
+    writes, and holds the lock for the job; another job's rank 0 is refused, and torchrun stops its peers."""
+    out = Path(cfg.out_dir)
+    init = cfg.init_from if cfg.init_from != "scratch" and Path(cfg.init_from).exists() else None
+    resume_self = init is not None and Path(init).resolve() == out.resolve()
+    inputs = [cfg.data, *(runs.run_inputs(init) if init and not resume_self else []),
+              *([cfg.tokenizer] if cfg.tokenizer and Path(cfg.tokenizer).exists() else [])]
+    with fileio.output_lock(out, inputs, writer=int(os.environ.get("RANK", 0)) == 0):
+        return _train(cfg, log, probe)
+
+
+def _train(cfg: TrainConfig, log, probe) -> dict:
     if not cfg.data:
         raise UserError("no data: set data = \"FOLDER\" in the config or --set data=FOLDER")
     device, rank, world, dtype = setup_device(cfg)

@@ -19,6 +19,8 @@ import pytest
 from miniglm.cli import main
 from tests.conftest import make_chat_run
 
+TINY = ("--set model.n_layer=1 --set model.n_head=2 --set model.n_embd=32 --set model.block_size=8 "
+        "--set model.vocab_size=400 --set batch_size=2 --set max_steps=1 --set eval_batches=1 --set threads=1")
 GBK_QA = '{"question": "张三的师父是谁？", "answer": "李四"}\n'
 GBK_JSONL = r"gbk.jsonl:1: not UTF-8 at byte 14 .*--encoding gbk reads it"
 # (id, argv, text the last stderr line must hold): the file, line or record, or the flag
@@ -166,6 +168,38 @@ CASES = [
     ("report-three", "report {run} {run} {run}", "one run, or two"),
     ("export-missing", "export --run {root}/nope --out {out}", "nope"),
     ("export-outtype", "export --run {run} --to gguf --outtype q4 --out {out}/m.gguf", "--outtype"),
+    # damaged shards (issue 22 M): the file and what to do
+    ("train-empty-val-bin", "train --set data={empty_val_data} --set out_dir={out} " + TINY,
+     r"empty_val_data/val.bin: the shard is empty .*corpus tokenize"),
+    ("train-odd-train-bin", "train --set data={odd_train_data} --set out_dir={out} " + TINY,
+     r"odd_train_data/train.bin: \d+ bytes, not a whole number of uint16 tokens"),
+    # values that used to be tracebacks (issue 22 T)
+    ("train-odd-head-dim", "train --set data={data} --set out_dir={out} " + TINY + " --set model.n_embd=34",
+     "model.n_embd must be an even multiple of n_head .*34/2"),
+    ("world-out-root", "world --out / --overwrite", "/: is the file system root"),
+    # outputs that are inputs (issue 22 A): refused before any work, whatever --overwrite says
+    ("export-onto-its-run", "export --run {run} --to hf --out {run} --overwrite", "holds an input of this command"),
+    ("export-into-its-ckpt", "export --run {run} --out {run}/ckpt", "is also an input of this command"),
+    ("gguf-onto-its-weights", "export --run {run} --to gguf --out {run}/ckpt/model.safetensors --overwrite",
+     "is inside an input"),
+    ("merge-onto-its-run", "merge {run} --out {run}", "holds an input of this command"),
+    ("sft-test-out-is-data", "sft prepare --data {sft} --tokenizer {bpe} --out {out} --test-out {sft} --test-count 1",
+     "sft.jsonl: is also an input"),
+    ("sft-out-is-tokenizer", "sft prepare --data {sft} --tokenizer {bpe} --out {bpe} --overwrite", "is also an input"),
+    ("prepare-out-holds-input", "corpus prepare {gbk_txt} --encoding gbk --out {root} --overwrite",
+     "holds an input of this command"),
+    ("prepare-out-is-symlinked-input", "corpus prepare {sft_link_jsonl} --out {sft}", "is also an input"),
+    ("tokenize-out-in-corpus", "corpus tokenize --corpus {corpus} --tokenizer {bpe} --out {corpus}/data",
+     "is inside an input of this command"),
+    ("tok-train-out-is-corpus", "tokenizer train --corpus {corpus} --out {corpus}", "is also an input"),
+    ("train-out-is-data", "train --set data={data} --set out_dir={data}", "is also an input"),
+    ("train-out-in-init-run", "train --set data={data} --set init_from={run} --set out_dir={run}/ckpt/x",
+     "is inside an input"),
+    ("eval-out-is-run", "eval --run {run} --data {sft} --out {run} --embedder none", "holds an input"),
+    ("ppl-out-is-text", "eval ppl --run {run} --text {sft} --out {sft}", "is also an input"),
+    ("classify-out-in-ckpt", "eval classify --run {run} --data {sft} --out {run}/ckpt/eval", "is inside an input"),
+    ("import-out-is-ckpt", "import-ckpt {bad_ckpt} --out {bad_ckpt}", "is also an input"),
+    ("ft-out-is-data", "finetune --model {root}/nope --data {sft} --out {sft}", "is also an input"),
 ]
 
 
@@ -200,6 +234,10 @@ def inputs(tmp_path_factory, world_dir, bpe_dir) -> dict[str, Path]:
         (root / name / "val.jsonl").write_bytes(val)
     args = {"vocab_size": -5, "block_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 8}
     torch.save({"model_args": args, "model": {}}, root / "bad.pt")
+    for name, shard, size in [("empty_val_data", "val.bin", 0), ("odd_train_data", "train.bin", 1001)]:
+        shutil.copytree(root / "data", root / name)
+        (root / name / shard).write_bytes(b"\1" * size)
+    (root / "sft_link.jsonl").symlink_to(root / "sft.jsonl")
     paths = {"root": root, "run": root / "run", "corpus": root / "corpus", "data": root / "data",
              "sft": root / "sft.jsonl", "bpe": bpe_dir, "squad_bad": root / "squad.json", "bad_ckpt": root / "bad.pt"}
     for f in root.iterdir():

@@ -71,13 +71,15 @@ def test_binary_file(capsys, tmp_path):
 
 
 def test_undecodable_text_writes_nothing(capsys, tmp_path):
-    (tmp_path / "a.txt").write_text("第一回 好\n" + "天下大势。" * 20 + "\n第二回 坏\n正文。", encoding="utf-8")
-    (tmp_path / "b.txt").write_bytes("正文".encode() + b"\xff\x80\xff\x80")
+    novel = tmp_path / "novel"  # --out outside the folder read (inside it is refused: issue 22)
+    novel.mkdir()
+    (novel / "a.txt").write_text("第一回 好\n" + "天下大势。" * 20 + "\n第二回 坏\n正文。", encoding="utf-8")
+    (novel / "b.txt").write_bytes("正文".encode() + b"\xff\x80\xff\x80")
     out = tmp_path / "o"
-    err = run_error(capsys, ["corpus", "prepare", str(tmp_path), "--out", str(out)])
+    err = run_error(capsys, ["corpus", "prepare", str(novel), "--out", str(out)])
     assert "b.txt" in err and "byte 6" in err and "--errors replace" in err
     assert not out.exists()
-    assert main(["corpus", "prepare", str(tmp_path), "--out", str(out), "--errors", "replace",
+    assert main(["corpus", "prepare", str(novel), "--out", str(out), "--errors", "replace",
                  "--split", "file", "--val-fraction", "0.5"]) == 0
     assert (out / "train.jsonl").exists()
 

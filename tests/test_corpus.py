@@ -167,3 +167,42 @@ def test_folder_still_refuses_a_broken_supported_file(tmp_path):
     (tmp_path / "docs.json").write_text('{"text": "一"}\n{"text": "二"}\n', encoding="utf-8")
     stats = prepare_corpus([str(tmp_path)], tmp_path / "out", PrepareOptions(split="file", val_fraction=0.5))
     assert stats.documents == 3 and not stats.skipped
+
+
+# --- issue 22: Q (a symlink and its target read once), R (UTF-32 BOMs before UTF-16's) ----------------
+def test_a_symlink_and_its_target_are_read_once(tmp_path):
+    novel = tmp_path / "novel"
+    novel.mkdir()
+    (novel / "1.txt").write_text("第一回 出山\n" + SIMPLIFIED + "\n", encoding="utf-8")
+    (novel / "2.txt").write_text("第二回 下山\n" + TRADITIONAL + "\n", encoding="utf-8")
+    (novel / "3.txt").symlink_to(novel / "1.txt")  # the same chapter under another name
+    stats = prepare_corpus([str(novel), str(novel / "3.txt")], tmp_path / "out",
+                           PrepareOptions(split="file", val_fraction=0.5, seed=1))
+    assert stats.documents == 2 and [f["path"] for f in stats.files] == [str(novel / "1.txt"), str(novel / "2.txt")]
+    texts = [json.loads(x)["text"] for s in ("train", "val")
+             for x in (tmp_path / "out" / f"{s}.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(texts) == sorted(set(texts))  # no chapter in both splits
+
+
+@pytest.mark.parametrize("enc", ["utf-32", "utf-32-le", "utf-32-be", "utf-16", "utf-16-le", "utf-16-be"])
+def test_utf32_and_utf16_boms(enc, tmp_path):
+    bom = {"utf-32-le": b"\xff\xfe\x00\x00", "utf-32-be": b"\x00\x00\xfe\xff",
+           "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}.get(enc, b"")
+    text = "第一回 出山\n" + SIMPLIFIED + "\n第二回 下山\n" + TRADITIONAL
+    data = bom + text.encode(enc)
+    d = decode_bytes(data, "x.txt")
+    assert d.text.lstrip("\ufeff") == text and "\x00" not in d.text
+    (tmp_path / "x.txt").write_bytes(data)
+    prepare_corpus([str(tmp_path / "x.txt")], tmp_path / "out", PrepareOptions(val_fraction=0.5))
+    docs = [json.loads(x)["text"] for s in ("train", "val")
+            for x in (tmp_path / "out" / f"{s}.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(docs) == 2 and SIMPLIFIED in "".join(docs) and "\x00" not in "".join(docs)
+
+
+def test_utf32_records_read_whole(tmp_path):
+    from miniglm.fileio import read_jsonl, read_text
+
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes('{"text": "话说"}\n{"text": "天下"}\n'.encode("utf-32"))
+    assert [r["text"] for _, r in read_jsonl(path)] == ["话说", "天下"]
+    assert read_text(path).startswith('{"text"')
