@@ -47,18 +47,20 @@ def inputs(tmp_path_factory, world_dir, bpe_dir) -> dict[str, Path]:
     run2 = make_chat_run(root / "b", bpe_dir, block_size=32, n_layer=1)
     for r in (run, run2):  # llama style, as make_chat_run makes it: GGUF needs it
         assert json.loads((r / "ckpt" / "config.json").read_text())["style"] == "llama"
-    model = MiniGLM(ModelConfig(vocab_size=400, block_size=32, n_layer=2, n_head=2, n_embd=32))
-    lora = add_lora(model, 4, 8)
-    save_checkpoint(root / "lora" / "ckpt", model, model.config,
-                    {"step": 1, "base_model": str((run / "ckpt").resolve())},
-                    adapter={"weights": adapter_state(model), "config": lora})
-    load_tokenizer(bpe_dir).save(root / "lora" / "tokenizer")
+    for name, init in (("lora", True), ("lora2", False)):  # lora2: other adapter weights, another merged model
+        model = MiniGLM(ModelConfig(vocab_size=400, block_size=32, n_layer=2, n_head=2, n_embd=32))
+        lora = add_lora(model, 4, 8, init=init)
+        save_checkpoint(root / name / "ckpt", model, model.config,
+                        {"step": 1, "base_model": str((run / "ckpt").resolve())},
+                        adapter={"weights": adapter_state(model), "config": lora})
+        load_tokenizer(bpe_dir).save(root / name / "tokenizer")
     torch.manual_seed(0)
     seed = MiniGLM(ModelConfig(style="gpt2", vocab_size=400, block_size=32, n_layer=1, n_head=2, n_embd=32))
     torch.save({"model": seed.state_dict(), "model_args": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32,
                                                            "bias": True, "vocab_size": 400}},
                root / "ckpt.pt")
-    return {"root": root, "world": world_dir, "bpe": bpe_dir, "run": run, "run2": run2, "lora": root / "lora"}
+    return {"root": root, "world": world_dir, "bpe": bpe_dir, "run": run, "run2": run2, "lora": root / "lora",
+            "lora2": root / "lora2"}
 
 
 def fault_specs(i: dict[str, Path], out: Path) -> list[dict]:
@@ -92,7 +94,7 @@ def fault_specs(i: dict[str, Path], out: Path) -> list[dict]:
         spec("export gguf", gguf, [*gguf, "--outtype", "f16"]),
         spec("import-ckpt", ["import-ckpt", str(i["root"] / "ckpt.pt"), "--tokenizer", bpe, "--out", "{out}"],
              ["import-ckpt", str(i["root"] / "ckpt.pt"), "--out", "{out}"]),
-        spec("merge", ["merge", str(i["lora"]), "--out", "{out}"], ["merge", str(i["run2"]), "--out", "{out}"]),
+        spec("merge", ["merge", str(i["lora"]), "--out", "{out}"], ["merge", str(i["lora2"]), "--out", "{out}"]),
         spec("finetune", ["finetune", "--model", str(hf_model), "--data", str(csv), "--columns", "Tweet text,Label",
                           "--out", "{out}", *sets("max_steps=2", "eval_every=2", "batch_size=2", "eval_batches=1")],
              run=True),
