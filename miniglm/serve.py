@@ -729,6 +729,11 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def base_url(host: str, port: int) -> str:
+    """The server's address as a URL: an IPv6 host in brackets (http://[::1]:8000, not http://::1:8000)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, or a UserError saying why not (a port out of range or in use, a bad host)."""
     if not 0 <= port <= 65535:
@@ -757,11 +762,10 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         sock.close()
         raise
     port = sock.getsockname()[1]
-    url_host = f"[{host}]" if ":" in host else host  # an IPv6 address is bracketed in a URL
-    print(f"serving {run_dir} on http://{url_host}:{port} (OpenAI API under /v1, chat page at /)", flush=True)
+    print(f"serving {run_dir} on {base_url(host, port)} (OpenAI API under /v1, chat page at /)", flush=True)
     if api_key is None:
         print("miniglm: no API key (--api-key, --api-key-env NAME or MINIGLM_API_KEY): anyone who can reach "
-              f"{host}:{port} can use the API", file=sys.stderr, flush=True)
+              f"{base_url(host, port)} can use the API", file=sys.stderr, flush=True)
     # the graceful timeout is a backstop: rows end at once on shutdown, but a client may not read its stream
     # lifespan off: Server.shutdown stops the batcher, and a forced exit (a second Ctrl-C) would otherwise
     # leave the lifespan task to be cancelled with a logged traceback

@@ -350,3 +350,9 @@ def test_dropped_clients_leave_no_traceback(run_dir):
     assert "Traceback" not in err and "ClientDisconnect" not in err and "CancelledError" not in err, err
     assert lines[0].startswith("miniglm: no API key") and lines[-1] == "miniglm: interrupted", err
     assert len(lines) <= 3, err  # + at most uvicorn's "Cancel 1 running task(s)" for the held body
+
+
+def test_the_printed_url_brackets_an_ipv6_host():
+    from miniglm.serve import base_url
+
+    assert base_url("::1", 8000) == "http://[::1]:8000" and base_url("127.0.0.1", 80) == "http://127.0.0.1:80"
