@@ -310,8 +310,12 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
     resume_self = init is not None and Path(init).resolve() == out.resolve()
     inputs = [cfg.data, *(runs.run_inputs(init) if init and not resume_self else []),
               *([cfg.tokenizer] if cfg.tokenizer and Path(cfg.tokenizer).exists() else [])]
-    with fileio.output_lock(out, inputs, writer=int(os.environ.get("RANK", 0)) == 0):
-        return _train(cfg, log, probe)
+    threads = torch.get_num_threads()
+    try:
+        with fileio.output_lock(out, inputs, writer=int(os.environ.get("RANK", 0)) == 0):
+            return _train(cfg, log, probe)
+    finally:  # `threads` is this run's setting: a caller's process (the demo, a notebook) keeps its own
+        torch.set_num_threads(threads)
 
 
 def _train(cfg: TrainConfig, log, probe) -> dict:

@@ -349,3 +349,11 @@ def test_model_keys_that_a_checkpoint_overrides_are_refused(tmp_path, data_dir, 
     assert main(["train", *sum((["--set", a] for a in sft), []), "--set", "model.block_size=64"]) == 2
     assert "model.block_size = 64, but the model of init_from" in capsys.readouterr().err
     assert main(["train", *sum((["--set", a] for a in sft), []), "--set", "model.block_size=32"]) == 0
+
+
+def test_threads_is_the_runs_setting_alone(tmp_path, data_dir):
+    """threads = 1 holds for the run; the calling process gets its thread count back (a test or a notebook
+    that trained with it computed in one thread ever after, and another run's sums came out otherwise)."""
+    before = torch.get_num_threads()
+    train(cfg_for(data_dir, tmp_path / "run", "max_steps=1", "eval_batches=1", "threads=1"))
+    assert torch.get_num_threads() == before
