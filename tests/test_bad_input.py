@@ -75,6 +75,10 @@ CASES = [
     ("train-n-head-0", "train --set data={data} --set out_dir={out} --set model.n_head=0", "model.n_head"),
     ("train-dropout", "train --set data={data} --set out_dir={out} --set model.dropout=1.5", "model.dropout"),
     ("train-lr-0", "train --set data={data} --set out_dir={out} --set lr=0", "lr must be greater than 0"),
+    # non-finite and degenerate values: refused before any work (lr=inf trained a NaN model with rc 0)
+    ("train-lr-inf", "train --set data={data} --set out_dir={out} --set lr=inf", "lr must be a finite number"),
+    ("train-rope-inf", "train --set data={data} --set out_dir={out} --set model.rope_theta=inf",
+     "model.rope_theta must be a finite number"),
     ("train-max-steps-abc", "train --set data={data} --set out_dir={out} --set max_steps=abc", "max_steps"),
     ("train-unknown-key", "train --set data={data} --set out_dir={out} --set max_step=3", "max_step"),
     ("train-stage", "train --set data={data} --set out_dir={out} --set stage=rl", "stage"),
@@ -140,6 +144,8 @@ CASES = [
     ("gen-file-empty", "generate --run {run} --file {empty_txt}", "empty.txt: no prompts"),
     ("gen-temperature", "generate --run {run} --prompt hi --temperature -1", "--temperature"),
     ("gen-top-p", "generate --run {run} --prompt hi --top-p 2", "--top-p"),
+    ("gen-temperature-tiny", "generate --run {run} --prompt hi --temperature 1e-320", "--temperature"),
+    ("gen-repetition-tiny", "generate --run {run} --prompt hi --repetition-penalty 1e-300", "--repetition-penalty"),
     ("gen-batch-0", "generate --run {run} --prompt hi --batch-size 0", "--batch-size"),
     ("gen-run-missing", "generate --run {root}/nope --prompt hi", "nope"),
     # chat (stdin: GBK bytes typed into a UTF-8 session)
