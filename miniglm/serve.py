@@ -762,10 +762,6 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
         sock.close()
         raise
     port = sock.getsockname()[1]
-    print(f"serving {run_dir} on {base_url(host, port)} (OpenAI API under /v1, chat page at /)", flush=True)
-    if api_key is None:
-        print("miniglm: no API key (--api-key, --api-key-env NAME or MINIGLM_API_KEY): anyone who can reach "
-              f"{base_url(host, port)} can use the API", file=sys.stderr, flush=True)
     # the graceful timeout is a backstop: rows end at once on shutdown, but a client may not read its stream
     # lifespan off: Server.shutdown stops the batcher, and a forced exit (a second Ctrl-C) would otherwise
     # leave the lifespan task to be cancelled with a logged traceback
@@ -786,6 +782,12 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str 
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        # announced once uvicorn's logging is set up and the handlers are in: a Ctrl-C at once no longer lands
+        # inside logging's configuration (a traceback from its lock)
+        print(f"serving {run_dir} on {base_url(host, port)} (OpenAI API under /v1, chat page at /)", flush=True)
+        if api_key is None:
+            print("miniglm: no API key (--api-key, --api-key-env NAME or MINIGLM_API_KEY): anyone who can reach "
+                  f"{base_url(host, port)} can use the API", file=sys.stderr, flush=True)
         thread = threading.Thread(target=run_server, name="uvicorn")
         thread.start()
         batcher.run()  # decoding on the main thread, where the model was loaded (see Batcher)

@@ -407,9 +407,11 @@ def test_sigterm_with_streams_in_flight_exits_quickly(run_dir):
         assert time.time() - t0 < 5
         for t in threads:
             t.join(timeout=5)
-        # every stream ended with an error event saying why (or was closed before it could get one)
+        # every stream in flight ended with an error event saying why; a short one may have reached its
+        # 250 tokens between the last /health and the signal (they decode fast here): it ends as usual
         ends = [events[-1] for _, events in results.values()]
-        assert all("error" in e for e in ends), ends
+        cut = [e for e in ends if "error" in e]
+        assert cut and all("error" in e or e["choices"][0]["finish_reason"] == "length" for e in ends), ends
     finally:
         proc.kill()
 
