@@ -63,9 +63,8 @@ class LoadedRun:
         return with_text(lo), stops, True
 
     def room(self, params: SamplingParams) -> int:
-        """The prompt tokens a trimmed prompt keeps: the context less room for an answer (at most half)."""
-        block = self.engine.model.config.block_size
-        return block - min(params.max_new_tokens, block // 2)
+        """The prompt tokens a trimmed prompt keeps (as the engine trims raw ids)."""
+        return self.engine.prompt_room(params.max_new_tokens)
 
 
 def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: bool = False,

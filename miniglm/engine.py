@@ -681,6 +681,11 @@ class Engine:
             return self.decode_step(tokens, cache)
         return self.model(tokens[:, None], cache=cache)[0][:, -1]
 
+    def prompt_room(self, max_new_tokens: int) -> int:
+        """The prompt tokens a trimmed prompt keeps: the context less room for an answer, at most half of it."""
+        block = self.model.config.block_size
+        return block - min(max_new_tokens, block // 2)
+
     def _fit(self, ids: list[int], params: SamplingParams) -> Row:
         """A row for one prompt: its new tokens capped at the context's room (fit_new_tokens), or its
         prompt's start dropped (trim_prompt), or an error. Depends on the prompt alone, never on its batch."""
@@ -691,7 +696,7 @@ class Engine:
         if len(ids) + new <= block:
             return Row(ids, params, self.tokenizer, mask=self.text_mask)
         if params.trim_prompt:
-            keep = block - min(new, block // 2)  # leave room for an answer, at most half the context
+            keep = self.prompt_room(new)
             return Row(ids[-keep:], params, self.tokenizer, min(new, block - keep), mask=self.text_mask)
         raise UserError(f"prompt of {len(ids)} tokens + {new} new tokens is past the context "
                         f"of {block}; shorten it, lower max_new_tokens, or trim the prompt")

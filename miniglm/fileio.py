@@ -120,18 +120,6 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and all(_TMP_NAME.match(p.name) or p.name == LOCK for p in path.iterdir())
 
 
-def check_output_dir(path: str | Path, overwrite: bool = False, inputs: Iterable[Any] = (),
-                     grow: bool = False) -> Path:
-    """check_output for a folder (the name the callers have used)."""
-    return check_output(path, inputs=inputs, overwrite=overwrite, grow=grow)
-
-
-def check_output_file(path: str | Path, magic: bytes, overwrite: bool = False, inputs: Iterable[Any] = ()) -> Path:
-    """check_output for a one-file output: an existing file is replaced if it starts with `magic` (a file
-    of the kind we write) or with --overwrite; a folder is refused."""
-    return check_output(path, inputs=inputs, overwrite=overwrite, magic=magic)
-
-
 # --- the one output check every command goes through --------------------------------------------------
 # What each command writes. A marked folder is replaced only by a command writing the same kind (an
 # export replaces an export, never a run); a marker with no known command (written by library calls, or
@@ -289,7 +277,7 @@ def allow_overwrite(path: str | Path) -> None:
 
 def mark_dir(path: str | Path) -> Path:
     """Create a folder that grows over time (a training run) and mark it, once, as ours."""
-    path = check_output_dir(path, Path(path).resolve() in _overwrite)
+    path = check_output(path, overwrite=Path(path).resolve() in _overwrite)
     with writing(path):
         path.mkdir(parents=True, exist_ok=True)
     if not is_marked(path):
