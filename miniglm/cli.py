@@ -149,8 +149,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sft_prepare(args: argparse.Namespace) -> int:
     from miniglm.fileio import read_jsonl
-    from miniglm.finetune import column_fields, parse_values
     from miniglm.sft.data import prepare_sft, show
+    from miniglm.sft.formats import column_fields, parse_values
     from miniglm.sft.templates import TemplateOptions
     from miniglm.tokenizer import load_tokenizer
 
@@ -180,7 +180,8 @@ def cmd_sft_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from miniglm.finetune import FinetuneOptions, finetune, parse_values
+    from miniglm.finetune import FinetuneOptions, finetune
+    from miniglm.sft.formats import parse_values
     from miniglm.sft.templates import TemplateOptions
 
     if args.full and args.lora_r is not None:
@@ -422,7 +423,7 @@ def _local(ref: str | None) -> str | None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_generation
-    from miniglm.finetune import parse_values
+    from miniglm.sft.formats import parse_values
 
     if not args.run or not args.data:
         raise UserError("miniglm eval needs --run DIR and --data FILE (or a subcommand: ppl, classify)")
@@ -445,7 +446,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 def cmd_eval_classify(args: argparse.Namespace) -> int:
     from miniglm.evaluate import evaluate_classification
-    from miniglm.finetune import parse_values
+    from miniglm.sft.formats import parse_values
 
     _check_batch_size(args)
     _eval_out(args, args.data)

@@ -20,7 +20,7 @@ from miniglm import metrics
 from miniglm.devices import evaluating, model_device
 from miniglm.engine import SamplingParams
 from miniglm.fileio import UserError, atomic_dir, read_text, write_json, write_jsonl
-from miniglm.sft.formats import load_records
+from miniglm.sft.formats import column_fields, load_records
 
 GROUP_FIELDS = ("fact", "label", "category", "type")  # per-group averages when the data has one of these
 
@@ -236,7 +236,6 @@ def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[
     from dataclasses import replace
 
     from miniglm.chat import load_run
-    from miniglm.finetune import column_fields
     from miniglm.report import write_report
 
     examples = load_examples(data, columns=columns, values=values, encoding=encoding)

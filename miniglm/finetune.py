@@ -11,6 +11,7 @@ from pathlib import Path
 
 from miniglm.config import TrainConfig, load_config
 from miniglm.fileio import UserError, mark_dir, require_file
+from miniglm.sft.formats import column_fields
 from miniglm.sft.templates import TemplateOptions
 
 # CPU-sized defaults; every training key can be overridden with --set.
@@ -37,40 +38,6 @@ class FinetuneOptions:
     template_options: TemplateOptions = field(default_factory=TemplateOptions)
     overrides: list[str] = field(default_factory=list)  # --set key=value, over the defaults below
     encoding: str | None = None  # the data file's, when not UTF-8
-
-
-def parse_values(items: list[str]) -> dict[str, str]:
-    """["1=正面", "0=负面"] -> {"1": "正面", "0": "负面"}."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--value {item}: expected CELL=TEXT, e.g. --value 1=正面")
-        k, v = item.split("=", 1)
-        out[k] = v
-    return out
-
-
-def column_fields(data: str, columns: str | None, opts: TemplateOptions,
-                  encoding: str | None = None) -> TemplateOptions:
-    """The plain template names its two parts after the prompt and answer fields ("Tweet text : … Label : "):
-    those of --columns, or of a RAFT task.json beside a .csv; unless the options name them already."""
-    if (opts.prompt_field, opts.label_field) != ("Question", "Answer"):
-        return opts
-    if columns:
-        from miniglm.sft.formats import parse_columns
-
-        picked = parse_columns(columns)[:2]
-    elif str(data).lower().endswith(".csv") and Path(data).is_file():  # a missing file: load_records says so
-        import csv
-
-        from miniglm.fileio import read_text
-        from miniglm.sft.formats import csv_columns
-
-        names = next(csv.reader(read_text(data, encoding).splitlines()), [])
-        picked = list(csv_columns(Path(data), names, columns))
-    else:
-        return opts
-    return TemplateOptions(**{**opts.__dict__, "prompt_field": picked[0], "label_field": picked[1]})
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:

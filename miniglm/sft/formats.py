@@ -20,10 +20,14 @@ ChnSentiCorp's empty review). A bad record is reported with its file, line (JSON
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from miniglm.fileio import UserError, read_json, read_records, read_text
+
+if TYPE_CHECKING:  # templates imports the tokenizers; `miniglm --help` reads this module
+    from miniglm.sft.templates import TemplateOptions
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
          "bot": "assistant", "model": "assistant"}
@@ -170,6 +174,35 @@ def csv_columns(path: Path, names: list[str], columns: str | None) -> tuple[str,
         raise UserError(f"{path}: --columns must name two of its columns as PROMPT,ANSWER (a history is for "
                         f"JSON records), got '{columns}' (columns: {', '.join(names)})")
     return picked[0], picked[1]
+
+
+def parse_values(items: list[str]) -> dict[str, str]:
+    """["1=正面", "0=负面"] -> {"1": "正面", "0": "负面"}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--value {item}: expected CELL=TEXT, e.g. --value 1=正面")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def column_fields(data: str, columns: str | None, opts: TemplateOptions,
+                  encoding: str | None = None) -> TemplateOptions:
+    """The plain template names its two parts after the prompt and answer fields ("Tweet text : … Label : "):
+    those of --columns, or of a RAFT task.json beside a .csv; unless the options name them already."""
+    if (opts.prompt_field, opts.label_field) != ("Question", "Answer"):
+        return opts
+    if columns:
+        picked = parse_columns(columns)[:2]
+    elif str(data).lower().endswith(".csv") and Path(data).is_file():  # a missing file: load_records says so
+        import csv
+
+        names = next(csv.reader(read_text(data, encoding).splitlines()), [])
+        picked = list(csv_columns(Path(data), names, columns))
+    else:
+        return opts
+    return replace(opts, prompt_field=picked[0], label_field=picked[1])
 
 
 def csv_records(path: Path, columns: str | None = None, values: dict[str, str] | None = None,
