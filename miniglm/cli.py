@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from miniglm.corpus import CHAPTER_PATTERN
 from miniglm.devices import check_device_name
 from miniglm.fileio import UserError, allow_overwrite, begin_command, check_output, end_command
+from miniglm.sft.formats import format_names
 
 DEFAULT_NEW_TOKENS = 128
 
@@ -591,8 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = sft.add_subparsers(dest="sft_command", required=True, metavar="STEP")
     sp = ssub.add_parser("prepare", help="SFT records -> ids + labels for training",
                          description="Render each record with a chat template (labels on answers only), "
-                                     "truncate, optionally pack. Records: alpaca, sharegpt, messages, "
-                                     "question/answer, instruct/query/answer, CMRC/SQuAD, or any with "
+                                     f"truncate, optionally pack. Records: {format_names()}, or any with "
                                      "--columns; JSON records (one array, or one object a line) in .json, "
                                      ".jsonl or .txt; .csv with --columns.")
     sp.add_argument("--data", required=True, help="a .json, .jsonl, .txt (JSON records) or .csv file of records")

@@ -1,12 +1,8 @@
 """Load SFT records into one shape: a list of chat messages.
 
 Files: JSON records (one array, one object, or one object per line; .json, .jsonl or .txt, recognised
-by content, see fileio.read_records) or .csv. Accepted record shapes (detected per record):
-  alpaca        {instruction, input, output, history: [[q, a], ...], system?}
-  sharegpt      {conversations: [{from: human|gpt|system, value}]}
-  openai        {messages: [{role: user|assistant|system, content}]}
-  seed Q&A      {question, answer} or {Question, Answer}
-  seed 002      {instruct, query, answer}
+by content, see fileio.read_records) or .csv. Accepted record shapes: those of FORMATS below (alpaca,
+sharegpt, messages, ...: detected per record), and
   CMRC / SQuAD  {version, data: [{paragraphs: [{context, qas: [{question, answers: [{text}]}]}]}]} (whole file)
   --columns     any shape: PROMPT,ANSWER[,HISTORY] fields, as ChatGLM's --prompt_column/--response_column/
                 --history_column (AdvertiseGen: content,summary); HISTORY is a list of [question, answer]
@@ -20,7 +16,9 @@ ChnSentiCorp's empty review). A bad record is reported with its file, line (JSON
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,47 +73,92 @@ def suggest_columns(row: dict) -> str:
     return f'"{value}"' if " " in value else value
 
 
+def chat_messages(row: dict, where: str, key: str) -> list[dict]:
+    """sharegpt's conversations or OpenAI's messages: a list of turns, each with its role and text."""
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: field '{key}' must be a non-empty list")
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise UserError(f"{where}: {key}[{i}] must be an object")
+        given = t.get("from", t.get("role"))
+        role = ROLES.get(str(given).lower())
+        content = t.get("value", t.get("content"))
+        if given is None:
+            raise UserError(f"{where}: {key}[{i}] needs from/role ({', '.join(ROLES)})")
+        if role is None:
+            raise UserError(f"{where}: {key}[{i}] has the role {given!r}; known: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            field = "value" if "value" in t else "content" if "content" in t else None
+            raise UserError(f"{where}: {key}[{i}] needs its text in value/content" if field is None else
+                            f"{where}: {key}[{i}].{field} must be text, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def alpaca_messages(row: dict, where: str) -> list[dict]:
+    instruction = _text(row, "instruction", where)
+    extra_input = _text(row, "input", where, required=False)
+    messages = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
+    messages += history_messages(row.get("history"), where)
+    prompt = instruction + ("\n" + extra_input if extra_input else "")
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output", where)}]
+    return messages
+
+
+def instruct_messages(row: dict, where: str) -> list[dict]:
+    prompt = _text(row, "instruct", where) + ("\n" + q if (q := _text(row, "query", where, False)) else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "answer", where)}]
+
+
+def question_messages(row: dict, where: str) -> list[dict]:
+    q_key, a_key = ("question", "answer") if "question" in row else ("Question", "Answer")
+    return [{"role": "user", "content": _text(row, q_key, where)},
+            {"role": "assistant", "content": _text(row, a_key, where)}]
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    marks: tuple[str, ...]  # a record with one of these fields has this format
+    parse: Callable[[dict, str], list[dict]]  # (record, where) -> its chat messages
+    description: str  # one line: the record's fields
+
+
+# The record formats, by the name help and errors give them. A record has the first format whose mark it
+# carries, so the order decides for a record with the fields of two.
+FORMATS: dict[str, RecordFormat] = {
+    "sharegpt": RecordFormat(("conversations",), partial(chat_messages, key="conversations"),
+                             "{conversations: [{from: human|gpt|system, value}]}"),
+    "messages": RecordFormat(("messages",), partial(chat_messages, key="messages"),
+                             "{messages: [{role: user|assistant|system, content}]} (OpenAI)"),
+    "alpaca": RecordFormat(("instruction",), alpaca_messages,
+                           "{instruction, input, output, history: [[q, a], ...], system?}"),
+    "instruct/query/answer": RecordFormat(("instruct",), instruct_messages, "{instruct, query, answer} (seed 002)"),
+    "question/answer": RecordFormat(("question", "Question"), question_messages,
+                                    "{question, answer} or {Question, Answer} (the seed's Q&A)"),
+}
+SQUAD = "CMRC/SQuAD"  # a whole file: {version, data: [{paragraphs: [{context, qas: [...]}]}]}, see squad_records
+
+
+def format_names() -> str:
+    """The formats as help lists them: every record format, then the whole-file one."""
+    return ", ".join([*FORMATS, SQUAD])
+
+
+def _named(name: str, fmt: RecordFormat) -> str:
+    """A format as an error names it: with the field that marks it where its name does not say."""
+    return name if name.startswith(fmt.marks[0]) else f"{name} ({fmt.marks[0]})"
+
+
 def to_messages(row: dict, where: str) -> list[dict]:
-    """One record of any accepted shape -> [{role, content}, ...] ending with an assistant turn."""
-    if "conversations" in row or "messages" in row:
-        key = "conversations" if "conversations" in row else "messages"
-        turns = row[key]
-        if not isinstance(turns, list) or not turns:
-            raise UserError(f"{where}: field '{key}' must be a non-empty list")
-        messages = []
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict):
-                raise UserError(f"{where}: {key}[{i}] must be an object")
-            given = t.get("from", t.get("role"))
-            role = ROLES.get(str(given).lower())
-            content = t.get("value", t.get("content"))
-            if given is None:
-                raise UserError(f"{where}: {key}[{i}] needs from/role ({', '.join(ROLES)})")
-            if role is None:
-                raise UserError(f"{where}: {key}[{i}] has the role {given!r}; known: {', '.join(ROLES)}")
-            if not isinstance(content, str):
-                field = "value" if "value" in t else "content" if "content" in t else None
-                raise UserError(f"{where}: {key}[{i}] needs its text in value/content" if field is None else
-                                f"{where}: {key}[{i}].{field} must be text, got {type(content).__name__}")
-            messages.append({"role": role, "content": content})
-    elif "instruction" in row:
-        instruction = _text(row, "instruction", where)
-        extra_input = _text(row, "input", where, required=False)
-        messages = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-        messages += history_messages(row.get("history"), where)
-        prompt = instruction + ("\n" + extra_input if extra_input else "")
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output", where)}]
-    elif "instruct" in row:
-        prompt = _text(row, "instruct", where) + ("\n" + q if (q := _text(row, "query", where, False)) else "")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "answer", where)}]
-    elif "question" in row or "Question" in row:
-        q_key, a_key = ("question", "answer") if "question" in row else ("Question", "Answer")
-        messages = [{"role": "user", "content": _text(row, q_key, where)},
-                    {"role": "assistant", "content": _text(row, a_key, where)}]
-    else:
+    """One record of any accepted format -> [{role, content}, ...] ending with an assistant turn."""
+    fmt = next((f for f in FORMATS.values() if any(mark in row for mark in f.marks)), None)
+    if fmt is None:
+        *names, last = (_named(name, f) for name, f in FORMATS.items())
         raise UserError(f"{where}: unknown record shape (fields: {', '.join(list(row)[:8])}); name the prompt and "
-                        f"answer with --columns {suggest_columns(row)}, or use alpaca (instruction/output), "
-                        "sharegpt (conversations), messages, question/answer or instruct/query/answer")
+                        f"answer with --columns {suggest_columns(row)}, or use {', '.join(names)} or {last}")
+    messages = fmt.parse(row, where)
     if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
         raise UserError(f"{where}: a record must have a user turn and end with an assistant turn")
     return messages
