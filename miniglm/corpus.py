@@ -13,10 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from miniglm.fileio import (
+    Decoded,
     UserError,
     atomic_dir,
+    best_decoding,
     bom_encoding,
-    guess_encoding,
+    detect_encoding,
     is_wide,
     read_jsonl,
     read_records,
@@ -29,50 +31,6 @@ HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 # A chapter title on a line of its own: 第十回, 第3章, 第一卷, and the usual front matter of novels.
 CHAPTER_PATTERN = r"^[ \t　]*(?:第[零〇一二两三四五六七八九十百千万\d]+[回章卷节]|楔子|引子|序章)(?:[ \t　].*)?$"
-
-# --- encoding detection -------------------------------------------------------------------------
-# GB18030 decodes almost any byte string and Big5 text often decodes as GBK, so a clean decode
-# proves little. Each candidate that decodes is scored by how much of its text is plausible:
-# ASCII, common punctuation, and hanzi from the "frequently used" blocks of GB2312 (level 1)
-# or Big5. A wrong decode produces kana, Greek, private-use and rare characters instead.
-CANDIDATES = ("utf-8", "gb18030", "big5")
-
-
-def _is_common_hanzi(ch: str) -> bool:
-    try:
-        gb = ch.encode("gb2312")
-        if len(gb) == 2 and 0xB0 <= gb[0] <= 0xD7:
-            return True
-    except UnicodeEncodeError:
-        pass
-    try:
-        b5 = ch.encode("big5")
-        return len(b5) == 2 and 0xA440 <= (b5[0] << 8 | b5[1]) <= 0xC67E
-    except UnicodeEncodeError:
-        return False
-
-
-_COMMON_PUNCT = set("，。、；：？！“”‘’（）《》〈〉【】「」『』…—·　～－")
-
-
-def plausibility(text: str, sample: int = 20000) -> float:
-    """Fraction of non-space characters that look like real Chinese or ASCII text."""
-    good = total = 0
-    for ch in text[:sample]:
-        if ch.isspace():
-            continue
-        total += 1
-        if ch.isascii() or ch in _COMMON_PUNCT or _is_common_hanzi(ch):
-            good += 1
-    return good / total if total else 1.0
-
-
-@dataclass
-class Decoded:
-    text: str
-    encoding: str
-    score: float
-
 
 class Skipped(UserError):
     """A file that a folder may hold beside the text (a cover image, a metadata info.json): skipped with a
@@ -88,7 +46,7 @@ def looks_binary(data: bytes) -> bool:
 
 
 def binary_message(name: str, data: bytes) -> str:
-    guess = guess_encoding(data)  # UTF-16 without a BOM looks binary too
+    guess = detect_encoding(data)  # UTF-16 without a BOM looks binary too
     hint = f"; if it is {guess} text, --encoding {guess} reads it" if guess else ""
     return f"{name}: looks like a binary file (NUL bytes){hint}; pass text, HTML or jsonl files"
 
@@ -111,53 +69,7 @@ def decode_bytes(data: bytes, name: str, errors: str = "strict", encoding: str |
         return replace(decode_bytes(data[3:], name, errors, "utf-8"), encoding="utf-8-sig")
     if bom is not None:
         return decode_bytes(data, name, errors, bom)
-    results: list[Decoded] = []
-    first_bad: dict[str, int] = {}
-    for enc in CANDIDATES:
-        try:
-            text = data.decode(enc)
-        except UnicodeDecodeError as e:
-            first_bad[enc] = e.start
-            continue
-        if enc == "utf-8":  # strict UTF-8 on non-ASCII bytes is almost never an accident
-            return Decoded(text, enc, 1.0)
-        results.append(Decoded(text, enc, plausibility(text)))
-    if not results:
-        if errors == "strict":
-            where = ", ".join(f"{enc} at byte {pos}" for enc, pos in first_bad.items())
-            raise UserError(f"{name}: cannot decode as {'/'.join(CANDIDATES)} (first bad byte: {where}); "
-                            "fix the file or pass --errors replace")
-        for enc in CANDIDATES:
-            text = data.decode(enc, errors=errors)
-            results.append(Decoded(text, enc, plausibility(text) - text.count("\ufffd") / max(len(text), 1)))
-    return max(results, key=lambda d: d.score)  # ties keep candidate order (gb18030 before big5)
-
-
-def detect_encoding(data: bytes) -> str | None:
-    """The encoding decode_bytes would pick (gbk when GBK reads the bytes: the name users know), or None.
-    Bytes with NUL bytes may be UTF-16 without a BOM: the byte order that reads as plausible text."""
-    if bom_encoding(data) == "utf-32":
-        return "utf-32"
-    if b"\x00" in data:
-        scores = {}
-        for enc in ("utf-16-le", "utf-16-be"):
-            try:
-                scores[enc] = plausibility(data[:len(data) // 2 * 2].decode(enc))
-            except UnicodeDecodeError:
-                continue
-        best = max(scores, key=scores.get, default=None)
-        return best if best and scores[best] > 0.8 else None
-    try:
-        enc = decode_bytes(data, "").encoding
-    except UserError:
-        return None
-    if enc == "gb18030":
-        try:
-            data.decode("gbk")
-            return "gbk"
-        except UnicodeDecodeError:
-            pass
-    return enc
+    return best_decoding(data, name, errors)
 
 
 # --- readers ------------------------------------------------------------------------------------

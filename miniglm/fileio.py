@@ -1,5 +1,5 @@
 """Small file helpers shared by every stage: user errors, the writers every output goes through, JSON
-and JSON Lines reading.
+and JSON Lines reading, and telling the encoding of a user's text.
 
 The writer discipline: a command never deletes what it did not write, and never leaves a half-written
 output. A set of files (a corpus, shards, a checkpoint, an export) is written into a temporary folder
@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -556,11 +557,108 @@ def _lookup(encoding: str) -> str:
         raise UserError(f"--encoding {encoding}: unknown encoding (e.g. gbk, gb18030, big5, utf-16-le)") from None
 
 
-def guess_encoding(data: bytes) -> str | None:
-    """What non-UTF-8 bytes most likely are, for the error message: corpus.py's detection."""
-    from miniglm.corpus import detect_encoding  # corpus imports this module: import at call time
+# --- telling the encoding ------------------------------------------------------------------------
+# GB18030 decodes almost any byte string and Big5 text often decodes as GBK, so a clean decode
+# proves little. Each candidate that decodes is scored by how much of its text is plausible:
+# ASCII, common punctuation, and hanzi from the "frequently used" blocks of GB2312 (level 1)
+# or Big5. A wrong decode produces kana, Greek, private-use and rare characters instead.
+CANDIDATES = ("utf-8", "gb18030", "big5")
 
-    return detect_encoding(data)
+
+def _is_common_hanzi(ch: str) -> bool:
+    try:
+        gb = ch.encode("gb2312")
+        if len(gb) == 2 and 0xB0 <= gb[0] <= 0xD7:
+            return True
+    except UnicodeEncodeError:
+        pass
+    try:
+        b5 = ch.encode("big5")
+        return len(b5) == 2 and 0xA440 <= (b5[0] << 8 | b5[1]) <= 0xC67E
+    except UnicodeEncodeError:
+        return False
+
+
+_COMMON_PUNCT = set("，。、；：？！“”‘’（）《》〈〉【】「」『』…—·　～－")
+
+
+def plausibility(text: str, sample: int = 20000) -> float:
+    """Fraction of non-space characters that look like real Chinese or ASCII text."""
+    good = total = 0
+    for ch in text[:sample]:
+        if ch.isspace():
+            continue
+        total += 1
+        if ch.isascii() or ch in _COMMON_PUNCT or _is_common_hanzi(ch):
+            good += 1
+    return good / total if total else 1.0
+
+
+@dataclass
+class Decoded:
+    text: str
+    encoding: str
+    score: float
+
+
+def best_decoding(data: bytes, name: str, errors: str = "strict") -> Decoded:
+    """The candidate encoding that reads `data` (no BOM) as the most plausible text; strict UTF-8 outright.
+    None decoding (strict) is a UserError naming each one's first bad byte; with `errors`, the best of the
+    lossy decodes."""
+    results: list[Decoded] = []
+    first_bad: dict[str, int] = {}
+    for enc in CANDIDATES:
+        try:
+            text = data.decode(enc)
+        except UnicodeDecodeError as e:
+            first_bad[enc] = e.start
+            continue
+        if enc == "utf-8":  # strict UTF-8 on non-ASCII bytes is almost never an accident
+            return Decoded(text, enc, 1.0)
+        results.append(Decoded(text, enc, plausibility(text)))
+    if not results:
+        if errors == "strict":
+            where = ", ".join(f"{enc} at byte {pos}" for enc, pos in first_bad.items())
+            raise UserError(f"{name}: cannot decode as {'/'.join(CANDIDATES)} (first bad byte: {where}); "
+                            "fix the file or pass --errors replace")
+        for enc in CANDIDATES:
+            text = data.decode(enc, errors=errors)
+            results.append(Decoded(text, enc, plausibility(text) - text.count("\ufffd") / max(len(text), 1)))
+    return max(results, key=lambda d: d.score)  # ties keep candidate order (gb18030 before big5)
+
+
+def detect_encoding(data: bytes) -> str | None:
+    """The encoding corpus.decode_bytes would pick (gbk when GBK reads the bytes: the name users know), or None.
+    Bytes with NUL bytes may be UTF-16 without a BOM: the byte order that reads as plausible text."""
+    bom = bom_encoding(data)
+    if bom == "utf-32":
+        return "utf-32"
+    if b"\x00" in data:
+        scores = {}
+        for enc in ("utf-16-le", "utf-16-be"):
+            try:
+                scores[enc] = plausibility(data[:len(data) // 2 * 2].decode(enc))
+            except UnicodeDecodeError:
+                continue
+        best = max(scores, key=scores.get, default=None)
+        return best if best and scores[best] > 0.8 else None
+    if bom is not None:  # what corpus.decode_bytes reads with a BOM: that encoding, if the rest decodes
+        try:
+            data.decode(bom)
+        except UnicodeDecodeError:
+            return None
+        return bom
+    try:
+        enc = best_decoding(data, "").encoding
+    except UserError:
+        return None
+    if enc == "gb18030":
+        try:
+            data.decode("gbk")
+            return "gbk"
+        except UnicodeDecodeError:
+            pass
+    return enc
 
 
 def _fix(guess: str | None, encoding_flag: bool) -> str:
@@ -585,7 +683,7 @@ def decode_text(data: bytes, path: str | Path, encoding: str | None = None, erro
     if encoding is None and b"\x00" in data and not is_wide(enc):
         at = data.index(0)
         where = f"{path}:{line + data.count(NEWLINE, 0, at)}"
-        guess = guess_encoding(data)
+        guess = detect_encoding(data)
         if guess is None:
             raise UserError(f"{where}: looks like a binary file (NUL byte at byte {offset + at}); pass a text file")
         raise UserError(f"{where}: not UTF-8 at byte {offset + at} (a NUL byte; {_fix(guess, encoding_flag)})")
@@ -597,7 +695,7 @@ def decode_text(data: bytes, path: str | Path, encoding: str | None = None, erro
         if encoding is not None:
             raise UserError(f"{path}: not valid {encoding} at byte {at} ({bad}); check --encoding") from None
         where = f"{path}:{line + data.count(NEWLINE, 0, e.start)}"
-        fix = _fix(guess_encoding(data), encoding_flag)
+        fix = _fix(detect_encoding(data), encoding_flag)
         raise UserError(f"{where}: not UTF-8 at byte {at} ({bad}; {fix})") from None
 
 

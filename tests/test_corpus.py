@@ -7,11 +7,10 @@ from miniglm.corpus import (
     clean_text,
     decode_bytes,
     html_to_text,
-    plausibility,
     prepare_corpus,
     split_chapters,
 )
-from miniglm.fileio import UserError
+from miniglm.fileio import UserError, plausibility
 
 SIMPLIFIED = "话说天下大势，分久必合，合久必分。周末七国分争，并入于秦。及秦灭之后，楚、汉分争，又并入于汉。"
 TRADITIONAL = ("話說天下大勢，分久必合，合久必分。周末七國分爭，併入於秦。"
