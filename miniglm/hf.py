@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from miniglm.fileio import UserError, atomic_dir, write_json, write_with
 from miniglm.hf_weights import check_model_ref
-from miniglm.sft.templates import IGNORE
-from miniglm.shards import load_meta
+from miniglm.sft.templates import IGNORE, end_of_turn_ids
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ REMOTE_CODE_HINT = ("ChatGLM-6B's own modelling code was written for transformer
 
 def quiet() -> None:
     """One clear line on failure and no progress bars: not the hub client's retries and bars."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: start-up time
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -74,7 +73,7 @@ def peft_quiet():
 
 def read_hf_config(ref: str | Path) -> dict:
     """config.json of a model name or folder, as a dict: no model class and no remote code needed."""
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig  # lazy: start-up time
 
     quiet()
     check_model_ref(ref)
@@ -167,7 +166,7 @@ class HFCausalLM(torch.nn.Module):
                 "lora": self.is_lora()}
 
     def is_lora(self) -> bool:
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: start-up time
 
         return isinstance(self.model, PeftModel)
 
@@ -175,7 +174,7 @@ class HFCausalLM(torch.nn.Module):
                  resume_from: Path | None = None) -> None:
         """Wrap the model in a PEFT LoRA model (only the adapters train); or load a checkpoint's adapter
         to train on."""
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model  # lazy: start-up time
 
         if resume_from is not None:
             with peft_quiet():
@@ -200,7 +199,7 @@ class HFCausalLM(torch.nn.Module):
 
 # --- loading -------------------------------------------------------------------------------------
 def _from_pretrained(ref: str | Path, family: Family, trust_remote_code: bool, dtype: torch.dtype):
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM  # lazy: start-up time
 
     if family.remote_code and not trust_remote_code:
         raise UserError(f"{ref}: a {family.name} model runs its own code from the model repository: pass "
@@ -221,12 +220,7 @@ def _from_pretrained(ref: str | Path, family: Family, trust_remote_code: bool, d
 
 def load_model(ref: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                tokenizer=None, template: str = "auto") -> HFCausalLM:
-    """An HF model by name or folder; or an HF run / checkpoint folder (opened by miniglm.runs), its LoRA
-    adapter merged in."""
-    from miniglm import runs
-
-    if runs.is_run(ref) and (run := runs.open_run(ref)).hf:
-        return runs.load_model(run, dtype=dtype)
+    """An HF model by name or folder. A run fine-tuned by miniglm opens with miniglm.runs.load_model."""
     family = detect_family(read_hf_config(ref), tokenizer, template)
     return HFCausalLM(_from_pretrained(ref, family, trust_remote_code, dtype), family, trust_remote_code)
 
@@ -238,7 +232,7 @@ def load_run_model(ckpt: Path, state: dict, dtype: torch.dtype = torch.float32) 
     trust = bool(info.get("trust_remote_code", False))
     if not (ckpt / "adapter_config.json").exists():
         return HFCausalLM(_from_pretrained(ckpt, family, trust, dtype), family, trust)
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: start-up time
 
     base = _from_pretrained(state["base_model"], family, trust, dtype)
     try:
@@ -249,31 +243,6 @@ def load_run_model(ckpt: Path, state: dict, dtype: torch.dtype = torch.float32) 
         raise UserError(f"{ckpt}: the LoRA adapter is damaged ({type(e).__name__}: {detail}); "
                         "restore it, or train the run again") from None
     return HFCausalLM(base, family, trust).merged()
-
-
-def resolve_ref(ref: str) -> str:
-    """A local folder as an absolute path (a run resumes from anywhere); a hub name as it is."""
-    return str(Path(ref).resolve()) if Path(ref).exists() else ref
-
-
-def training_model(cfg, ckpt: Path | None, state: dict | None) -> tuple[HFCausalLM, str]:
-    """The model train.py trains when hf = true, and the base model state.json names. Resuming, a full
-    fine-tune reloads its checkpoint; a LoRA run reloads its base and then its adapter."""
-    if ckpt is None and cfg.init_from in ("", "scratch"):
-        raise UserError("hf = true needs init_from = a Hugging Face model name or folder")
-    base = state["base_model"] if state else resolve_ref(cfg.init_from)
-    # A big base model in bf16 on a GPU when only the adapters train; fp32 otherwise (the loop autocasts).
-    bf16 = cfg.lora_r > 0 and cfg.dtype != "float32" and cfg.device != "cpu" and torch.cuda.is_available()
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    # An architecture outside FAMILIES is fine-tuned with the template its data was rendered with.
-    if ckpt is not None and cfg.lora_r == 0:
-        model = load_run_model(ckpt, state, dtype)
-    else:
-        model = load_model(base, cfg.trust_remote_code, dtype, template=load_meta(cfg.data).get("template", "hf"))
-    if cfg.lora_r > 0:
-        torch.manual_seed(cfg.seed)
-        model.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, resume_from=ckpt)
-    return model, base
 
 
 def save_checkpoint(path: str | Path, model: HFCausalLM, state: dict,
@@ -305,8 +274,6 @@ def merge_run(model: HFCausalLM, tok, state: dict, ckpt: Path, chat: tuple | Non
 def answer_end_ids(model: HFCausalLM, tok, chat: tuple | None) -> list[int]:
     """Every token that ends an answer: the model's own EOS ids, the family's end tokens (Qwen's
     <|im_end|>) and the end of turn of the template the run was tuned with (chat.json)."""
-    from miniglm.sft.templates import end_of_turn_ids
-
     own = model.model.generation_config.eos_token_id
     own = own if isinstance(own, list) else [own]
     family = [tok.token_id(t) for t in model.family.end_tokens]

@@ -18,8 +18,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors
 
+from miniglm import lora
 from miniglm.fileio import UserError, read_log, recover_dir
+from miniglm.hf import load_run_model
+from miniglm.hf_weights import from_hf
 from miniglm.model import MiniGLM, ModelConfig
 from miniglm.sft.templates import TEMPLATES, TemplateOptions
 from miniglm.tokenizer import Tokenizer, identity, load_tokenizer
@@ -200,11 +205,8 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 # --- weights -------------------------------------------------------------------------------------
 def _load_safetensors(model: torch.nn.Module, path: Path, device: str | torch.device) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     try:
-        load_model(model, str(path), device=str(device))
+        load_safetensors(model, str(path), device=str(device))
     except (SafetensorError, OSError) as e:
         raise damaged(path, f"not a complete safetensors file: {e}") from None
     except RuntimeError as e:  # names or shapes that are not the config's
@@ -236,15 +238,11 @@ def load_base_model(ckpt: Path, device: str | torch.device = "cpu") -> MiniGLM:
 
 def load_adapter_weights(model: MiniGLM, ckpt: Path) -> None:
     """Load a checkpoint's LoRA weights into a model that has the adapter layers."""
-    from safetensors import SafetensorError
-
-    from miniglm.lora import load_adapter_weights as load
-
     path = ckpt / "adapter.safetensors"
     if not path.exists():
         raise UserError(f"{path} is missing; {RESTORE}")
     try:
-        load(model, path)
+        lora.load_adapter_weights(model, path)
     except (SafetensorError, OSError) as e:
         raise damaged(path, f"not a complete safetensors file: {e}") from None
     except (RuntimeError, KeyError) as e:
@@ -253,8 +251,6 @@ def load_adapter_weights(model: MiniGLM, ckpt: Path) -> None:
 
 def _with_adapter(model: MiniGLM, ckpt: Path) -> MiniGLM:
     """Add the adapter the checkpoint describes, load it, and fold it into the weights."""
-    from miniglm.lora import add_lora, merge_lora
-
     path = ckpt / "adapter_config.json"
     config = read_json_object(path)
     try:
@@ -262,9 +258,9 @@ def _with_adapter(model: MiniGLM, ckpt: Path) -> MiniGLM:
         targets = ",".join(config["target_modules"])
     except (KeyError, TypeError, ValueError) as e:
         raise damaged(path, f"no valid {e}" if isinstance(e, KeyError) else str(e)) from None
-    add_lora(model, r, alpha, dropout, targets, train_embeddings=bool(config.get("train_embeddings", False)))
+    lora.add_lora(model, r, alpha, dropout, targets, train_embeddings=bool(config.get("train_embeddings", False)))
     load_adapter_weights(model, ckpt)
-    return merge_lora(model)
+    return lora.merge_lora(model)
 
 
 def load_model(ref: str | Path | Run, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -272,8 +268,6 @@ def load_model(ref: str | Path | Run, device: str | torch.device = "cpu", dtype:
     (`miniglm finetune`) miniglm.hf's HFCausalLM."""
     run = open_run(ref)
     if run.hf:
-        from miniglm.hf import load_run_model
-
         return load_run_model(run.ckpt, run.state, dtype)
     model = load_base_model(run.ckpt, device)
     if has_adapter(run):
@@ -290,8 +284,6 @@ def load_any(ref: str | Path, device: str | torch.device = "cpu") -> MiniGLM:
     """A MiniGLM run or checkpoint folder, or a Hugging Face GPT-2 / Llama model (name or folder)."""
     if is_run(ref):
         return load_model(ref, device)
-    from miniglm.hf_weights import from_hf
-
     return from_hf(ref).to(device)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from miniglm import checkpoint, fileio, runs
+from miniglm import checkpoint, fileio, hf, runs
 from miniglm.config import TrainConfig, save_config
 from miniglm.devices import resolve_device
 from miniglm.fileio import UserError, read_jsonl, recover_dir, write_json
@@ -282,6 +282,34 @@ def all_mean(x: float, world: int) -> float:
     return t.item() / world
 
 
+def resolve_ref(ref: str) -> str:
+    """A local folder as an absolute path (a run resumes from anywhere); a hub name as it is."""
+    return str(Path(ref).resolve()) if Path(ref).exists() else ref
+
+
+def hf_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None) -> tuple[hf.HFCausalLM, str]:
+    """The model trained when hf = true (a Hugging Face model trained as it is, LoRA included), and the base
+    model state.json names. Resuming, a full fine-tune reloads its checkpoint; a LoRA run reloads its base and
+    then its adapter. init_from may be an HF run (`miniglm finetune`): opened by miniglm.runs."""
+    if ckpt is None and cfg.init_from in ("", "scratch"):
+        raise UserError("hf = true needs init_from = a Hugging Face model name or folder")
+    base = state["base_model"] if state else resolve_ref(cfg.init_from)
+    # A big base model in bf16 on a GPU when only the adapters train; fp32 otherwise (the loop autocasts).
+    bf16 = cfg.lora_r > 0 and cfg.dtype != "float32" and cfg.device != "cpu" and torch.cuda.is_available()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    # An architecture outside FAMILIES is fine-tuned with the template its data was rendered with.
+    if ckpt is not None and cfg.lora_r == 0:
+        model = hf.load_run_model(ckpt, state, dtype)
+    elif runs.is_run(base) and (run := runs.open_run(base)).hf:
+        model = runs.load_model(run, dtype=dtype)
+    else:
+        model = hf.load_model(base, cfg.trust_remote_code, dtype, template=load_meta(cfg.data).get("template", "hf"))
+    if cfg.lora_r > 0:
+        torch.manual_seed(cfg.seed)
+        model.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, resume_from=ckpt)
+    return model, base
+
+
 def write_chat_info(cfg: TrainConfig, out: Path) -> None:
     """chat.json names the template a run was fine-tuned with, so generate/chat/serve render the same way.
     A run fine-tuned from another keeps its parent's, unless its own SFT data names one."""
@@ -341,9 +369,7 @@ def _train(cfg: TrainConfig, log, probe) -> dict:
         runs.check_same_tokenizer(data_tok, cfg.data, runs.tokenizer_identity(cfg.init_from),
                                   f"init_from {cfg.init_from}")
     if cfg.hf:  # a Hugging Face model trained as it is, LoRA included (miniglm.hf)
-        from miniglm import hf
-
-        model, base_model_ref = hf.training_model(cfg, ckpt if resume else None, state if resume else None)
+        model, base_model_ref = hf_model(cfg, ckpt if resume else None, state if resume else None)
     elif resume:
         model = runs.load_base_model(ckpt)
         base_model_ref = state.get("base_model")

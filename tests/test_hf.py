@@ -203,6 +203,7 @@ def test_adapter_save_load_and_merge_keep_logits(arch, tmp_path, models, runs):
 
     from miniglm.chat import load_run
     from miniglm.hf import HFCausalLM, save_checkpoint
+    from miniglm.runs import load_model as load_run_model
 
     m = load_model(str(models[arch]))
     m.add_lora(4, 8, 0.0)
@@ -222,7 +223,7 @@ def test_adapter_save_load_and_merge_keep_logits(arch, tmp_path, models, runs):
     torch.testing.assert_close(reloaded(idx)[0], before, rtol=0, atol=1e-6 * scale)
     # Merged: W + s*B@A rounded to float32 and one matmul instead of two, in orders that differ between
     # CPUs: measured ~2e-6 of the logits' size, so 3e-5 of it (~250 float32 roundings).
-    torch.testing.assert_close(load_model(tmp_path / "ckpt")(idx)[0], before, rtol=0, atol=3e-5 * scale)
+    torch.testing.assert_close(load_run_model(tmp_path / "ckpt")(idx)[0], before, rtol=0, atol=3e-5 * scale)
 
     run = runs[arch]
     adapter = load_model(str(models[arch]))
