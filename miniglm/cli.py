@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from miniglm.corpus import CHAPTER_PATTERN
 from miniglm.devices import check_device_name
 from miniglm.fileio import UserError, allow_overwrite, begin_command, check_output, end_command
+from miniglm.sft.client import DEFAULT_BASE_URL, DEFAULT_MODEL, ClientOptions
 from miniglm.sft.formats import format_names
+from miniglm.sft.prompts import ASPECTS, SYSTEM_PROMPT
 
 DEFAULT_NEW_TOKENS = 128
 
@@ -55,302 +58,10 @@ def fraction(text: str) -> float:
     return value
 
 
+# --- options that several commands share ------------------------------------------------------------
 def _add_encoding(p: argparse.ArgumentParser, what: str = "the input file") -> None:
     p.add_argument("--encoding", default=None,
                    help=f"the encoding of {what} when not UTF-8, e.g. gbk, gb18030, big5, utf-16-le")
-
-
-def cmd_corpus_prepare(args: argparse.Namespace) -> int:
-    from miniglm import corpus
-
-    check_output(args.out, corpus.input_paths(args.inputs), args.overwrite)
-    opts = corpus.PrepareOptions(
-        text_field=args.text_field, split=args.split, chapter_regex=args.chapter_regex,
-        val_fraction=args.val_fraction, seed=args.seed, nfkc=args.nfkc, drop=args.drop,
-        errors=args.errors, encoding=args.encoding)
-    stats = corpus.prepare_corpus(args.inputs, args.out, opts)
-    for line in corpus.format_skipped(stats):
-        print(line, file=sys.stderr)
-    print(corpus.format_stats(stats))
-    print(f"wrote {args.out}/train.jsonl, val.jsonl, stats.json")
-    return 0
-
-
-def cmd_corpus_tokenize(args: argparse.Namespace) -> int:
-    from miniglm import shards, tokenizer
-
-    check_output(args.out, [args.corpus, _local(args.tokenizer)], args.overwrite)
-    tok = tokenizer.load_tokenizer(args.tokenizer)
-    meta = shards.tokenize_corpus(args.corpus, tok, args.out)
-    print(f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']}), "
-          f"{meta['seconds']:.2f}s, {meta['mb_per_s']:.2f} MB/s -> {args.out}")
-    return 0
-
-
-def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from miniglm import corpus, tokenizer
-
-    if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:  # before reading the corpus
-        raise UserError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE} (256 bytes + specials), "
-                        f"got {args.vocab_size}")
-    check_output(args.out, [args.corpus], args.overwrite)
-    docs = corpus.load_documents(f"{args.corpus}/train.jsonl")
-    tok = tokenizer.train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency,
-                              han_chars=args.han_chars)
-    print(f"trained a byte-level BPE with {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
-    return 0
-
-
-def cmd_tokenizer_report(args: argparse.Namespace) -> int:
-    from miniglm import corpus, tokenizer
-
-    tok = tokenizer.load_tokenizer(args.tokenizer)
-    rep = tokenizer.report(tok, corpus.load_documents(f"{args.corpus}/{args.split}.jsonl"))
-    for key, value in rep.items():
-        print(f"{key:<20} {value}")
-    if rep["roundtrip_failures"]:
-        print(f"round trip FAILED on {rep['roundtrip_failures']} document(s)", file=sys.stderr)
-        return 1
-    print("round trip OK: decode(encode(x)) == x for every document")
-    return 0
-
-
-def cmd_world(args: argparse.Namespace) -> int:
-    from miniglm import world
-
-    check_output(args.out, overwrite=args.overwrite)
-    stats = world.build_world(args.out, args.characters, args.bios, args.heldout_fraction, args.seed)
-    print(json.dumps(stats.__dict__, ensure_ascii=False))
-    print(f"wrote {args.out}/corpus.jsonl, characters.jsonl, sft_train.jsonl, sft_test.jsonl")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from miniglm.demo import DemoOptions, run_demo
-
-    check_output(args.out, overwrite=args.overwrite)
-    run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
-                         vocab_size=args.vocab_size, seed=args.seed, questions=args.questions, overrides=args.set,
-                         pretrain_overrides=args.set_pretrain, sft_overrides=args.set_sft, mix_qa=args.mix_qa,
-                         han_chars=args.han_chars, long=args.long))
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from miniglm.config import load_config
-    from miniglm.train import train
-
-    cfg = load_config(args.config, args.set)
-    if args.overwrite and cfg.out_dir:
-        allow_overwrite(cfg.out_dir)
-    summary = train(cfg)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
-    return 0
-
-
-def cmd_sft_prepare(args: argparse.Namespace) -> int:
-    from miniglm.fileio import read_jsonl
-    from miniglm.sft.data import prepare_sft, show
-    from miniglm.sft.formats import column_fields, parse_values
-    from miniglm.sft.templates import TemplateOptions
-    from miniglm.tokenizer import load_tokenizer
-
-    if (args.test_fraction is not None or args.test_count) and not args.test_out:
-        raise UserError("--test-fraction and --test-count need --test-out FILE.jsonl (where the held-out records go)")
-    check_output(args.out, [args.data, _local(args.tokenizer)], args.overwrite)
-    if args.test_out:  # a file of records: any file there is replaced (b""), never an input or a folder
-        check_output(args.test_out, [args.data, _local(args.tokenizer)], magic=b"")
-    tok = load_tokenizer(args.tokenizer)
-    opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
-                           end_token=args.end_token, max_source_len=args.max_source_len,
-                           max_target_len=args.max_target_len)
-    opts = column_fields(args.data, args.columns, opts, args.encoding)  # plain: "{prompt column} : … {answer} : "
-    meta = prepare_sft(args.data, tok, args.out, args.template, args.max_len, args.val_fraction, args.seed, opts,
-                       args.pack, columns=args.columns, values=parse_values(args.value), encoding=args.encoding,
-                       test_out=args.test_out, test_fraction=args.test_fraction or 0.05, test_count=args.test_count)
-    if args.show:
-        print(show([r for _, r in read_jsonl(f"{args.out}/train.jsonl")], tok, args.show))
-    eff = f"{meta['padding_efficiency']:.1%}"
-    if meta["packed_padding_efficiency"] is not None:
-        eff += f" -> {meta['packed_padding_efficiency']:.1%} packed into {meta['sequences']} sequences"
-    test = f" / {meta['test_records']} test -> {args.test_out}" if args.test_out else ""
-    print(f"{meta['records']} records ({meta['train_records']} train / {meta['val_records']} val{test}), "
-          f"{meta['truncated']} truncated, {meta['dropped']} dropped, {meta['tokens']:,} tokens "
-          f"({meta['trained_tokens']:,} trained); padding efficiency at --max-len {args.max_len}: {eff} -> {args.out}")
-    return 0
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from miniglm.finetune import FinetuneOptions, finetune
-    from miniglm.sft.formats import parse_values
-    from miniglm.sft.templates import TemplateOptions
-
-    if args.full and args.lora_r is not None:
-        raise UserError("--full and --lora-r exclude each other: LoRA trains adapters, --full every weight")
-    check_output(args.out, [args.data, _local(args.model)], args.overwrite, grow=True)
-    topts = TemplateOptions(system=args.system, end_token=args.end_token)
-    opts = FinetuneOptions(model=args.model, data=args.data, out=args.out, template=args.template,
-                           lora_r=0 if args.full else (args.lora_r or 8), max_len=args.max_len,
-                           val_fraction=args.val_fraction, seed=args.seed, trust_remote_code=args.trust_remote_code,
-                           columns=args.columns, values=parse_values(args.value), template_options=topts,
-                           overrides=args.set, encoding=args.encoding)
-    summary = finetune(opts)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from miniglm import runs
-    from miniglm.checkpoint import save_run
-
-    check_output(args.out, runs.run_inputs(args.run), args.overwrite)
-    run = runs.open_run(args.run)
-    if not runs.has_adapter(run):
-        raise UserError(f"{args.run}: no LoRA adapter to merge (its weights are whole already); use the run as it "
-                        "is, or `miniglm export` it")
-    chat = runs.read_chat(run.dir)  # the merged model chats with the template it was tuned with
-    if run.hf:  # a transformers folder (from_pretrained loads it) that is also a run
-        from miniglm.hf import merge_run
-
-        tok = runs.load_run_tokenizer(run)
-        out = merge_run(runs.load_model(run), tok, run.state, run.ckpt, chat, args.out)
-        print(f"merged the adapter into the weights -> {out} (a transformers model folder)")
-        return 0
-    vocab = runs.read_model_config(run.ckpt).vocab_size
-    tok = runs.load_run_tokenizer(run, vocab) if (run.dir / "tokenizer").exists() else None
-    save_run(args.out, runs.load_model(run), {**run.state, "merged_from": str(run.ckpt)}, tok, chat)
-    print(f"merged the adapter into the weights -> {args.out}/ckpt")
-    return 0
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    from miniglm.plot import plot_losses
-
-    print(f"wrote {plot_losses(args.run, args.out)}")
-    return 0
-
-
-def cmd_import_ckpt(args: argparse.Namespace) -> int:
-    from miniglm.export import import_nanogpt
-    from miniglm.gguf_import import is_gguf
-
-    check_output(args.out, [args.ckpt, _local(args.tokenizer)], args.overwrite)
-    if is_gguf(args.ckpt):
-        return _import_gguf(args)
-    if args.max_context is not None:
-        raise UserError("--max-context is for GGUF files (a ckpt.pt keeps its block size)")
-    model = import_nanogpt(args.ckpt, args.out, args.tokenizer)
-    print(f"imported a gpt2-style MiniGLM ({model.num_params():,} parameters) -> {args.out}/ckpt")
-    return 0
-
-
-def _import_gguf(args: argparse.Namespace) -> int:
-    from miniglm.gguf_import import DEFAULT_CONTEXT, import_gguf
-
-    if args.tokenizer:
-        raise UserError("a GGUF file carries its own tokenizer; drop --tokenizer")
-    model, info = import_gguf(args.ckpt, args.out, args.max_context or DEFAULT_CONTEXT,
-                              note=lambda msg: print(f"miniglm: note: {msg}", file=sys.stderr))
-    c = model.config
-    template = "its own chat template (hf)" if info["chat_template"] else "no chat template (raw text)"
-    print(f"imported a llama-style MiniGLM ({model.num_params():,} parameters, {c.n_layer} layers, "
-          f"context {c.block_size} of {info['trained_context']}) -> {args.out}/ckpt; "
-          f"tokenizer byte-level BPE ({info['pre_tokenizer']} pre-tokenizer), {template}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from miniglm.export import export_gguf, export_hf
-    from miniglm.runs import run_inputs
-
-    if args.to == "gguf":
-        check_output(args.out, run_inputs(args.run), args.overwrite, magic=b"GGUF")
-        path = export_gguf(args.run, args.out, args.outtype)
-        print(f"exported GGUF ({args.outtype.upper()}) for llama.cpp -> {path}")
-    else:
-        check_output(args.out, run_inputs(args.run), args.overwrite)
-        print(f"exported a transformers model -> {export_hf(args.run, args.out)}")
-    return 0
-
-
-def _sampling(args: argparse.Namespace):
-    """The sampling flags, range-checked by SamplingParams.validate (the server's check too)."""
-    from miniglm.engine import SamplingError, SamplingParams
-
-    # By default an answer gets up to 128 tokens, fewer where the context leaves less room; an explicit
-    # --max-new-tokens past the room is capped too, with a note on stderr.
-    max_new = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-    params = SamplingParams(max_new_tokens=max_new, fit_new_tokens=True, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            stop_strings=args.stop or [], seed=args.seed, trim_prompt=args.trim_prompt,
-                            skip_special_tokens=not args.keep_special)
-    try:
-        params.validate()
-    except SamplingError as e:
-        flag = "--stop" if e.field == "stop_strings" else "--" + e.field.replace("_", "-")
-        raise UserError(f"{flag} {e.rule}") from None
-    _check_batch_size(args)
-    return params
-
-
-def _check_batch_size(args: argparse.Namespace) -> None:
-    if getattr(args, "batch_size", 1) < 1:
-        raise UserError("--batch-size must be at least 1")
-
-
-def _note(args: argparse.Namespace):
-    """Where a note for the user goes: stderr, and only about what they asked for explicitly."""
-    if args.max_new_tokens is None:
-        return None
-    return lambda msg: print(f"miniglm: note: {msg}", file=sys.stderr)
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from miniglm.chat import generate_texts, load_run
-    from miniglm.fileio import read_text
-
-    if args.file:
-        texts = [line.strip() for line in read_text(args.file, args.encoding).splitlines() if line.strip()]
-        if not texts:
-            raise UserError(f"{args.file}: no prompts (one a line)")
-    else:
-        texts = [args.prompt]
-    params = _sampling(args)
-    run = load_run(args.run, args.device, args.raw, args.int8, args.compile)
-    for r in generate_texts(run, texts, params, args.batch_size, args.system, _note(args)):
-        print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"], flush=True)
-    return 0
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    from miniglm.chat import chat_repl, load_run
-
-    params = _sampling(args)
-    chat_repl(load_run(args.run, args.device, args.raw, args.int8, args.compile), params,
-              read=_stdin_reader(args.encoding))
-    return 0
-
-
-def _stdin_reader(encoding: str | None):
-    """input() whose bytes are decoded as fileio.read_text decodes a file: a line that is not UTF-8 (or not
-    --encoding) is an error naming the byte and the fix, not a UnicodeDecodeError."""
-    from miniglm.fileio import decode_text
-
-    if encoding is not None:
-        decode_text(b"", "stdin", encoding)  # an unknown --encoding fails before the model loads
-    if hasattr(sys.stdin, "reconfigure"):  # keep the bytes that do not decode, to name them
-        sys.stdin.reconfigure(encoding=encoding or "utf-8", errors="surrogateescape")
-
-    count = 0  # lines read so far: an error names the line it is on
-
-    def read(prompt: str) -> str:
-        nonlocal count
-        line = input(prompt)
-        count += 1
-        if any("\udc80" <= ch <= "\udcff" for ch in line):
-            decode_text(line.encode(sys.stdin.encoding, "surrogateescape"), "stdin", encoding, line=count)
-        return line
-    return read
 
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -407,14 +118,6 @@ def _add_compile(p: argparse.ArgumentParser) -> None:
                         "--int8)")
 
 
-def _eval_out(args: argparse.Namespace, data: str | None) -> None:
-    from pathlib import Path
-
-    from miniglm.runs import run_inputs
-
-    check_output(args.out or Path(args.run) / "eval", [*run_inputs(args.run), data], args.overwrite)
-
-
 def _local(ref: str | None) -> str | None:
     """A tokenizer or model given by path (an input to protect), not by name (cl100k_base, a hub name)."""
     from pathlib import Path
@@ -422,84 +125,24 @@ def _local(ref: str | None) -> str | None:
     return ref if ref and Path(ref).exists() else None
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from miniglm.evaluate import evaluate_generation
-    from miniglm.sft.formats import parse_values
+# --- the commands: each cmd_ function beside the add_..._parser that declares its flags (COMMANDS lists them)
+def cmd_corpus_prepare(args: argparse.Namespace) -> int:
+    from miniglm import corpus
 
-    if not args.run or not args.data:
-        raise UserError("miniglm eval needs --run DIR and --data FILE (or a subcommand: ppl, classify)")
-    _eval_out(args, args.data)
-    params = _sampling(args)
-    evaluate_generation(args.run, args.data, args.out, args.template, params,
-                        None if args.embedder == "none" else args.embedder, args.limit, args.batch_size,
-                        columns=args.columns, values=parse_values(args.value), note=_note(args),
-                        encoding=args.encoding, device=args.device)
+    check_output(args.out, corpus.input_paths(args.inputs), args.overwrite)
+    opts = corpus.PrepareOptions(
+        text_field=args.text_field, split=args.split, chapter_regex=args.chapter_regex,
+        val_fraction=args.val_fraction, seed=args.seed, nfkc=args.nfkc, drop=args.drop,
+        errors=args.errors, encoding=args.encoding)
+    stats = corpus.prepare_corpus(args.inputs, args.out, opts)
+    for line in corpus.format_skipped(stats):
+        print(line, file=sys.stderr)
+    print(corpus.format_stats(stats))
+    print(f"wrote {args.out}/train.jsonl, val.jsonl, stats.json")
     return 0
 
 
-def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from miniglm.evaluate import evaluate_perplexity
-
-    _eval_out(args, args.text)
-    evaluate_perplexity(args.run, args.text, args.stride, args.out, encoding=args.encoding, device=args.device)
-    return 0
-
-
-def cmd_eval_classify(args: argparse.Namespace) -> int:
-    from miniglm.evaluate import evaluate_classification
-    from miniglm.sft.formats import parse_values
-
-    _check_batch_size(args)
-    _eval_out(args, args.data)
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
-                            columns=args.columns, values=parse_values(args.value), encoding=args.encoding,
-                            system=args.system, device=args.device)
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from miniglm.report import write_comparison, write_report
-
-    if len(args.runs) > 2:
-        raise UserError("miniglm report takes one run, or two to compare")
-    md, page = write_report(Path(args.runs[0]) / "eval") if len(args.runs) == 1 else write_comparison(*args.runs)
-    print(f"wrote {md} and {page}")
-    return 0
-
-
-DEFAULT_API_KEY_ENV = "MINIGLM_API_KEY"
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from miniglm.serve import serve
-
-    # A key that was asked for (--api-key, --api-key-env, or MINIGLM_API_KEY set) must be there: an empty or
-    # unset one never starts the server open. Nothing asked for: open, and serve() says so in one line.
-    if args.api_key is not None:
-        key, source = args.api_key, "--api-key"
-    elif args.api_key_env is not None:
-        key, source = os.environ.get(args.api_key_env), f"--api-key-env {args.api_key_env}"
-        if key is None:
-            raise UserError(f"{source}: the variable {args.api_key_env} is not set (the server would have no key)")
-    else:
-        key, source = os.environ.get(DEFAULT_API_KEY_ENV), DEFAULT_API_KEY_ENV
-    if key is not None and not key.strip():
-        raise UserError(f"{source}: the API key is empty (the server would have no key)")
-    serve(args.run, args.host, args.port, key, args.device, args.max_batch, args.int8, args.max_body)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="miniglm", description="Build small Chinese chat models end to end.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    corpus = sub.add_parser("corpus", help="prepare and tokenize a pretraining corpus")
-    csub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="STEP")
+def add_corpus_prepare_parser(csub) -> None:
     prep = csub.add_parser("prepare", help="raw novels (txt in any Chinese encoding, HTML, jsonl) -> documents",
                            description="Read, clean and split raw text into train/val documents (by document).")
     prep.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
@@ -518,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(prep)
     prep.set_defaults(func=cmd_corpus_prepare)
 
+
+def cmd_corpus_tokenize(args: argparse.Namespace) -> int:
+    from miniglm import shards, tokenizer
+
+    check_output(args.out, [args.corpus, _local(args.tokenizer)], args.overwrite)
+    tok = tokenizer.load_tokenizer(args.tokenizer)
+    meta = shards.tokenize_corpus(args.corpus, tok, args.out)
+    print(f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']}), "
+          f"{meta['seconds']:.2f}s, {meta['mb_per_s']:.2f} MB/s -> {args.out}")
+    return 0
+
+
+def add_corpus_tokenize_parser(csub) -> None:
     tokz = csub.add_parser("tokenize", help="documents -> train.bin/val.bin token shards + meta.json",
                            description="Tokenise each document whole, joined by end-of-text, into flat shards.")
     tokz.add_argument("--corpus", required=True, help="folder written by `corpus prepare`")
@@ -526,8 +182,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(tokz)
     tokz.set_defaults(func=cmd_corpus_tokenize)
 
-    tok = sub.add_parser("tokenizer", help="train or inspect a tokenizer")
-    tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="STEP")
+
+def add_corpus_parser(sub) -> None:
+    corpus = sub.add_parser("corpus", help="prepare and tokenize a pretraining corpus")
+    csub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="STEP")
+    add_corpus_prepare_parser(csub)
+    add_corpus_tokenize_parser(csub)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from miniglm import corpus, tokenizer
+
+    if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:  # before reading the corpus
+        raise UserError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE} (256 bytes + specials), "
+                        f"got {args.vocab_size}")
+    check_output(args.out, [args.corpus], args.overwrite)
+    docs = corpus.load_documents(f"{args.corpus}/train.jsonl")
+    tok = tokenizer.train_bpe(docs, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                              han_chars=args.han_chars)
+    print(f"trained a byte-level BPE with {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
+    return 0
+
+
+def add_tokenizer_train_parser(tsub) -> None:
     train = tsub.add_parser("train", help="train a byte-level BPE on a prepared corpus",
                             description="Byte-level BPE (GPT-2 split pattern) with end-of-text, pad and role tokens.")
     train.add_argument("--corpus", required=True, help="folder written by `corpus prepare`")
@@ -539,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
     _add_overwrite(train)
     train.set_defaults(func=cmd_tokenizer_train)
+
+
+def cmd_tokenizer_report(args: argparse.Namespace) -> int:
+    from miniglm import corpus, tokenizer
+
+    tok = tokenizer.load_tokenizer(args.tokenizer)
+    rep = tokenizer.report(tok, corpus.load_documents(f"{args.corpus}/{args.split}.jsonl"))
+    for key, value in rep.items():
+        print(f"{key:<20} {value}")
+    if rep["roundtrip_failures"]:
+        print(f"round trip FAILED on {rep['roundtrip_failures']} document(s)", file=sys.stderr)
+        return 1
+    print("round trip OK: decode(encode(x)) == x for every document")
+    return 0
+
+
+def add_tokenizer_report_parser(tsub) -> None:
     rep = tsub.add_parser("report", help="characters/token and the round-trip check on a split",
                           description="Print compression and check decode(encode(x)) == x on every document.")
     rep.add_argument("--tokenizer", required=True, help="tokenizer folder, cl100k_base, FILE.tiktoken or HF name")
@@ -546,6 +240,25 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--split", choices=["train", "val"], default="val")
     rep.set_defaults(func=cmd_tokenizer_report)
 
+
+def add_tokenizer_parser(sub) -> None:
+    tok = sub.add_parser("tokenizer", help="train or inspect a tokenizer")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="STEP")
+    add_tokenizer_train_parser(tsub)
+    add_tokenizer_report_parser(tsub)
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from miniglm import world
+
+    check_output(args.out, overwrite=args.overwrite)
+    stats = world.build_world(args.out, args.characters, args.bios, args.heldout_fraction, args.seed)
+    print(json.dumps(stats.__dict__, ensure_ascii=False))
+    print(f"wrote {args.out}/corpus.jsonl, characters.jsonl, sft_train.jsonl, sft_test.jsonl")
+    return 0
+
+
+def add_world_parser(sub) -> None:
     w = sub.add_parser("world", help="generate the synthetic wuxia world (corpus + Q&A)",
                        description="Invented characters with facts, biographies for pretraining and Q&A for SFT.")
     w.add_argument("--out", required=True)
@@ -556,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(w)
     w.set_defaults(func=cmd_world)
 
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from miniglm.demo import DemoOptions, run_demo
+
+    check_output(args.out, overwrite=args.overwrite)
+    run_demo(DemoOptions(out=args.out, characters=args.characters, bios=args.bios,
+                         vocab_size=args.vocab_size, seed=args.seed, questions=args.questions, overrides=args.set,
+                         pretrain_overrides=args.set_pretrain, sft_overrides=args.set_sft, mix_qa=args.mix_qa,
+                         han_chars=args.han_chars, long=args.long))
+    return 0
+
+
+def add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="run the whole pipeline on the synthetic world",
                        description="world -> corpus -> tokenizer -> shards -> pretrain -> SFT, into one run folder.")
     d.add_argument("--out", default="runs/demo")
@@ -580,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(d)
     d.set_defaults(func=cmd_demo)
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from miniglm.config import load_config
+    from miniglm.train import train
+
+    cfg = load_config(args.config, args.set)
+    if args.overwrite and cfg.out_dir:
+        allow_overwrite(cfg.out_dir)
+    summary = train(cfg)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+    return 0
+
+
+def add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="pretrain or fine-tune (SFT, LoRA) a MiniGLM",
                        description="One loop for pretraining and SFT; rerun the same command to resume.")
     t.add_argument("--config", default=None, help="TOML file (see configs/)")
@@ -588,8 +328,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(t)
     t.set_defaults(func=cmd_train)
 
-    sft = sub.add_parser("sft", help="prepare SFT data")
-    ssub = sft.add_subparsers(dest="sft_command", required=True, metavar="STEP")
+
+def cmd_sft_prepare(args: argparse.Namespace) -> int:
+    from miniglm.fileio import read_jsonl
+    from miniglm.sft.data import prepare_sft, show
+    from miniglm.sft.formats import column_fields, parse_values
+    from miniglm.sft.templates import TemplateOptions
+    from miniglm.tokenizer import load_tokenizer
+
+    if (args.test_fraction is not None or args.test_count) and not args.test_out:
+        raise UserError("--test-fraction and --test-count need --test-out FILE.jsonl (where the held-out records go)")
+    check_output(args.out, [args.data, _local(args.tokenizer)], args.overwrite)
+    if args.test_out:  # a file of records: any file there is replaced (b""), never an input or a folder
+        check_output(args.test_out, [args.data, _local(args.tokenizer)], magic=b"")
+    tok = load_tokenizer(args.tokenizer)
+    opts = TemplateOptions(system=args.system, train_all_turns=not args.last_turn_only,
+                           end_token=args.end_token, max_source_len=args.max_source_len,
+                           max_target_len=args.max_target_len)
+    opts = column_fields(args.data, args.columns, opts, args.encoding)  # plain: "{prompt column} : … {answer} : "
+    meta = prepare_sft(args.data, tok, args.out, args.template, args.max_len, args.val_fraction, args.seed, opts,
+                       args.pack, columns=args.columns, values=parse_values(args.value), encoding=args.encoding,
+                       test_out=args.test_out, test_fraction=args.test_fraction or 0.05, test_count=args.test_count)
+    if args.show:
+        print(show([r for _, r in read_jsonl(f"{args.out}/train.jsonl")], tok, args.show))
+    eff = f"{meta['padding_efficiency']:.1%}"
+    if meta["packed_padding_efficiency"] is not None:
+        eff += f" -> {meta['packed_padding_efficiency']:.1%} packed into {meta['sequences']} sequences"
+    test = f" / {meta['test_records']} test -> {args.test_out}" if args.test_out else ""
+    print(f"{meta['records']} records ({meta['train_records']} train / {meta['val_records']} val{test}), "
+          f"{meta['truncated']} truncated, {meta['dropped']} dropped, {meta['tokens']:,} tokens "
+          f"({meta['trained_tokens']:,} trained); padding efficiency at --max-len {args.max_len}: {eff} -> {args.out}")
+    return 0
+
+
+def add_sft_prepare_parser(ssub) -> None:
     sp = ssub.add_parser("prepare", help="SFT records -> ids + labels for training",
                          description="Render each record with a chat template (labels on answers only), "
                                      f"truncate, optionally pack. Records: {format_names()}, or any with "
@@ -619,10 +391,151 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, meta.json)")
     _add_overwrite(sp)
     sp.set_defaults(func=cmd_sft_prepare)
-    from miniglm.sft.synth import add_cli as add_generate_cli
 
-    add_generate_cli(ssub)
 
+# --- sft generate: three steps over an OpenAI-compatible API, sharing the client's flags -------------
+def _client_options(args: argparse.Namespace) -> ClientOptions:
+    """The API client's flags (_add_client_options), checked: every sft generate step's."""
+    for flag, value, low in (("--concurrency", args.concurrency, 1), ("--max-retries", args.max_retries, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout must be greater than 0, got {args.timeout}")
+    return ClientOptions(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                         system_prompt=args.system_prompt, temperature=args.temperature,
+                         concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
+                         base_delay=args.retry_base_delay, max_delay=args.retry_max_delay)
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output jsonl; appended to, so rerunning the command resumes")
+    p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+                   help="OpenAI-compatible API, e.g. http://localhost:8000/v1 for vLLM "
+                        "(default: $OPENAI_BASE_URL or %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (default: %(default)s)")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system message ('' for none)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: 4)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="retries on 429/5xx/time-outs/connection errors and on malformed answers (default: 5)")
+    p.add_argument("--retry-base-delay", type=float, default=1.0, help="first back-off in seconds (default: 1)")
+    p.add_argument("--retry-max-delay", type=float, default=30.0, help="longest back-off in seconds (default: 30)")
+    p.add_argument("--dedup-threshold", type=float, default=0.9,
+                   help="drop a question whose character-bigram Jaccard similarity to an earlier one is at "
+                        "least this (default: 0.9; above 1 drops only exact duplicates)")
+
+
+def cmd_sft_generate_questions(args: argparse.Namespace) -> int:
+    from miniglm.sft.prompts import QUESTION_FIELDS, QUESTION_PROMPT, prompt_template
+    from miniglm.sft.synth import generate_questions, read_titles
+
+    titles = args.titles or read_titles(args.titles_file)
+    prompt = prompt_template(args.question_prompt, QUESTION_PROMPT, QUESTION_FIELDS, ("title", "n"),
+                             "--question-prompt")
+    s = generate_questions(titles, args.out, args.per_title, aspects=args.aspects, options=_client_options(args),
+                           dedup_threshold=args.dedup_threshold, prompt=prompt)
+    return 1 if s.failed else 0
+
+
+def add_sft_generate_questions_parser(gsub) -> None:
+    q = gsub.add_parser("questions", help="titles or topics -> questions jsonl",
+                        description="Ask for --per-title questions per title, split over the aspects; "
+                                    "near-duplicate questions are dropped.")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--titles", nargs="+", metavar="TITLE", help="novel titles, characters or topics")
+    src.add_argument("--titles-file", metavar="FILE", help="one title a line (# starts a comment)")
+    q.add_argument("--per-title", type=int, default=60, help="questions per title (default: 60)")
+    q.add_argument("--aspects", nargs="+", default=list(ASPECTS), metavar="ASPECT",
+                   help="aspects to split the questions over (default: %(default)s)")
+    q.add_argument("--question-prompt", metavar="TEXT|@FILE",
+                   help="the request, a template over {title} {aspect} {hint} {n} (default: the Chinese Jin Yong "
+                        "prompt; {hint} is empty for aspects outside the defaults)")
+    _add_client_options(q)
+    q.set_defaults(func=cmd_sft_generate_questions)
+
+
+def cmd_sft_generate_answers(args: argparse.Namespace) -> int:
+    from miniglm.sft.prompts import ANSWER_FIELDS, ANSWER_PROMPT, prompt_template
+    from miniglm.sft.synth import generate_answers
+
+    prompt = prompt_template(args.answer_prompt, ANSWER_PROMPT, ANSWER_FIELDS, ANSWER_FIELDS, "--answer-prompt")
+    s = generate_answers(args.questions, args.out, options=_client_options(args), dedup_threshold=args.dedup_threshold,
+                         prompt=prompt)
+    return 1 if s.failed else 0
+
+
+def add_sft_generate_answers_parser(gsub) -> None:
+    a = gsub.add_parser("answers", help="questions jsonl -> question/answer jsonl",
+                        description="Answer each question record; other fields of the record are kept.")
+    a.add_argument("--questions", required=True, metavar="FILE", help="jsonl with a 'question' field")
+    a.add_argument("--answer-prompt", metavar="TEXT|@FILE",
+                   help="the request, a template over {question} (default: the Chinese prompt)")
+    _add_client_options(a)
+    a.set_defaults(func=cmd_sft_generate_answers)
+
+
+def cmd_sft_generate_passages(args: argparse.Namespace) -> int:
+    from miniglm.sft.synth import generate_passage_qa
+
+    s = generate_passage_qa(args.corpus, args.out, args.chunk_chars, args.per_chunk, text_field=args.text_field,
+                            options=_client_options(args), dedup_threshold=args.dedup_threshold)
+    return 1 if s.failed else 0
+
+
+def add_sft_generate_passages_parser(gsub) -> None:
+    p = gsub.add_parser("passages", help="corpus -> question/answer pairs grounded in its passages",
+                        description="Cut documents into chunks at sentence ends and ask for Q&A pairs (as JSON) "
+                                    "grounded in each chunk.")
+    p.add_argument("--corpus", required=True, metavar="FILE",
+                   help="jsonl of {'text'} documents (from `corpus prepare`), a folder of them, or a UTF-8 .txt")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl (default: text)")
+    p.add_argument("--chunk-chars", type=int, default=800, help="characters per chunk, about (default: 800)")
+    p.add_argument("--per-chunk", type=int, default=3, help="Q&A pairs per chunk (default: 3)")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_sft_generate_passages)
+
+
+def add_sft_generate_parser(ssub) -> None:
+    gen = ssub.add_parser(
+        "generate", help="generate Q&A with an OpenAI-compatible chat API",
+        description="Generate SFT data with any OpenAI-compatible chat API. Records are appended as they "
+                    "arrive; rerun the same command to resume. The API key is read from an environment variable.")
+    gsub = gen.add_subparsers(dest="generate_command", required=True, metavar="STEP")
+    add_sft_generate_questions_parser(gsub)
+    add_sft_generate_answers_parser(gsub)
+    add_sft_generate_passages_parser(gsub)
+
+
+def add_sft_parser(sub) -> None:
+    sft = sub.add_parser("sft", help="prepare SFT data")
+    ssub = sft.add_subparsers(dest="sft_command", required=True, metavar="STEP")
+    add_sft_prepare_parser(ssub)
+    add_sft_generate_parser(ssub)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from miniglm.finetune import FinetuneOptions, finetune
+    from miniglm.sft.formats import parse_values
+    from miniglm.sft.templates import TemplateOptions
+
+    if args.full and args.lora_r is not None:
+        raise UserError("--full and --lora-r exclude each other: LoRA trains adapters, --full every weight")
+    check_output(args.out, [args.data, _local(args.model)], args.overwrite, grow=True)
+    topts = TemplateOptions(system=args.system, end_token=args.end_token)
+    opts = FinetuneOptions(model=args.model, data=args.data, out=args.out, template=args.template,
+                           lora_r=0 if args.full else (args.lora_r or 8), max_len=args.max_len,
+                           val_fraction=args.val_fraction, seed=args.seed, trust_remote_code=args.trust_remote_code,
+                           columns=args.columns, values=parse_values(args.value), template_options=topts,
+                           overrides=args.set, encoding=args.encoding)
+    summary = finetune(opts)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+    return 0
+
+
+def add_finetune_parser(sub) -> None:
     ft = sub.add_parser("finetune", help="fine-tune a Hugging Face model (LoRA or full) on SFT data",
                         description="sft prepare with the model family's template + train (stage sft) in one "
                                     "command, into one run folder; rerun it to resume. Families: bloom, gpt2, "
@@ -648,6 +561,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(ft)
     ft.set_defaults(func=cmd_finetune)
 
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from miniglm import runs
+    from miniglm.checkpoint import save_run
+
+    check_output(args.out, runs.run_inputs(args.run), args.overwrite)
+    run = runs.open_run(args.run)
+    if not runs.has_adapter(run):
+        raise UserError(f"{args.run}: no LoRA adapter to merge (its weights are whole already); use the run as it "
+                        "is, or `miniglm export` it")
+    chat = runs.read_chat(run.dir)  # the merged model chats with the template it was tuned with
+    if run.hf:  # a transformers folder (from_pretrained loads it) that is also a run
+        from miniglm.hf import merge_run
+
+        tok = runs.load_run_tokenizer(run)
+        out = merge_run(runs.load_model(run), tok, run.state, run.ckpt, chat, args.out)
+        print(f"merged the adapter into the weights -> {out} (a transformers model folder)")
+        return 0
+    vocab = runs.read_model_config(run.ckpt).vocab_size
+    tok = runs.load_run_tokenizer(run, vocab) if (run.dir / "tokenizer").exists() else None
+    save_run(args.out, runs.load_model(run), {**run.state, "merged_from": str(run.ckpt)}, tok, chat)
+    print(f"merged the adapter into the weights -> {args.out}/ckpt")
+    return 0
+
+
+def add_merge_parser(sub) -> None:
     m = sub.add_parser("merge", help="fold a LoRA adapter into full weights",
                        description="Load a run's adapter over its base model, merge, save full weights. For a "
                                    "Hugging Face run (finetune): OUT is a transformers model folder.")
@@ -656,11 +595,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(m)
     m.set_defaults(func=cmd_merge)
 
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from miniglm.plot import plot_losses
+
+    print(f"wrote {plot_losses(args.run, args.out)}")
+    return 0
+
+
+def add_plot_parser(sub) -> None:
     pl = sub.add_parser("plot", help="plot a run's loss curves (PNG)", description="metrics.jsonl -> loss.png")
     pl.add_argument("run")
     pl.add_argument("--out", default=None, help="default: RUN/loss.png")
     pl.set_defaults(func=cmd_plot)
 
+
+def cmd_import_ckpt(args: argparse.Namespace) -> int:
+    from miniglm.export import import_nanogpt
+    from miniglm.gguf_import import is_gguf
+
+    check_output(args.out, [args.ckpt, _local(args.tokenizer)], args.overwrite)
+    if is_gguf(args.ckpt):
+        return _import_gguf(args)
+    if args.max_context is not None:
+        raise UserError("--max-context is for GGUF files (a ckpt.pt keeps its block size)")
+    model = import_nanogpt(args.ckpt, args.out, args.tokenizer)
+    print(f"imported a gpt2-style MiniGLM ({model.num_params():,} parameters) -> {args.out}/ckpt")
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from miniglm.gguf_import import DEFAULT_CONTEXT, import_gguf
+
+    if args.tokenizer:
+        raise UserError("a GGUF file carries its own tokenizer; drop --tokenizer")
+    model, info = import_gguf(args.ckpt, args.out, args.max_context or DEFAULT_CONTEXT,
+                              note=lambda msg: print(f"miniglm: note: {msg}", file=sys.stderr))
+    c = model.config
+    template = "its own chat template (hf)" if info["chat_template"] else "no chat template (raw text)"
+    print(f"imported a llama-style MiniGLM ({model.num_params():,} parameters, {c.n_layer} layers, "
+          f"context {c.block_size} of {info['trained_context']}) -> {args.out}/ckpt; "
+          f"tokenizer byte-level BPE ({info['pre_tokenizer']} pre-tokenizer), {template}")
+    return 0
+
+
+def add_import_ckpt_parser(sub) -> None:
     ic = sub.add_parser("import-ckpt", help="import a seed (nanoGPT-style) ckpt.pt or a llama GGUF",
                         description="Read a nanoGPT/MiniGLM ckpt.pt (weights_only) into a gpt2-style run, or a "
                                     "llama-architecture .gguf (weights dequantized to fp32, its tokenizer and chat "
@@ -673,6 +652,85 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(ic)
     ic.set_defaults(func=cmd_import_ckpt)
 
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from miniglm.export import export_gguf, export_hf
+    from miniglm.runs import run_inputs
+
+    if args.to == "gguf":
+        check_output(args.out, run_inputs(args.run), args.overwrite, magic=b"GGUF")
+        path = export_gguf(args.run, args.out, args.outtype)
+        print(f"exported GGUF ({args.outtype.upper()}) for llama.cpp -> {path}")
+    else:
+        check_output(args.out, run_inputs(args.run), args.overwrite)
+        print(f"exported a transformers model -> {export_hf(args.run, args.out)}")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="export a run to Hugging Face transformers or GGUF",
+                        description="Write config.json, model.safetensors and the tokenizer; loads with "
+                                    "AutoModelForCausalLM (GPT2LMHeadModel or LlamaForCausalLM).")
+    ex.add_argument("--run", required=True, help="run or checkpoint folder")
+    ex.add_argument("--to", choices=["hf", "gguf"], default="hf",
+                    help="hf: a transformers folder; gguf: one .gguf file for llama.cpp (llama style)")
+    ex.add_argument("--out", required=True, help="output folder (hf) or file (gguf)")
+    ex.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32",
+                    help="GGUF weight type (matrices; norms stay F32)")
+    _add_overwrite(ex)
+    ex.set_defaults(func=cmd_export)
+
+
+def _sampling(args: argparse.Namespace):
+    """The sampling flags, range-checked by SamplingParams.validate (the server's check too)."""
+    from miniglm.engine import SamplingError, SamplingParams
+
+    # By default an answer gets up to 128 tokens, fewer where the context leaves less room; an explicit
+    # --max-new-tokens past the room is capped too, with a note on stderr.
+    max_new = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    params = SamplingParams(max_new_tokens=max_new, fit_new_tokens=True, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            stop_strings=args.stop or [], seed=args.seed, trim_prompt=args.trim_prompt,
+                            skip_special_tokens=not args.keep_special)
+    try:
+        params.validate()
+    except SamplingError as e:
+        flag = "--stop" if e.field == "stop_strings" else "--" + e.field.replace("_", "-")
+        raise UserError(f"{flag} {e.rule}") from None
+    _check_batch_size(args)
+    return params
+
+
+def _check_batch_size(args: argparse.Namespace) -> None:
+    if getattr(args, "batch_size", 1) < 1:
+        raise UserError("--batch-size must be at least 1")
+
+
+def _note(args: argparse.Namespace):
+    """Where a note for the user goes: stderr, and only about what they asked for explicitly."""
+    if args.max_new_tokens is None:
+        return None
+    return lambda msg: print(f"miniglm: note: {msg}", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from miniglm.chat import generate_texts, load_run
+    from miniglm.fileio import read_text
+
+    if args.file:
+        texts = [line.strip() for line in read_text(args.file, args.encoding).splitlines() if line.strip()]
+        if not texts:
+            raise UserError(f"{args.file}: no prompts (one a line)")
+    else:
+        texts = [args.prompt]
+    params = _sampling(args)
+    run = load_run(args.run, args.device, args.raw, args.int8, args.compile)
+    for r in generate_texts(run, texts, params, args.batch_size, args.system, _note(args)):
+        print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"], flush=True)
+    return 0
+
+
+def add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="complete prompts with a run's model",
                        description="One output per prompt, rendered with the run's chat template (batched).")
     src = g.add_mutually_exclusive_group(required=True)
@@ -686,6 +744,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(g)
     g.set_defaults(func=cmd_generate)
 
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from miniglm.chat import chat_repl, load_run
+
+    params = _sampling(args)
+    chat_repl(load_run(args.run, args.device, args.raw, args.int8, args.compile), params,
+              read=_stdin_reader(args.encoding))
+    return 0
+
+
+def _stdin_reader(encoding: str | None):
+    """input() whose bytes are decoded as fileio.read_text decodes a file: a line that is not UTF-8 (or not
+    --encoding) is an error naming the byte and the fix, not a UnicodeDecodeError."""
+    from miniglm.fileio import decode_text
+
+    if encoding is not None:
+        decode_text(b"", "stdin", encoding)  # an unknown --encoding fails before the model loads
+    if hasattr(sys.stdin, "reconfigure"):  # keep the bytes that do not decode, to name them
+        sys.stdin.reconfigure(encoding=encoding or "utf-8", errors="surrogateescape")
+
+    count = 0  # lines read so far: an error names the line it is on
+
+    def read(prompt: str) -> str:
+        nonlocal count
+        line = input(prompt)
+        count += 1
+        if any("\udc80" <= ch <= "\udcff" for ch in line):
+            decode_text(line.encode(sys.stdin.encoding, "surrogateescape"), "stdin", encoding, line=count)
+        return line
+    return read
+
+
+def add_chat_parser(sub) -> None:
     c = sub.add_parser("chat", help="chat with a run in the terminal",
                        description="Multi-turn chat with streaming output; /reset, /system TEXT, /exit.")
     _add_sampling(c)
@@ -693,24 +784,84 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(c, "what you type (stdin)")
     c.set_defaults(func=cmd_chat)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible API and a web chat page for a run",
-                        description="FastAPI + uvicorn: /v1/chat/completions, /v1/completions, /v1/models, "
-                                    "/health, and a chat page at /. Concurrent requests decode in one batch.")
-    sv.add_argument("--run", required=True, help="run or checkpoint folder")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    sv.add_argument("--api-key-env", default=None, metavar="NAME",
-                    help=f"or read the key from this variable (default {DEFAULT_API_KEY_ENV}, if it is set); "
-                         "an unset or empty one refuses to start")
-    sv.add_argument("--max-batch", type=at_least(1), default=32,
-                    help="requests decoded together; more wait in order for a free row (default 32)")
-    sv.add_argument("--max-body", type=at_least(1), default=1 << 20, metavar="BYTES",
-                    help="refuse request bodies over this size with a 413 (default 1 MiB)")
-    _add_device(sv)
-    sv.add_argument("--int8", action="store_true", help="int8 weights on CPU: ~2x faster decoding")
-    sv.set_defaults(func=cmd_serve)
 
+def _eval_out(args: argparse.Namespace, data: str | None) -> None:
+    from pathlib import Path
+
+    from miniglm.runs import run_inputs
+
+    check_output(args.out or Path(args.run) / "eval", [*run_inputs(args.run), data], args.overwrite)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from miniglm.evaluate import evaluate_generation
+    from miniglm.sft.formats import parse_values
+
+    if not args.run or not args.data:
+        raise UserError("miniglm eval needs --run DIR and --data FILE (or a subcommand: ppl, classify)")
+    _eval_out(args, args.data)
+    params = _sampling(args)
+    evaluate_generation(args.run, args.data, args.out, args.template, params,
+                        None if args.embedder == "none" else args.embedder, args.limit, args.batch_size,
+                        columns=args.columns, values=parse_values(args.value), note=_note(args),
+                        encoding=args.encoding, device=args.device)
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from miniglm.evaluate import evaluate_perplexity
+
+    _eval_out(args, args.text)
+    evaluate_perplexity(args.run, args.text, args.stride, args.out, encoding=args.encoding, device=args.device)
+    return 0
+
+
+def add_eval_ppl_parser(evsub) -> None:
+    pp = evsub.add_parser("ppl", help="perplexity and bits per byte over held-out text (sliding window)",
+                          description="Tokens scored once each, with a window of the model's context moved by "
+                                      "--stride tokens.")
+    pp.add_argument("--run", required=True, help="run or checkpoint folder")
+    pp.add_argument("--text", required=True, help=".txt file, or .jsonl documents with a text field")
+    pp.add_argument("--stride", type=at_least(0), default=0, help="window step in tokens (default: half the context)")
+    pp.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    _add_encoding(pp, "--text")
+    _add_device(pp)
+    _add_overwrite(pp)
+    pp.set_defaults(func=cmd_eval_ppl)
+
+
+def cmd_eval_classify(args: argparse.Namespace) -> int:
+    from miniglm.evaluate import evaluate_classification
+    from miniglm.sft.formats import parse_values
+
+    _check_batch_size(args)
+    _eval_out(args, args.data)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    evaluate_classification(args.run, args.data, labels, args.out, args.template, args.batch_size,
+                            columns=args.columns, values=parse_values(args.value), encoding=args.encoding,
+                            system=args.system, device=args.device)
+    return 0
+
+
+def add_eval_classify_parser(evsub) -> None:
+    cl = evsub.add_parser("classify", help="accuracy and per-class precision/recall, labels as text",
+                          description="Generate a short answer per record, snap it to the closest label, score.")
+    cl.add_argument("--run", required=True, help="run or checkpoint folder")
+    cl.add_argument("--data", required=True, help="records whose answer is the label (JSON records, .csv)")
+    _add_columns(cl)
+    cl.add_argument("--labels", default=None, help="comma-separated labels (default: those in the data)")
+    cl.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
+    cl.add_argument("--system", default=None, help="an instruction for every prompt (zero-shot), e.g. "
+                    "'Answer complaint or no complaint.': the system prompt; plain: a line before the record")
+    cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    cl.add_argument("--batch-size", type=int, default=32)
+    _add_encoding(cl, "--data")
+    _add_device(cl)
+    _add_overwrite(cl)
+    cl.set_defaults(func=cmd_eval_classify)
+
+
+def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="score a run: generation metrics, perplexity, classification",
                         description="Answer a test set (any SFT record format) with the run, greedy by default, and "
                                     "score: exact match, answer contained, ROUGE-1/2/L F1 on jieba words, BLEU-4 on "
@@ -730,50 +881,84 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(ev)
     ev.set_defaults(func=cmd_eval)
     evsub = ev.add_subparsers(dest="eval_command", metavar="{ppl,classify}")
-    pp = evsub.add_parser("ppl", help="perplexity and bits per byte over held-out text (sliding window)",
-                          description="Tokens scored once each, with a window of the model's context moved by "
-                                      "--stride tokens.")
-    pp.add_argument("--run", required=True, help="run or checkpoint folder")
-    pp.add_argument("--text", required=True, help=".txt file, or .jsonl documents with a text field")
-    pp.add_argument("--stride", type=at_least(0), default=0, help="window step in tokens (default: half the context)")
-    pp.add_argument("--out", default=None, help="output folder (default RUN/eval)")
-    _add_encoding(pp, "--text")
-    _add_device(pp)
-    _add_overwrite(pp)
-    pp.set_defaults(func=cmd_eval_ppl)
-    cl = evsub.add_parser("classify", help="accuracy and per-class precision/recall, labels as text",
-                          description="Generate a short answer per record, snap it to the closest label, score.")
-    cl.add_argument("--run", required=True, help="run or checkpoint folder")
-    cl.add_argument("--data", required=True, help="records whose answer is the label (JSON records, .csv)")
-    _add_columns(cl)
-    cl.add_argument("--labels", default=None, help="comma-separated labels (default: those in the data)")
-    cl.add_argument("--template", default=None, help="render prompts with this template (default: the run's)")
-    cl.add_argument("--system", default=None, help="an instruction for every prompt (zero-shot), e.g. "
-                    "'Answer complaint or no complaint.': the system prompt; plain: a line before the record")
-    cl.add_argument("--out", default=None, help="output folder (default RUN/eval)")
-    cl.add_argument("--batch-size", type=int, default=32)
-    _add_encoding(cl, "--data")
-    _add_device(cl)
-    _add_overwrite(cl)
-    cl.set_defaults(func=cmd_eval_classify)
+    add_eval_ppl_parser(evsub)
+    add_eval_classify_parser(evsub)
 
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from miniglm.report import write_comparison, write_report
+
+    if len(args.runs) > 2:
+        raise UserError("miniglm report takes one run, or two to compare")
+    md, page = write_report(Path(args.runs[0]) / "eval") if len(args.runs) == 1 else write_comparison(*args.runs)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
+def add_report_parser(sub) -> None:
     rp = sub.add_parser("report", help="rebuild an evaluation report, or compare two runs",
                         description="RUN: RUN/eval/report.md + report.html. RUN_A RUN_B: side by side, written "
                                     "to RUN_A/eval/compare-<RUN_B>.md/.html.")
     rp.add_argument("runs", nargs="+", metavar="RUN", help="one run, or two to compare")
     rp.set_defaults(func=cmd_report)
 
-    ex = sub.add_parser("export", help="export a run to Hugging Face transformers or GGUF",
-                        description="Write config.json, model.safetensors and the tokenizer; loads with "
-                                    "AutoModelForCausalLM (GPT2LMHeadModel or LlamaForCausalLM).")
-    ex.add_argument("--run", required=True, help="run or checkpoint folder")
-    ex.add_argument("--to", choices=["hf", "gguf"], default="hf",
-                    help="hf: a transformers folder; gguf: one .gguf file for llama.cpp (llama style)")
-    ex.add_argument("--out", required=True, help="output folder (hf) or file (gguf)")
-    ex.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32",
-                    help="GGUF weight type (matrices; norms stay F32)")
-    _add_overwrite(ex)
-    ex.set_defaults(func=cmd_export)
+
+DEFAULT_API_KEY_ENV = "MINIGLM_API_KEY"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from miniglm.serve import serve
+
+    # A key that was asked for (--api-key, --api-key-env, or MINIGLM_API_KEY set) must be there: an empty or
+    # unset one never starts the server open. Nothing asked for: open, and serve() says so in one line.
+    if args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif args.api_key_env is not None:
+        key, source = os.environ.get(args.api_key_env), f"--api-key-env {args.api_key_env}"
+        if key is None:
+            raise UserError(f"{source}: the variable {args.api_key_env} is not set (the server would have no key)")
+    else:
+        key, source = os.environ.get(DEFAULT_API_KEY_ENV), DEFAULT_API_KEY_ENV
+    if key is not None and not key.strip():
+        raise UserError(f"{source}: the API key is empty (the server would have no key)")
+    serve(args.run, args.host, args.port, key, args.device, args.max_batch, args.int8, args.max_body)
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible API and a web chat page for a run",
+                        description="FastAPI + uvicorn: /v1/chat/completions, /v1/completions, /v1/models, "
+                                    "/health, and a chat page at /. Concurrent requests decode in one batch.")
+    sv.add_argument("--run", required=True, help="run or checkpoint folder")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    sv.add_argument("--api-key-env", default=None, metavar="NAME",
+                    help=f"or read the key from this variable (default {DEFAULT_API_KEY_ENV}, if it is set); "
+                         "an unset or empty one refuses to start")
+    sv.add_argument("--max-batch", type=at_least(1), default=32,
+                    help="requests decoded together; more wait in order for a free row (default 32)")
+    sv.add_argument("--max-body", type=at_least(1), default=1 << 20, metavar="BYTES",
+                    help="refuse request bodies over this size with a 413 (default 1 MiB)")
+    _add_device(sv)
+    sv.add_argument("--int8", action="store_true", help="int8 weights on CPU: ~2x faster decoding")
+    sv.set_defaults(func=cmd_serve)
+
+
+# Every command, in the order `miniglm --help` lists them: each adds its parser, which names its cmd_ function.
+COMMANDS = (add_corpus_parser, add_tokenizer_parser, add_world_parser, add_demo_parser, add_train_parser,
+            add_sft_parser, add_finetune_parser, add_merge_parser, add_plot_parser, add_import_ckpt_parser,
+            add_generate_parser, add_chat_parser, add_serve_parser, add_eval_parser, add_report_parser,
+            add_export_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="miniglm", description="Build small Chinese chat models end to end.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return p
 
 
@@ -821,8 +1006,6 @@ def _stdout_failed(e: StdoutError, stream) -> int:
     """A reader that went away (`miniglm ... | head -1`) ends the command quietly, as Unix tools end, with
     the status of one killed by SIGPIPE; any other failure (a full disk, a closed stdout) is one line on
     stderr and status 2. What is left in the buffer goes to /dev/null, so the exit adds no second error."""
-    import os
-
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to flush at exit

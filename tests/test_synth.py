@@ -18,27 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from miniglm.cli import add_sft_generate_parser
 from miniglm.fileio import UserError
-from miniglm.sft.synth import (
-    ASPECTS,
-    APIFatalError,
-    ClientOptions,
-    Deduper,
-    add_cli,
-    backoff_delay,
-    bigrams,
-    chunk_key,
-    format_summary,
-    generate_answers,
-    generate_passage_qa,
-    generate_questions,
-    jaccard,
-    normalize_question,
-    parse_numbered_list,
-    parse_qa_pairs,
-    split_chunks,
-    split_key,
-)
+from miniglm.sft.client import APIFatalError, ClientOptions, backoff_delay, format_summary
+from miniglm.sft.dedup import Deduper, bigrams, jaccard, normalize_question
+from miniglm.sft.prompts import ASPECTS, parse_numbered_list, parse_qa_pairs
+from miniglm.sft.resume import split_key
+from miniglm.sft.synth import chunk_key, generate_answers, generate_passage_qa, generate_questions, split_chunks
 
 KEY_ENV = "MINIGLM_SYNTH_TEST_KEY"
 FULLWIDTH = str.maketrans("0123456789", "０１２３４５６７８９")
@@ -447,7 +433,8 @@ def test_resume_after_sigkill(api, tmp_path):
     qpath = write_questions(tmp_path / "q.jsonl", questions)
     out = tmp_path / "a.jsonl"
     code = ("import sys\n"
-            "from miniglm.sft.synth import ClientOptions, generate_answers\n"
+            "from miniglm.sft.client import ClientOptions\n"
+            "from miniglm.sft.synth import generate_answers\n"
             f"opts = ClientOptions(base_url=sys.argv[3], model='m', api_key_env='{KEY_ENV}', concurrency=2)\n"
             "generate_answers(sys.argv[1], sys.argv[2], options=opts, progress=False)\n")
     api.delay = 0.05
@@ -556,7 +543,7 @@ def test_user_errors(api, tmp_path, monkeypatch):
 def test_cli(api, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="miniglm")
     sft = parser.add_subparsers(dest="command", required=True).add_parser("sft")
-    add_cli(sft.add_subparsers(dest="sft_command", required=True))
+    add_sft_generate_parser(sft.add_subparsers(dest="sft_command", required=True))
     for step in ("questions", "answers", "passages"):
         with pytest.raises(SystemExit) as e:
             parser.parse_args(["sft", "generate", step, "--help"])
@@ -589,7 +576,7 @@ def test_cli(api, tmp_path, capsys):
 def test_cli_prompt_templates(api, tmp_path, capsys):
     """--question-prompt / --answer-prompt (text or @FILE) replace the Chinese defaults; bad ones fail up front."""
     parser = argparse.ArgumentParser(prog="miniglm")
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    add_sft_generate_parser(parser.add_subparsers(dest="command", required=True))
     common = ["--base-url", api.url, "--model", "fake", "--api-key-env", KEY_ENV, "--system-prompt", "",
               "--max-retries", "1", "--retry-base-delay", "0.01"]
     prompts: list[str] = []
