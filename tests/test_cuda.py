@@ -7,7 +7,6 @@ on CUDA under torchrun. Tiny models: each test takes seconds, compilation aside.
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,8 @@ import pytest
 import torch
 
 from miniglm.config import load_config
-from miniglm.model import MiniGLM, ModelConfig
 from miniglm.train import make_optimizer
+from tests.helpers import free_port, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,21 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
-def tiny(style: str = "llama") -> MiniGLM:
-    torch.manual_seed(0)
-    return MiniGLM(ModelConfig(style=style, **CONFIG)).cuda()
-
-
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, CONFIG["vocab_size"], (8, CONFIG["block_size"] + 1), generator=g).cuda()
     return x[:, :-1], x[:, 1:]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(*args: str) -> list[str]:
@@ -49,7 +37,7 @@ def torchrun(*args: str) -> list[str]:
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_bf16_autocast_step_is_finite_and_close_to_fp32(style):
-    model = tiny(style)
+    model = tiny(style, **CONFIG).cuda()
     x, y = batch()
     _, fp32 = model(x, y)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -67,7 +55,7 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32(style):
 
 
 def test_compile_matches_eager():
-    model = tiny()
+    model = tiny(**CONFIG).cuda()
     x, y = batch()
     _, eager = model(x, y)
     eager.backward()
@@ -93,7 +81,8 @@ DDP_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
-from test_cuda import batch, tiny
+from test_cuda import CONFIG, batch
+from tests.helpers import tiny
 from miniglm.config import load_config
 from miniglm.train import make_optimizer
 
@@ -101,7 +90,7 @@ dist.init_process_group("nccl")
 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 losses = {{}}
 for name in ("plain", "ddp"):
-    model = tiny()
+    model = tiny(**CONFIG).cuda()
     opt = make_optimizer(model, load_config(None), "cuda")
     run = torch.nn.parallel.DistributedDataParallel(model) if name == "ddp" else model
     losses[name] = []

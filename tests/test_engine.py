@@ -7,13 +7,11 @@ from miniglm.engine import Engine, SamplingParams
 from miniglm.fileio import UserError
 from miniglm.model import MiniGLM, ModelConfig
 from miniglm.tokenizer import load_tokenizer
+from tests.helpers import favours_special_tokens, tiny
 
 
 def engine(bpe_dir, style="llama", block_size=96) -> Engine:
-    torch.manual_seed(0)
-    model = MiniGLM(ModelConfig(style=style, vocab_size=400, block_size=block_size, n_layer=2, n_head=4,
-                                n_kv_head=2 if style == "llama" else 0, n_embd=32))
-    return Engine(model, load_tokenizer(bpe_dir))
+    return Engine(tiny(style, vocab_size=400, block_size=block_size), load_tokenizer(bpe_dir))
 
 
 def no_cache_greedy(model, prompt, n):
@@ -171,11 +169,7 @@ def test_special_tokens_stay_out_of_the_text(bpe_dir):
     """A random model made to favour special tokens: generate and stream leave them out of the text by
     default (as vLLM's skip_special_tokens), and keep them when asked."""
     tok = load_tokenizer(bpe_dir)
-    torch.manual_seed(0)
-    model = MiniGLM(ModelConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
-    with torch.no_grad():  # tied embeddings: larger rows, likelier tokens
-        model.embeddings.weight[sorted(tok.all_special_ids)] *= 10
-    eng = Engine(model, tok)
+    eng = Engine(favours_special_tokens(tok), tok)
     prompt = tok.encode("天下大势")
     params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=1)  # a seed whose sample has some
     out = eng.generate([prompt], params)[0]

@@ -5,12 +5,7 @@ from miniglm.checkpoint import save_checkpoint
 from miniglm.cli import main
 from miniglm.hf_weights import from_hf
 from miniglm.model import MiniGLM, ModelConfig
-
-
-def tiny(style: str, vocab_size: int = 120, **kw) -> MiniGLM:
-    torch.manual_seed(0)
-    return MiniGLM(ModelConfig(style=style, vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4,
-                               n_kv_head=2 if style == "llama" else 0, n_embd=32, **kw)).eval()
+from tests.helpers import tiny
 
 
 @pytest.mark.parametrize("style,tied", [("gpt2", True), ("llama", True), ("llama", False)])
@@ -19,7 +14,7 @@ def test_export_to_transformers_keeps_logits(tmp_path, style, tied, bpe_dir):
 
     from miniglm.tokenizer import load_tokenizer
 
-    model = tiny(style, vocab_size=400, tie_embeddings=tied)  # the test BPE's 400 ids
+    model = tiny(style, vocab_size=400, tie_embeddings=tied).eval()  # the test BPE's 400 ids
     with torch.no_grad():  # non-zero norm weights so a mix-up would show
         for name, p in model.named_parameters():
             if "ln" in name or "norm" in name:

@@ -26,8 +26,9 @@ import torch
 from miniglm.devices import evaluating, model_device, resolve_device
 from miniglm.engine import Engine, SamplingParams
 from miniglm.fileio import UserError
-from miniglm.model import MiniGLM, ModelConfig
+from miniglm.model import MiniGLM
 from miniglm.tokenizer import load_tokenizer
+from tests.helpers import tiny
 
 
 def snapshot(model: torch.nn.Module) -> dict:
@@ -49,9 +50,7 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
 
 def training_model(style: str = "llama", vocab: int = 400) -> MiniGLM:
     """A model as a training loop holds it: in train mode, with dropout (so the flag matters)."""
-    torch.manual_seed(0)
-    return MiniGLM(ModelConfig(style=style, vocab_size=vocab, block_size=48, n_layer=2, n_head=4,
-                               n_kv_head=2 if style == "llama" else 0, n_embd=32, dropout=0.1)).train()
+    return tiny(style, vocab_size=vocab, block_size=48, dropout=0.1).train()
 
 
 # CUDA where there is a GPU (bench/gpu.sh runs the suite there): the move a CPU cannot show

@@ -1,19 +1,13 @@
 import pytest
 import torch
 
-from miniglm.model import KVCache, MiniGLM, ModelConfig
-
-
-def tiny(style: str, **kw) -> MiniGLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(style=style, vocab_size=97, block_size=64, n_layer=2, n_head=4,
-                      n_kv_head=2 if style == "llama" else 0, n_embd=32, **kw)
-    return MiniGLM(cfg).eval()
+from miniglm.model import KVCache
+from tests.helpers import tiny
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_cached_decoding_equals_full_forward(style):
-    model = tiny(style)
+    model = tiny(style, block_size=64).eval()
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full, _ = model(idx)
@@ -26,7 +20,7 @@ def test_cached_decoding_equals_full_forward(style):
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_left_padding_matches_unpadded(style):
-    model = tiny(style)
+    model = tiny(style, block_size=64).eval()
     a = torch.randint(1, 97, (1, 10))
     b = torch.randint(1, 97, (1, 6))
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), b], dim=1)
@@ -49,7 +43,7 @@ def test_left_padding_matches_unpadded(style):
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_packing_restarts_positions_and_attention(style):
-    model = tiny(style)
+    model = tiny(style, block_size=64).eval()
     a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
     packed = torch.cat([a, b], dim=1)
     pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
@@ -60,7 +54,7 @@ def test_packing_restarts_positions_and_attention(style):
 
 
 def test_loss_ignores_minus_100():
-    model = tiny("llama")
+    model = tiny("llama", block_size=64).eval()
     idx = torch.randint(0, 97, (1, 6))
     targets = idx.clone()
     targets[0, :3] = -100
@@ -70,9 +64,9 @@ def test_loss_ignores_minus_100():
 
 
 def test_tied_embeddings_and_names():
-    m = tiny("llama")
+    m = tiny("llama", block_size=64).eval()
     assert m.lm_head.weight is m.model.embed_tokens.weight
     names = set(dict(m.named_parameters()))
     assert "model.layers.0.self_attn.q_proj.weight" in names and "model.norm.weight" in names
-    g = tiny("gpt2")
+    g = tiny("gpt2", block_size=64).eval()
     assert "transformer.h.1.attn.c_attn.weight" in dict(g.named_parameters())

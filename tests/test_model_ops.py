@@ -11,14 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from miniglm.model import MiniGLM, ModelConfig
-
-
-def tiny(style: str = "llama", **kw) -> MiniGLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(style=style, vocab_size=97, block_size=32, n_layer=2, n_head=4,
-                      n_kv_head=2 if style == "llama" else 0, n_embd=32, **kw)
-    return MiniGLM(cfg).train()
+from miniglm.model import MiniGLM
+from tests.helpers import tiny
 
 
 def reference_loss(model: MiniGLM, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

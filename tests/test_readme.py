@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from miniglm.cli import main
+from tests.helpers import free_port
 
 from .conftest import SHARED
 
@@ -58,12 +58,6 @@ def readme_commands(text: str) -> list[str]:
 
 def expand(command: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$(\w+)", lambda m: variables.get(m.group(1), m.group(0)), command)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_serve(argv: list[str]) -> None:

@@ -9,6 +9,7 @@ import pytest
 from miniglm.batcher import Batcher, Job
 from miniglm.chat import load_run
 from miniglm.engine import Engine, SamplingParams
+from tests.helpers import favours_special_tokens
 
 from .conftest import make_chat_run
 
@@ -164,8 +165,7 @@ def test_joining_mid_decode_gives_the_same_tokens(run_dir, graphs):
 
 def test_sft_generate_against_the_server(server, tmp_path, monkeypatch):
     """The SFT-data generator talks to this server like to any OpenAI-compatible API."""
-    from miniglm.sft.client import ClientOptions
-    from miniglm.sft.synth import generate_answers
+    from miniglm.sft.synth import ClientOptions, generate_answers
 
     base, _ = server
     monkeypatch.setenv("MINIGLM_TEST_KEY", "sekret")
@@ -213,9 +213,6 @@ def test_ignore_eos_runs_to_max_tokens(server):
 
 def test_skip_special_tokens_field(bpe_dir):
     """The API's skip_special_tokens (vLLM's field): special tokens are left out of the text unless it is false."""
-    import torch
-
-    from miniglm.model import MiniGLM, ModelConfig
     from miniglm.serve import APIError, sampling_from
     from miniglm.tokenizer import load_tokenizer
 
@@ -225,11 +222,7 @@ def test_skip_special_tokens_field(bpe_dir):
         sampling_from({"skip_special_tokens": "no"}, 4, 64, 400)
 
     tok = load_tokenizer(bpe_dir)
-    torch.manual_seed(0)
-    model = MiniGLM(ModelConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
-    with torch.no_grad():  # tied embeddings: larger rows, likelier tokens
-        model.embeddings.weight[sorted(tok.all_special_ids)] *= 10
-    batcher = Batcher(model, tok)
+    batcher = Batcher(favours_special_tokens(tok), tok)
     texts, finished = {}, threading.Event()
 
     def on(name):

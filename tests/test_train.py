@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from miniglm.fileio import UserError
 from miniglm.shards import tokenize_corpus
 from miniglm.tokenizer import load_tokenizer
 from miniglm.train import train
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.vocab_size=400",
@@ -175,9 +175,7 @@ def test_two_processes_match_one(tmp_path, data_dir):
     one = tmp_path / "one"
     train(load_config(None, [*common, "batch_size=8", f"out_dir={one}"]))
     two = tmp_path / "two"
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # for the rendezvous
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "--master_addr=127.0.0.1",
            "-m", "miniglm.cli", "train", *sum((["--set", a] for a in [*common, "batch_size=4", f"out_dir={two}"]), [])]
@@ -196,9 +194,7 @@ def test_more_processes_than_gpus_is_one_line(tmp_path, data_dir):
     """torchrun with one process more than the machine has GPUs: each rank past them stops with one line
     that says so, before any process group or CUDA call (not CUDA's 'invalid device ordinal')."""
     n = torch.cuda.device_count() + 1
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     sets = [f"data={data_dir}", *TINY, "max_steps=2", "device=cuda", f"out_dir={tmp_path / 'run'}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
            "--master_addr=127.0.0.1", "-m", "miniglm.cli", "train", *sum((["--set", a] for a in sets), [])]
