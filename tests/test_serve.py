@@ -165,7 +165,8 @@ def test_joining_mid_decode_gives_the_same_tokens(run_dir, graphs):
 
 def test_sft_generate_against_the_server(server, tmp_path, monkeypatch):
     """The SFT-data generator talks to this server like to any OpenAI-compatible API."""
-    from miniglm.sft.synth import ClientOptions, generate_answers
+    from miniglm.sft.client import ClientOptions
+    from miniglm.sft.synth import generate_answers
 
     base, _ = server
     monkeypatch.setenv("MINIGLM_TEST_KEY", "sekret")
