@@ -74,6 +74,17 @@ def make_chat_run(root: Path, bpe_dir: Path, block_size: int, n_layer: int) -> P
     return root / "run"
 
 
+def chat_run_fixture(block_size: int, n_layer: int, scope: str = "module"):
+    """A test module's `run_dir` fixture: a make_chat_run run of this size, made once per scope.
+    Assign it in the module: `run_dir = chat_run_fixture(block_size=64, n_layer=1)`."""
+
+    @pytest.fixture(scope=scope, name="run_dir")
+    def run_dir(tmp_path_factory, bpe_dir) -> Path:
+        return make_chat_run(tmp_path_factory.mktemp("run"), bpe_dir, block_size=block_size, n_layer=n_layer)
+
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: one torch thread is far faster than two fighting for it."""

@@ -1,17 +1,12 @@
 import json
 
-import pytest
-
 from miniglm.chat import chat_repl, load_run
 from miniglm.cli import main
 from miniglm.engine import SamplingParams
 
-from .conftest import make_chat_run
+from .conftest import chat_run_fixture
 
-
-@pytest.fixture()
-def run_dir(tmp_path, bpe_dir):
-    return make_chat_run(tmp_path, bpe_dir, block_size=64, n_layer=1)
+run_dir = chat_run_fixture(block_size=64, n_layer=1, scope="function")
 
 
 def test_generate_cli(run_dir, tmp_path, capsys):

@@ -11,12 +11,9 @@ from miniglm.fileio import write_jsonl
 from miniglm.model import MiniGLM, ModelConfig
 from miniglm.tokenizer import load_tokenizer
 
-from .conftest import make_chat_run
+from .conftest import chat_run_fixture
 
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, bpe_dir):
-    return make_chat_run(tmp_path_factory.mktemp("eval"), bpe_dir, block_size=64, n_layer=1)
+run_dir = chat_run_fixture(block_size=64, n_layer=1)
 
 
 @pytest.fixture(scope="module")

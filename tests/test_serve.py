@@ -11,12 +11,9 @@ from miniglm.chat import load_run
 from miniglm.engine import Engine, SamplingParams
 from tests.helpers import favours_special_tokens
 
-from .conftest import make_chat_run
+from .conftest import chat_run_fixture, make_chat_run
 
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, bpe_dir):
-    return make_chat_run(tmp_path_factory.mktemp("serve"), bpe_dir, block_size=320, n_layer=2)
+run_dir = chat_run_fixture(block_size=320, n_layer=2)
 
 
 @contextmanager

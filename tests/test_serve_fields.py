@@ -18,16 +18,13 @@ import pytest
 
 from miniglm.chat import load_run
 
-from .conftest import make_chat_run
+from .conftest import chat_run_fixture
 from .test_serve import AUTH, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 MSGS = [{"role": "user", "content": "天下"}]
 
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, bpe_dir):
-    return make_chat_run(tmp_path_factory.mktemp("serve_fields"), bpe_dir, block_size=128, n_layer=1)
+run_dir = chat_run_fixture(block_size=128, n_layer=1)
 
 
 @pytest.fixture(scope="module")
