@@ -1,19 +1,21 @@
 """Inference on a run: load its model, tokenizer and chat template; `miniglm generate` and `miniglm chat`.
 
 A run fine-tuned with SFT has chat.json naming its template; prompts are rendered with that very
-template function. A run without one (pretraining only) continues raw text.
+template function. A run without one (pretraining only) continues raw text. generate_batched is the one
+loop over batches of prompts (`miniglm generate`, `miniglm eval`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from miniglm import runs
 from miniglm.devices import resolve_device
-from miniglm.engine import Engine, SamplingParams
+from miniglm.engine import Completion, Engine, SamplingParams
 from miniglm.fileio import UserError
 from miniglm.sft.templates import TemplateOptions, render
 
@@ -87,30 +89,39 @@ def load_run(run: str | Path, device: str = "auto", raw: bool = False, int8: boo
     return LoadedRun(engine, template, options, opened.name)
 
 
+def generate_batched(run: LoadedRun, prompts: Iterable[tuple[list[int], list[int]]], params: SamplingParams,
+                     batch_size: int, note: Callable[[str], None] | None = None) -> Iterator[Completion]:
+    """The completion of each prompt (its token ids, and the ids that end its answer), in order, batch by
+    batch: a batch's stop ids are its prompts' and params'. prompts are read a batch at a time, so a lazy
+    iterable is rendered as it goes. note is told once, at the first batch whose answers were capped to
+    the room the context leaves (params.fit_new_tokens)."""
+    noted, prompts = False, iter(prompts)
+    while rendered := list(islice(prompts, batch_size)):
+        stop = sorted({s for _, stops in rendered for s in stops} | set(params.stop_ids))
+        # The seed as it is: each row draws from its own generator, so an answer does not depend on its batch
+        batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop})
+        outs = run.engine.generate([ids for ids, _ in rendered], batch_params)
+        if note and not noted and any(o.capped for o in outs):
+            note(f"--max-new-tokens {params.max_new_tokens} is past the room the context of "
+                 f"{run.engine.model.config.block_size} tokens leaves; answers capped to fit")
+            noted = True
+        yield from outs
+
+
 def generate_texts(run: LoadedRun, texts: list[str], params: SamplingParams, batch_size: int = 8,
                    system: str | None = None, warn: Callable[[str], None] | None = None) -> Iterator[dict]:
     """One completion per text (a user message, or raw text for a base model), batched; each batch is
     yielded as it finishes. With params.fit_new_tokens a prompt gets as many new tokens as its context
     leaves (warn says so once, when that is fewer than asked)."""
-    warned = False
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i:i + batch_size]
-        chats = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": t}]
-                 for t in chunk]
+    def rendered(text: str) -> tuple[list[int], list[int]]:
+        chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         # --trim-prompt cuts the start of the text, never the template's tokens nor the system prompt
-        rendered = [run.fitted(c, run.room(params), keep_end=True)[:2] if params.trim_prompt else run.prompt(c)
-                    for c in chats]
-        stop = sorted({s for _, stops in rendered for s in stops} | set(params.stop_ids))
-        # The seed as it is: each row draws from its own generator, so an answer does not depend on its batch
-        batch_params = SamplingParams(**{**params.__dict__, "stop_ids": stop})
-        outs = run.engine.generate([ids for ids, _ in rendered], batch_params)
-        if warn and not warned and any(o.capped for o in outs):
-            warn(f"--max-new-tokens {params.max_new_tokens} is past the room the context of "
-                 f"{run.engine.model.config.block_size} tokens leaves; answers capped to fit")
-            warned = True
-        for text, out in zip(chunk, outs, strict=True):
-            yield {"prompt": text, "output": out.text, "finish_reason": out.finish_reason,
-                   "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.ids)}
+        return run.fitted(chat, run.room(params), keep_end=True)[:2] if params.trim_prompt else run.prompt(chat)
+
+    outs = generate_batched(run, map(rendered, texts), params, batch_size, warn)
+    for text, out in zip(texts, outs, strict=True):
+        yield {"prompt": text, "output": out.text, "finish_reason": out.finish_reason,
+               "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.ids)}
 
 
 def chat_repl(run: LoadedRun, params: SamplingParams, read: Callable[[str], str] = input,

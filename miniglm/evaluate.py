@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from miniglm import metrics
+from miniglm.chat import LoadedRun, generate_batched, load_run
 from miniglm.devices import evaluating, model_device
 from miniglm.engine import SamplingParams
 from miniglm.fileio import UserError, atomic_dir, read_text, write_json, write_jsonl
@@ -47,31 +48,19 @@ def load_examples(path: str | Path, limit: int = 0, columns: str | None = None,
     return examples[:limit] if limit else examples
 
 
-def answer(run, examples: list[Example], params: SamplingParams, batch_size: int = 32, log=None,
+def answer(run: LoadedRun, examples: list[Example], params: SamplingParams, batch_size: int = 32, log=None,
            note=None) -> list[str]:
     """The run's answer to each example's chat, batched through the generation engine. A prompt too long
     to leave room for an answer (max_new_tokens, or half the context if less) loses the end of its last
     user turn, as in training; each answer gets the room its own prompt leaves, whatever its batch."""
-    outs, cut, capped = [], 0, False
-    block = run.engine.model.config.block_size
-    max_len = block - min(params.max_new_tokens, block // 2)
-    params = SamplingParams(**{**params.__dict__, "fit_new_tokens": True})
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        fitted = [run.fitted(e.messages, max_len, keep_end=False) for e in chunk]  # as sft prepare fits
-        cut += sum(c for _, _, c in fitted)
-        rendered = [(ids, stops) for ids, stops, _ in fitted]
-        stops = sorted({s for _, ss in rendered for s in ss} | set(params.stop_ids))
-        batch = SamplingParams(**{**params.__dict__, "stop_ids": stops})  # seeded rows: each its own generator
-        completions = run.engine.generate([ids for ids, _ in rendered], batch)
-        capped = capped or any(c.capped for c in completions)
-        outs += [c.text.strip() for c in completions]
+    block, max_len = run.engine.model.config.block_size, run.room(params)
+    fitted = [run.fitted(e.messages, max_len, keep_end=False) for e in examples]  # as sft prepare fits
+    cut = sum(c for _, _, c in fitted)
     if cut and log:
         log(f"{cut} of {len(examples)} prompts cut to fit the context ({max_len} of {block} tokens)")
-    if capped and note:
-        note(f"--max-new-tokens {params.max_new_tokens} is past the room the context of {block} tokens leaves; "
-             "answers capped to fit")
-    return outs
+    params = SamplingParams(**{**params.__dict__, "fit_new_tokens": True})
+    completions = generate_batched(run, [(ids, stops) for ids, stops, _ in fitted], params, batch_size, note)
+    return [c.text.strip() for c in completions]
 
 
 def score(predictions: list[str], examples: list[Example], embedder: metrics.Embedder | None = None) -> list[dict]:
@@ -123,7 +112,6 @@ def evaluate_generation(run_dir: str | Path, data: str | Path, out: str | Path |
                         embedder: str | None = "use-multilingual", limit: int = 0, batch_size: int = 32,
                         log=print, columns: str | None = None, values: dict[str, str] | None = None,
                         note=None, encoding: str | None = None, device: str = "auto") -> dict:
-    from miniglm.chat import load_run
     from miniglm.report import write_report
 
     examples = load_examples(data, limit, columns, values, encoding)
@@ -210,8 +198,6 @@ def perplexity(model, tok, texts: list[str], stride: int = 0) -> dict:
 
 def evaluate_perplexity(run_dir: str | Path, text: str | Path, stride: int = 0, out: str | Path | None = None,
                         log=print, encoding: str | None = None, device: str = "auto") -> dict:
-    from miniglm.chat import load_run
-
     texts = read_texts(text, encoding)  # a bad file fails before the model loads
     run = load_run(run_dir, device, raw=True)
     result = {"kind": "perplexity", "run": str(run_dir), "text": str(text),
@@ -235,7 +221,6 @@ def evaluate_classification(run_dir: str | Path, data: str | Path, labels: list[
     template carries a system prompt (plain: a line before the record)."""
     from dataclasses import replace
 
-    from miniglm.chat import load_run
     from miniglm.report import write_report
 
     examples = load_examples(data, columns=columns, values=values, encoding=encoding)
