@@ -1,28 +1,55 @@
 """Inference on a run: load its model, tokenizer and chat template; `miniglm generate` and `miniglm chat`.
 
 A run fine-tuned with SFT has chat.json naming its template; prompts are rendered with that very
-template function. A run without one (pretraining only) continues raw text. generate_batched is the one
-loop over batches of prompts (`miniglm generate`, `miniglm eval`).
+template function. A run without one (pretraining only) continues raw text. A run decodes through a
+DecodingEngine: Engine for MiniGLM, HFEngine for a Hugging Face model. generate_batched is the one loop
+over batches of prompts (`miniglm generate`, `miniglm eval`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Protocol
+
+import torch
 
 from miniglm import runs
 from miniglm.devices import resolve_device
 from miniglm.engine import Completion, Engine, SamplingParams
 from miniglm.fileio import UserError
 from miniglm.sft.templates import TemplateOptions, render
+from miniglm.tokenizer import Tokenizer
+
+
+class DecodingEngine(Protocol):
+    """What running a run asks of its engine, written once: Engine (MiniGLM, engine.py) and HFEngine
+    (transformers, hf_engine.py) both implement it. The server needs more (Engine's forward_step for
+    its Batcher) and serves MiniGLM runs alone."""
+
+    model: torch.nn.Module  # its config.block_size is the context
+    tokenizer: Tokenizer
+    device: str
+
+    def prompt_room(self, max_new_tokens: int) -> int:
+        """The prompt tokens a trimmed prompt keeps."""
+        ...
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Completion]:
+        """One completion per tokenised prompt, decoded as one batch."""
+        ...
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        """One completion's text, chunk by chunk, as it is decoded."""
+        ...
 
 
 @dataclass
 class LoadedRun:
-    engine: Engine
+    engine: DecodingEngine
     template: str | None
     options: TemplateOptions
     name: str

@@ -1,9 +1,11 @@
-"""Generation for HF runs: the Engine interface (generate, stream) over transformers' model.generate.
+"""Generation for HF runs: the engine interface (chat.DecodingEngine: generate, stream, prompt_room) over
+transformers' model.generate.
 
 Prompts are left-padded into one batch; transformers' generate() hands each step's new tokens to a
 streamer, which turns them into Engine's (row, token) pairs, so per-row stopping, stop strings, UTF-8-safe
-streaming and finish reasons are Engine's own code. A whole batch (generate) decodes on the calling thread;
-a stream runs generate() in a worker thread and yields each step as it comes.
+streaming and finish reasons are Engine's own code, called as functions on this engine (not inherited).
+A whole batch (generate) decodes on the calling thread; a stream runs generate() in a worker thread and
+yields each step as it comes.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import copy
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from miniglm.devices import evaluating, model_device, resolve_device
-from miniglm.engine import BOUNDARY, Engine, Row, SamplingParams, left_pad, mask_for
+from miniglm.engine import BOUNDARY, Completion, Engine, Row, SamplingParams, left_pad, mask_for
 from miniglm.fileio import UserError
 from miniglm.hf import HFCausalLM
 from miniglm.tokenizer import Tokenizer
@@ -65,7 +67,12 @@ class _ValidText:
         return scores + mask.table(scores.device)[self.states]
 
 
-class HFEngine(Engine):
+class HFEngine:
+    """chat.DecodingEngine over transformers' generate(). Its own: how a batch of rows is decoded (steps,
+    decode_all). Engine's, called as plain functions on this engine: fitting prompts to the context
+    (start, _fit, prompt_room: they read model.config.block_size, tokenizer and text_mask), taking each
+    step's tokens (_accept), and generate and stream, which drive steps and decode_all."""
+
     def __init__(self, model: HFCausalLM, tokenizer: Tokenizer, device: str | None = None):
         """Decodes the model where it is (device None), in eval mode while it decodes: the caller's model
         is left as it was. Another device decodes a copy there."""
@@ -78,6 +85,23 @@ class HFEngine(Engine):
         ends = [tokenizer.token_id(t) for t in model.family.end_tokens] + [tokenizer.eot_id]
         self.end_ids = {i for i in ends if i is not None}
 
+    # --- Engine's row logic, on this engine ------------------------------------------------------------
+    def prompt_room(self, max_new_tokens: int) -> int:
+        return Engine.prompt_room(self, max_new_tokens)
+
+    def start(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Row]:
+        return Engine.start(self, prompts, params)
+
+    def _fit(self, ids: list[int], params: SamplingParams) -> Row:  # Engine.start's per-prompt step
+        return Engine._fit(self, ids, params)
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[Completion]:
+        return Engine.generate(self, prompts, params)
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        return Engine.stream(self, prompt, params)
+
+    # --- decoding through transformers' generate() ---------------------------------------------------
     def _generation_config(self, params: SamplingParams, stop_ids: set[int], max_new: int):
         from transformers import GenerationConfig
 
@@ -114,7 +138,7 @@ class HFEngine(Engine):
         stop_ids = self.stop_ids(params)
 
         def take(tokens: list[int]) -> bool:
-            self._accept(rows, tokens, stop_ids)
+            Engine._accept(rows, tokens, stop_ids)
             return all(r.done for r in rows)
         self._generate(rows, params, stop_ids, _Steps(take))
 
@@ -144,7 +168,7 @@ class HFEngine(Engine):
         worker.start()
         try:
             while (step := tokens.get()) is not None:
-                yield self._accept(rows, step, stop_ids)
+                yield Engine._accept(rows, step, stop_ids)
                 if all(r.done for r in rows):
                     break
         finally:
