@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from miniglm.devices import model_device
-from miniglm.engine import Row, SamplingParams, mask_for, row_generator, sample_next
+from miniglm.engine import Row, SamplingParams, TextMask, mask_for, row_generator, sample_next
 from miniglm.model import KVCache, MiniGLM
 from miniglm.tokenizer import Tokenizer
 
@@ -46,6 +46,156 @@ class Job:
     history: torch.Tensor | None = None
     generator: torch.Generator | None = None
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) on the device
+
+    def advance(self, t: int, logprobs: torch.Tensor | None, block_size: int) -> None:
+        """Take one sampled token: send the text that is safe to send, and say when the row ends."""
+        row = self.row
+        if self.cancelled:
+            row.done, row.finish_reason = True, "cancelled"  # nobody reads this row any more
+        elif t in self.params.stop_ids:
+            row.finish("stop")
+        else:
+            if logprobs is not None:  # the token's, then its top alternatives' (a stop token has none)
+                top = torch.topk(logprobs, self.top_logprobs) if self.top_logprobs else None
+                self.on_event({"logprob": (t, logprobs[t].item(), [] if top is None else list(
+                    zip(top.indices.tolist(), top.values.tolist(), strict=True)))})
+            row.push(t)
+            if len(row.prompt) + len(row.ids) >= block_size:
+                row.finish("length")
+        if chunk := row.pending():
+            self.on_event({"delta": chunk})
+        if row.done:
+            self.on_event({"done": True, "finish_reason": row.finish_reason, "completion_tokens": len(row.ids),
+                           "prompt_tokens": len(row.prompt), "text": row.text})
+
+
+class SharedCache:
+    """The KV cache of the rows in flight, right-aligned: every row's keys end at the same position, with
+    padding before a shorter row's (masked out). `store` has room for more rows than are in flight, grown
+    by doubling; `cache`, the one the model steps through, views the store's first rows (live)."""
+
+    def __init__(self, model: MiniGLM, max_batch: int):
+        self.model, self.max_batch = model, max_batch
+        self.device = model_device(model)
+        self.cache: KVCache | None = None  # the rows in flight: views of the store's first rows
+        self.store: KVCache | None = None  # room for more rows than are in flight
+
+    def clear(self) -> None:
+        self.cache, self.store = None, None
+
+    def add(self, alone: KVCache, P: int, B: int) -> None:
+        """Row B's prompt keys (prefilled alone, P positions) copied in, ending at the shared position: the
+        rows in flight get more padding on the left when P is past it. Raises before changing anything
+        when there is no room to align it."""
+        if self.cache is None:
+            self.store = self._new_cache(1)
+            self.cache = self._new_cache(0)
+            self.cache.pos = P
+        elif P > self.cache.pos:  # make room on the left: every row gets P - pos more padding
+            self._shift_right(P - self.cache.pos)
+        if B == self.store.k.size(1):  # full: twice the rows (copying the live ones), as a list grows
+            bigger = self._new_cache(min(self.max_batch, 2 * B))
+            bigger.k[:, :B], bigger.v[:, :B] = self.cache.k, self.cache.v
+            bigger.mask[:B], bigger.n_pad[:B] = self.cache.mask, self.cache.n_pad
+            self.store = bigger
+        S, s = self.cache.pos, self.store  # the new row: padding, then its prompt's keys ending at S
+        s.k[:, B, :, S - P:S], s.v[:, B, :, S - P:S] = alone.k[:, 0], alone.v[:, 0]
+        s.mask[B], s.mask[B, :S - P], s.n_pad[B] = True, False, S - P
+        self.cache.padded = self.cache.padded or S > P
+        self.live(B + 1)
+
+    def new_alone(self, P: int) -> KVCache:
+        """A cache for one prompt of P tokens, prefilled before it joins."""
+        return KVCache(self.model.config, 1, P, device=self.device, dtype=self._dtype())
+
+    def _new_cache(self, rows: int) -> KVCache:
+        return KVCache(self.model.config, rows, self.model.config.block_size, device=self.device, dtype=self._dtype())
+
+    def live(self, n: int) -> None:
+        """The cache the model steps through: views of the store's first n rows, the rows in flight. A row
+        joins or leaves by copying one row in the store, not the whole cache."""
+        c, s = self.cache, self.store
+        c.k, c.v, c.mask, c.n_pad = s.k[:, :n], s.v[:, :n], s.mask[:n], s.n_pad[:n]
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's keys, mask and padding into slot dst of the store."""
+        s = self.store
+        for t in (s.k, s.v):
+            t[:, dst] = t[:, src]
+        s.mask[dst], s.n_pad[dst] = s.mask[src], s.n_pad[src]
+
+    def _shift_right(self, n: int) -> None:
+        c = self.cache
+        if c.pos + n > c.max_len:
+            raise RuntimeError("no room in the cache to align a joining request")
+        self._roll(n)
+        c.mask[:, :n] = False
+        c.padded = True
+
+    def compact_if_full(self) -> None:
+        """When the shared positions run out, drop the leading columns that are padding in every row."""
+        c = self.cache
+        if c.pos < c.max_len:
+            return
+        n = int(c.n_pad.min())
+        if n == 0:
+            return
+        self._roll(-n)
+        c.mask[:, c.max_len - n:] = True
+
+    def _roll(self, n: int) -> None:
+        """Every row's positions n to the right (n < 0: left), in place in the store; the caller sets the
+        mask of the columns that came round."""
+        c = self.cache
+        for t in (c.k, c.v):
+            t.copy_(torch.roll(t, n, dims=3))
+        c.mask.copy_(torch.roll(c.mask, n, dims=1))
+        c.n_pad += n
+        c.pos += n
+
+    def _dtype(self) -> torch.dtype:
+        return self.model.embeddings.weight.dtype
+
+
+def bias_and_logprobs(jobs: list[Job], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The server's hooks, before sampling: the log-probabilities of the rows that asked for them (by row,
+    from the model's logits), then each row's logit_bias added to its logits (a copy: the step's own
+    output may be a static buffer). Returns the logits to sample from and the log-probabilities."""
+    want = [i for i, r in enumerate(jobs) if r.top_logprobs is not None]
+    logprobs = dict(zip(want, torch.log_softmax(logits[want].float(), -1), strict=True)) if want else {}
+    biased = [i for i, r in enumerate(jobs) if r.bias is not None]
+    if biased:
+        logits = logits.float().clone()
+        for i in biased:
+            ids, values = jobs[i].bias
+            logits[i, ids] += values
+    return logits, logprobs
+
+
+def sample_together(jobs: list[Job], logits: torch.Tensor, text_mask: TextMask, device) -> dict[int, int]:
+    """The tokens of the rows that can sample together, by row: rows with the same settings and no
+    repetition penalty (which needs a row's own history) share one sample_next call, as a batch does
+    in Engine; a row with a seed brings its own draw from its own generator. If that fails (e.g. one
+    row's logits are NaN), each samples alone, so that row fails alone."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(jobs):
+        p = r.params
+        if p.repetition_penalty == 1:
+            key = ("greedy",) if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p)
+            groups.setdefault(key, []).append(i)
+    tokens: dict[int, int] = {}
+    for rows in groups.values():
+        group_logits = logits if len(rows) == len(jobs) else logits[rows]
+        params = jobs[rows[0]].params
+        try:
+            uniforms = None if params.temperature <= 0 else torch.cat(
+                [torch.rand(1, generator=jobs[i].generator, device=device) for i in rows])
+            mask = text_mask.rows([jobs[i].row.utf8 for i in rows], group_logits)
+            tokens.update(zip(rows, sample_next(group_logits, params, None, None, uniforms, mask).tolist(),
+                              strict=True))
+        except Exception:
+            pass
+    return tokens
 
 
 class Batcher:
@@ -72,8 +222,7 @@ class Batcher:
         self.on_step = on_step or (lambda: None)
         self.waiting: list[Job] = []
         self.active: list[Job] = []
-        self.cache: KVCache | None = None  # the rows in flight: views of the store's first rows (_live)
-        self.store: KVCache | None = None  # room for more rows than are in flight, grown by doubling
+        self.kv = SharedCache(model, max_batch)
         self.logits: torch.Tensor | None = None  # last logits of each active row, (B, V)
         self.cond = threading.Condition()
         self.running = True
@@ -109,18 +258,7 @@ class Batcher:
             self.finished.set()
 
     def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while self.running and not self.waiting and not self.active:
-                    self.cond.wait()
-                if not self.running:
-                    for r in self.active + self.waiting:
-                        _fail(r, "the server is shutting down", 503)
-                    self.active, self.waiting, self.cache, self.store, self.logits = [], [], None, None, None
-                    self.on_step()
-                    return
-                joining = self.waiting[:max(0, self.max_batch - len(self.active))]
-                self.waiting = self.waiting[len(joining):]
+        while (joining := self._next_joining()) is not None:
             with torch.inference_mode():
                 for r in joining:
                     if r.cancelled:
@@ -135,8 +273,26 @@ class Batcher:
                 except Exception as e:  # the batch's forward pass failed: fail the rows in flight, go on
                     for r in self.active:
                         _fail(r, f"{type(e).__name__}: {e}")
-                    self.active, self.cache, self.store, self.logits = [], None, None, None
+                    self.active, self.logits = [], None
+                    self.kv.clear()
             self.on_step()
+
+    def _next_joining(self) -> list[Job] | None:
+        """Wait for work: the waiting requests that fit in the batch now, or None once stopped (every row
+        in flight or waiting then gets its error event)."""
+        with self.cond:
+            while self.running and not self.waiting and not self.active:
+                self.cond.wait()
+            if not self.running:
+                for r in self.active + self.waiting:
+                    _fail(r, "the server is shutting down", 503)
+                self.active, self.waiting, self.logits = [], [], None
+                self.kv.clear()
+                self.on_step()
+                return None
+            joining = self.waiting[:max(0, self.max_batch - len(self.active))]
+            self.waiting = self.waiting[len(joining):]
+            return joining
 
     def _join(self, r: Job) -> None:
         r.row = Row(r.prompt, r.params, self.tokenizer, mask=self.text_mask)
@@ -147,127 +303,33 @@ class Batcher:
         if r.logit_bias:
             r.bias = (torch.tensor(list(r.logit_bias), device=self.device),
                       torch.tensor(list(r.logit_bias.values()), device=self.device))
-        alone = KVCache(self.model.config, 1, len(r.prompt), device=self.device, dtype=self._dtype())
+        alone = self.kv.new_alone(len(r.prompt))
         logits, _ = self.model(torch.tensor([r.prompt], device=self.device), cache=alone)
-        P, B = len(r.prompt), len(self.active)
-        if self.cache is None:
-            self.store = self._new_cache(1)
-            self.cache = self._new_cache(0)
-            self.cache.pos = P
-        elif P > self.cache.pos:  # make room on the left: every row gets P - pos more padding
-            self._shift_right(P - self.cache.pos)
-        if B == self.store.k.size(1):  # full: twice the rows (copying the live ones), as a list grows
-            bigger = self._new_cache(min(self.max_batch, 2 * B))
-            bigger.k[:, :B], bigger.v[:, :B] = self.cache.k, self.cache.v
-            bigger.mask[:B], bigger.n_pad[:B] = self.cache.mask, self.cache.n_pad
-            self.store = bigger
-        S, s = self.cache.pos, self.store  # the new row: padding, then its prompt's keys ending at S
-        s.k[:, B, :, S - P:S], s.v[:, B, :, S - P:S] = alone.k[:, 0], alone.v[:, 0]
-        s.mask[B], s.mask[B, :S - P], s.n_pad[B] = True, False, S - P
-        self.cache.padded = self.cache.padded or S > P
+        B = len(self.active)
+        self.kv.add(alone, len(r.prompt), B)
         self.active.append(r)
-        self._live(B + 1)
         self.logits = logits[:, -1] if B == 0 else torch.cat([self.logits, logits[:, -1]])
-
-    def _new_cache(self, rows: int) -> KVCache:
-        return KVCache(self.model.config, rows, self.model.config.block_size, device=self.device, dtype=self._dtype())
-
-    def _live(self, n: int) -> None:
-        """The cache the model steps through: views of the store's first n rows, the rows in flight. A row
-        joins or leaves by copying one row in the store, not the whole cache."""
-        c, s = self.cache, self.store
-        c.k, c.v, c.mask, c.n_pad = s.k[:, :n], s.v[:, :n], s.mask[:n], s.n_pad[:n]
 
     def _leave(self, keep: list[bool], next_ids: list[int]) -> list[int]:
         """Drop the rows not kept: the last live row moves into each freed slot. Returns the kept rows'
         next tokens, in the rows' new order."""
-        s, n, i = self.store, len(self.active), 0
+        n, i = len(self.active), 0
         while i < n:
             if keep[i]:
                 i += 1
                 continue
             n -= 1
             if i != n:  # the last live row takes slot i (checked again: it may be leaving too)
-                for t in (s.k, s.v):
-                    t[:, i] = t[:, n]
-                s.mask[i], s.n_pad[i] = s.mask[n], s.n_pad[n]
+                self.kv.move(n, i)
                 self.active[i], next_ids[i], keep[i] = self.active[n], next_ids[n], keep[n]
         del self.active[n:], next_ids[n:]
-        self._live(n)
+        self.kv.live(n)
         return next_ids
-
-    def _shift_right(self, n: int) -> None:
-        c = self.cache
-        if c.pos + n > c.max_len:
-            raise RuntimeError("no room in the cache to align a joining request")
-        self._roll(n)
-        c.mask[:, :n] = False
-        c.padded = True
-
-    def _compact(self) -> None:
-        """When the shared positions run out, drop the leading columns that are padding in every row."""
-        c = self.cache
-        n = int(c.n_pad.min())
-        if n == 0:
-            return
-        self._roll(-n)
-        c.mask[:, c.max_len - n:] = True
-
-    def _roll(self, n: int) -> None:
-        """Every row's positions n to the right (n < 0: left), in place in the store; the caller sets the
-        mask of the columns that came round."""
-        c = self.cache
-        for t in (c.k, c.v):
-            t.copy_(torch.roll(t, n, dims=3))
-        c.mask.copy_(torch.roll(c.mask, n, dims=1))
-        c.n_pad += n
-        c.pos += n
-
-    def _dtype(self) -> torch.dtype:
-        return self.model.embeddings.weight.dtype
-
-    def _sample_together(self) -> dict[int, int]:
-        """The tokens of the rows that can sample together, by row: rows with the same settings and no
-        repetition penalty (which needs a row's own history) share one sample_next call, as a batch does
-        in Engine; a row with a seed brings its own draw from its own generator. If that fails (e.g. one
-        row's logits are NaN), each samples alone, so that row fails alone."""
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(self.active):
-            p = r.params
-            if p.repetition_penalty == 1:
-                key = ("greedy",) if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p)
-                groups.setdefault(key, []).append(i)
-        tokens: dict[int, int] = {}
-        for rows in groups.values():
-            logits = self.logits if len(rows) == len(self.active) else self.logits[rows]
-            params = self.active[rows[0]].params
-            try:
-                uniforms = None if params.temperature <= 0 else torch.cat(
-                    [torch.rand(1, generator=self.active[i].generator, device=self.device) for i in rows])
-                mask = self.text_mask.rows([self.active[i].row.utf8 for i in rows], logits)
-                tokens.update(zip(rows, sample_next(logits, params, None, None, uniforms, mask).tolist(), strict=True))
-            except Exception:
-                pass
-        return tokens
-
-    def _bias_and_logprobs(self) -> dict[int, torch.Tensor]:
-        """The server's hooks, before sampling: the log-probabilities of the rows that asked for them (by row,
-        from the model's logits), then each row's logit_bias added to its logits (a copy: the step's own
-        output may be a static buffer)."""
-        want = [i for i, r in enumerate(self.active) if r.top_logprobs is not None]
-        logprobs = dict(zip(want, torch.log_softmax(self.logits[want].float(), -1), strict=True)) if want else {}
-        biased = [i for i, r in enumerate(self.active) if r.bias is not None]
-        if biased:
-            self.logits = self.logits.float().clone()
-            for i in biased:
-                ids, values = self.active[i].bias
-                self.logits[i, ids] += values
-        return logprobs
 
     def _step(self) -> None:
         next_ids, keep = [], []
-        logprobs = self._bias_and_logprobs()
-        together = self._sample_together()
+        self.logits, logprobs = bias_and_logprobs(self.active, self.logits)
+        together = sample_together(self.active, self.logits, self.text_mask, self.device)
         for i, r in enumerate(self.active):
             try:  # the others sample alone, each from its own generator: a row that fails leaves the rest as they are
                 if i in together:
@@ -276,7 +338,7 @@ class Batcher:
                     logits = self.logits[i:i + 1]
                     mask = self.text_mask.rows([r.row.utf8], logits)
                     t = sample_next(logits, r.params, r.history, r.generator, mask=mask).item()
-                self._advance(r, t, logprobs.get(i))
+                r.advance(t, logprobs.get(i), self.model.config.block_size)
             except Exception as e:
                 _fail(r, f"{type(e).__name__}: {e}")
                 r.row.done, t = True, 0
@@ -286,35 +348,14 @@ class Batcher:
         if not all(keep):
             next_ids = self._leave(keep, next_ids)
             if not self.active:
-                self.cache, self.store, self.logits = None, None, None
+                self.logits = None
+                self.kv.clear()
                 return
-        if self.cache.pos >= self.cache.max_len:
-            self._compact()
-        self.logits = self.forward_step(torch.tensor(next_ids, device=self.device), self.cache)
+        self.kv.compact_if_full()
+        self.logits = self.forward_step(torch.tensor(next_ids, device=self.device), self.kv.cache)
         for r, t in zip(self.active, next_ids, strict=True):
             if r.history is not None:
                 r.history = torch.cat([r.history, torch.tensor([[t]], device=self.device)], 1)
-
-    def _advance(self, r: Job, t: int, logprobs: torch.Tensor | None = None) -> None:
-        """Take one sampled token for a row: send the text that is safe to send, and say when it ends."""
-        row = r.row
-        if r.cancelled:
-            row.done, row.finish_reason = True, "cancelled"  # nobody reads this row any more
-        elif t in r.params.stop_ids:
-            row.finish("stop")
-        else:
-            if logprobs is not None:  # the token's, then its top alternatives' (a stop token has none)
-                top = torch.topk(logprobs, r.top_logprobs) if r.top_logprobs else None
-                r.on_event({"logprob": (t, logprobs[t].item(), [] if top is None else list(
-                    zip(top.indices.tolist(), top.values.tolist(), strict=True)))})
-            row.push(t)
-            if len(row.prompt) + len(row.ids) >= self.model.config.block_size:
-                row.finish("length")
-        if chunk := row.pending():
-            r.on_event({"delta": chunk})
-        if row.done:
-            r.on_event({"done": True, "finish_reason": row.finish_reason, "completion_tokens": len(row.ids),
-                        "prompt_tokens": len(row.prompt), "text": row.text})
 
 
 def _fail(r: Job, message: str, status: int = 500) -> None:
