@@ -3,16 +3,18 @@ run to Hugging Face transformers or to GGUF (llama.cpp). Runs are opened by mini
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from miniglm import runs
-from miniglm.checkpoint import save_run
-from miniglm.fileio import UserError
+from miniglm.checkpoint import load_weights, save_run
+from miniglm.fileio import UserError, atomic_dir, atomic_path, write_json, write_with
+from miniglm.gguf_tokenizer import recorded_pre_tokenizer
 from miniglm.hf_weights import BUFFERS, GPT2_CONV1D
 from miniglm.model import MiniGLM, ModelConfig
-from miniglm.sft.templates import TemplateOptions
+from miniglm.sft.templates import TemplateOptions, end_of_turn_ids, jinja_template, render
 from miniglm.tokenizer import Tokenizer, load_tokenizer
 
 # What a file that is no PyTorch checkpoint usually is, by its first bytes.
@@ -65,11 +67,8 @@ def import_nanogpt(ckpt_path: str | Path, out_dir: str | Path, tokenizer: str | 
     model = MiniGLM(config)
     if tied:
         state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"{ckpt_path}: weights do not match a gpt2-style MiniGLM "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_weights(model, state, f"{ckpt_path}: weights do not match a gpt2-style MiniGLM",
+                 skip_missing=("lm_head.weight",) if tied else ())
     tok = load_tokenizer(tokenizer) if tokenizer else None  # a bad name fails before anything is written
     if tok is not None and tok.text_vocab_size > config.vocab_size:
         raise UserError(f"--tokenizer {tokenizer} has {tok.text_vocab_size} token ids, past the {config.vocab_size} of "
@@ -94,7 +93,7 @@ def hf_config(config: ModelConfig, eos_ids: list[int] | None = None, pad_id: int
     """The transformers config. eos_ids: end-of-text first, then the chat's end-of-turn tokens; a list
     when there are several (as Llama 3 does), so generate() stops at the end of an answer. bos: bos_of(tok),
     else the first of eos_ids."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig  # lazy: start-up time
 
     eos_ids = eos_ids or [None]
     bos_id, eos_id = eos_ids[0] if bos is None else bos, eos_ids if len(eos_ids) > 1 else eos_ids[0]
@@ -132,19 +131,15 @@ def to_hf_state_dict(model: MiniGLM) -> dict[str, torch.Tensor]:
 
 def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     """A run folder -> a transformers model folder (config.json, model.safetensors, tokenizer)."""
-    from transformers import AutoModelForCausalLM
-
-    from miniglm.fileio import atomic_dir, write_with
+    from transformers import AutoModelForCausalLM  # lazy: start-up time
 
     opened, chat, tok = _open_for_export(run)
     model = runs.load_model(opened).eval()
     cfg = hf_config(model.config, end_ids(tok, chat) if tok else None, tok.pad_id if tok else None,
                     bos_of(tok) if tok else None)
     hf = AutoModelForCausalLM.from_config(cfg)
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
-    missing = [k for k in missing if not k.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))]
-    if missing or unexpected:
-        raise RuntimeError(f"export mapping is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_weights(hf, to_hf_state_dict(model), "export mapping is incomplete",  # a bug here, not the user's
+                 skip_missing=("lm_head.weight", *BUFFERS), error=RuntimeError)
     if cfg.tie_word_embeddings:
         hf.tie_weights()
     with atomic_dir(out_dir) as tmp:
@@ -172,24 +167,16 @@ def _open_for_export(run: str | Path) -> tuple[runs.Run, Chat, Tokenizer | None]
 
 def end_ids(tok: Tokenizer, chat: Chat) -> list[int]:
     """End-of-text, then the end-of-turn tokens of the template the run was fine-tuned with (chat.json)."""
-    from miniglm.sft.templates import end_of_turn_ids
-
     return [tok.eot_id, *(end_of_turn_ids(chat[0], tok, chat[1]) if chat else [])]
 
 
 def run_jinja_template(chat: Chat) -> str | None:
     """The run's chat layout (chat.json) as a Jinja chat_template, where one is known."""
-    from miniglm.sft.templates import jinja_template
-
     return jinja_template(*chat) if chat else None
 
 
 def add_chat_template(chat: Chat, tok_dir: Path) -> None:
     """Name the run's chat layout in tokenizer_config.json, so that apply_chat_template renders as we do."""
-    import json
-
-    from miniglm.fileio import write_json
-
     template, config = run_jinja_template(chat), tok_dir / "tokenizer_config.json"
     if template is not None and config.exists():
         write_json(config, {**json.loads(config.read_text()), "chat_template": template})
@@ -209,12 +196,7 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
     """A llama-style run -> one .gguf file, tokenizer model `gpt2` with llama.cpp's `gpt-2` pre-tokenizer
     (or the one an imported GGUF tokenizer recorded).
     outtype f16 / q8_0 stores the weight matrices so (norm weights stay F32, as llama.cpp's converter does)."""
-    import json
-
-    import gguf
-
-    from miniglm.fileio import atomic_path, write_with
-    from miniglm.gguf_tokenizer import recorded_pre_tokenizer
+    import gguf  # lazy: start-up time
 
     opened, chat, tok = _open_for_export(run)
     if runs.read_model_config(opened.ckpt).style != "llama":
@@ -301,8 +283,6 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
 def gguf_chat(chat: Chat, tok: Tokenizer) -> tuple[int | None, str | None]:
     """(EOT id, Jinja chat_template) for a GGUF. A run on the `hf` template (an imported model) keeps its
     tokenizer's own chat_template, and its end of turn may be the tokenizer's EOS itself (<|im_end|>)."""
-    from miniglm.sft.templates import render
-
     if chat is None:
         return None, None
     turn_ends = end_ids(tok, chat)[1:]
@@ -315,7 +295,7 @@ def gguf_chat(chat: Chat, tok: Tokenizer) -> tuple[int | None, str | None]:
 def _gguf_tensor(a, outtype: str) -> tuple:
     """(data, raw_shape, raw_dtype) for GGUFWriter.add_tensor: matrices in the requested type, vectors F32.
     Q8_0 needs rows that split into blocks of 32; other rows stay F16."""
-    import gguf
+    import gguf  # lazy: start-up time
 
     if a.ndim < 2 or outtype == "f32":
         return a, None, None

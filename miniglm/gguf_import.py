@@ -11,16 +11,17 @@ are put back in HF/MiniGLM's rotate-halves order here.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from miniglm.checkpoint import save_checkpoint
-from miniglm.fileio import UserError, atomic_dir, write_json
+from miniglm.checkpoint import load_weights, save_run
+from miniglm.fileio import UserError
+from miniglm.gguf_tokenizer import write_gguf_tokenizer
 from miniglm.model import MiniGLM, ModelConfig
-from miniglm.tokenizer import identity, load_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_CONTEXT = 2048  # an 8k fp32 KV cache of even a 135M model is ~377 MB per row
@@ -32,7 +33,6 @@ _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight
 _PER_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -52,7 +52,7 @@ def unpermute_from_gguf(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _open(path: Path):
-    import gguf
+    import gguf  # lazy: start-up time
 
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -106,7 +106,7 @@ def gguf_config(reader, path: Path, max_context: int = DEFAULT_CONTEXT) -> tuple
 
 def gguf_state_dict(reader, path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Every tensor dequantized to fp32 under its MiniGLM name, q/k rows un-permuted."""
-    import gguf
+    import gguf  # lazy: start-up time
 
     bad = [t for t in reader.tensors if t.tensor_type.name not in SUPPORTED_TYPES]
     if bad:
@@ -132,10 +132,9 @@ def gguf_state_dict(reader, path: Path, config: ModelConfig) -> dict[str, torch.
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, max_context: int = DEFAULT_CONTEXT,
                 note: Callable[[str], None] | None = None) -> tuple[MiniGLM, dict]:
-    """A llama GGUF -> a MiniGLM run folder (ckpt/, tokenizer/, chat.json when it has a template).
-    Returns the model and a summary (context, pre-tokenizer, template) for the CLI to print."""
-    from miniglm.gguf_tokenizer import write_gguf_tokenizer
-
+    """A llama GGUF -> a MiniGLM run folder (ckpt/, tokenizer/, chat.json when it has a template), written
+    as one set by checkpoint.save_run. Returns the model and a summary (context, pre-tokenizer, template)
+    for the CLI to print."""
     path = Path(gguf_path)
     reader = _open(path)
     if max_context < 1:
@@ -143,17 +142,10 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, max_context: int = D
     config, trained_context = gguf_config(reader, path, max_context)
     sd = gguf_state_dict(reader, path, config)
     model = MiniGLM(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"{path}: tensors do not make a llama-style MiniGLM "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    out = Path(out_dir)
-    with atomic_dir(out / "tokenizer") as tmp:
-        tok_info = write_gguf_tokenizer(reader, path, tmp, config.block_size, note)
-    # state.json records the tokenizer's identity, as save_run does, so the run opens with it
-    state = {"step": 0, "imported_from": str(path), "tokenizer_identity": identity(load_tokenizer(out / "tokenizer"))}
-    save_checkpoint(out / "ckpt", model, config, state)
-    if tok_info["chat_template"]:
-        write_json(out / "chat.json", {"template": "hf", "template_options": {}})
+    load_weights(model, sd, f"{path}: tensors do not make a llama-style MiniGLM",
+                 skip_missing=("lm_head.weight",) if config.tie_embeddings else ())
+    with tempfile.TemporaryDirectory() as scratch:  # the tokenizer is rebuilt here, then goes into the run
+        tok_info = write_gguf_tokenizer(reader, path, Path(scratch), config.block_size, note)
+        chat = ("hf", {}) if tok_info["chat_template"] else None  # the model's own chat_template
+        save_run(out_dir, model, {"step": 0, "imported_from": str(path)}, Path(scratch), chat)
     return model, {"trained_context": trained_context, "context": config.block_size, **tok_info}

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from miniglm.fileio import UserError, atomic_dir, write_json, write_with
+from miniglm.checkpoint import Chat, save_chat, write_state
+from miniglm.fileio import UserError, atomic_dir, write_with
 from miniglm.hf_weights import check_model_ref
 from miniglm.sft.templates import IGNORE, end_of_turn_ids
 
@@ -252,26 +253,24 @@ def save_checkpoint(path: str | Path, model: HFCausalLM, state: dict,
     with atomic_dir(path, replace=True) as tmp:  # RUN/ckpt, RUN/best: the run was checked as a whole
         write_with(tmp, lambda p: model.model.save_pretrained(str(p), safe_serialization=True))
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
-        write_json(tmp / "state.json", {**state, "hf": model.describe()})
-        if optimizer is not None:
-            write_with(tmp / "optim.pt", lambda p: torch.save(optimizer.state_dict(), p))
+        write_state(tmp, {**state, "hf": model.describe()}, optimizer)
 
 
-def merge_run(model: HFCausalLM, tok, state: dict, ckpt: Path, chat: tuple | None, out_dir: str | Path) -> Path:
+def merge_run(model: HFCausalLM, tok, state: dict, ckpt: Path, chat: Chat | None, out_dir: str | Path) -> Path:
     """An HF run's merged model (miniglm.runs.load_model) -> a plain transformers folder, tokenizer beside
-    it, that is also a run miniglm loads (state.json, chat.json)."""
+    it, that is also a run miniglm loads (state.json, chat.json: written by miniglm.checkpoint)."""
     with atomic_dir(out_dir) as tmp:
         write_with(tmp, lambda p: save_with_eos(model.model, answer_end_ids(model, tok, chat), p))
         tok.save(tmp)
-        write_json(tmp / "state.json", {"step": state.get("step", 0), "stage": state.get("stage"),
-                                        "base_model": state.get("base_model"), "merged_from": str(ckpt.resolve()),
-                                        "hf": model.describe()})
+        write_state(tmp, {"step": state.get("step", 0), "stage": state.get("stage"),
+                          "base_model": state.get("base_model"), "merged_from": str(ckpt.resolve()),
+                          "hf": model.describe()})
         if chat is not None:
-            write_json(tmp / "chat.json", {"template": chat[0], "template_options": asdict(chat[1])})
+            save_chat(tmp, *chat)
     return Path(out_dir)
 
 
-def answer_end_ids(model: HFCausalLM, tok, chat: tuple | None) -> list[int]:
+def answer_end_ids(model: HFCausalLM, tok, chat: Chat | None) -> list[int]:
     """Every token that ends an answer: the model's own EOS ids, the family's end tokens (Qwen's
     <|im_end|>) and the end of turn of the template the run was tuned with (chat.json)."""
     own = model.model.generation_config.eos_token_id

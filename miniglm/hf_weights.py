@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from miniglm.checkpoint import load_weights
 from miniglm.fileio import UserError
 from miniglm.model import MiniGLM, ModelConfig
 
@@ -59,9 +60,6 @@ def from_hf(path: str | Path) -> MiniGLM:
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     sd = {k: (v.t() if kind == "gpt2" and k.endswith(GPT2_CONV1D) else v) for k, v in hf.state_dict().items()}
     model = MiniGLM(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    unexpected = [k for k in unexpected if not k.endswith(BUFFERS)]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not map onto MiniGLM (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_weights(model, sd, f"{path}: weights do not map onto MiniGLM",
+                 skip_missing=("lm_head.weight",) if config.tie_embeddings else (), skip_unexpected=BUFFERS)
     return model

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from miniglm import checkpoint, fileio, hf, runs
 from miniglm.config import TrainConfig, save_config
 from miniglm.devices import resolve_device
-from miniglm.fileio import UserError, read_jsonl, recover_dir, write_json
+from miniglm.fileio import UserError, read_jsonl, recover_dir
 from miniglm.model import MiniGLM, ModelConfig
 from miniglm.sft.templates import IGNORE
 from miniglm.shards import load_meta, open_shards, tokenizer_of
@@ -313,15 +312,14 @@ def hf_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None) -> tuple[h
 def write_chat_info(cfg: TrainConfig, out: Path) -> None:
     """chat.json names the template a run was fine-tuned with, so generate/chat/serve render the same way.
     A run fine-tuned from another keeps its parent's, unless its own SFT data names one."""
-    info = None
+    chat = None
     if cfg.stage == "sft":
         meta = load_meta(cfg.data)
-        info = {"template": meta.get("template", "miniglm"), "template_options": meta.get("template_options", {})}
+        chat = (meta.get("template", "miniglm"), meta.get("template_options", {}))
     elif cfg.init_from != "scratch" and runs.is_run(cfg.init_from):
         chat = runs.read_chat(runs.run_dir_of(runs.find_checkpoint(cfg.init_from)))
-        info = {"template": chat[0], "template_options": asdict(chat[1])} if chat else None
-    if info is not None:
-        write_json(out / "chat.json", info)
+    if chat is not None:
+        checkpoint.save_chat(out, *chat)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -424,8 +422,7 @@ def _train(cfg: TrainConfig, log, probe) -> dict:
         tok_identity = identity(tok)
         runs.check_same_tokenizer(data_tok, cfg.data, tok_identity, f"the tokenizer {tok.name}")
         if not tok_dir.exists():
-            with fileio.atomic_dir(tok_dir) as tmp:
-                tok.save(tmp)
+            checkpoint.save_tokenizer(out, tok)
         torch.manual_seed(cfg.seed + 1)  # the training RNG (dropout), the same on every process
     if master:
         save_config(cfg, out / "config.toml")
