@@ -45,9 +45,8 @@ from starlette.requests import ClientDisconnect
 
 from miniglm.batcher import Batcher, Job
 from miniglm.chat import LoadedRun, load_run
-from miniglm.engine import SamplingError, SamplingParams
+from miniglm.engine import Engine, SamplingError, SamplingParams
 from miniglm.fileio import UserError
-from miniglm.model import MiniGLM
 from miniglm.tokenizer import Tokenizer
 
 PAGE = Path(__file__).with_name("chat_page.html")
@@ -465,39 +464,137 @@ class QuietDisconnects:
                 await send({"type": "http.response.body", "body": body})
 
 
-def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, max_body: int = MAX_BODY,
-               batcher_thread: bool = True):
-    """The app; its batcher decodes in a thread of its own, or (batcher_thread=False) in the caller's
-    app.state.batcher.run(), as serve() runs it."""
-    from fastapi import Request as Request
+def usage(done: dict) -> dict:
+    return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
+            "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
 
-    if not isinstance(run.engine.model, MiniGLM):  # continuous batching drives MiniGLM's own KV cache
-        raise UserError(f"{run.name}: serve runs MiniGLM models; for a Hugging Face run, `miniglm merge RUN --out DIR` "
-                        "and serve DIR with vLLM or `transformers serve` (generate and chat work on it as it is)")
-    outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}  # one per event loop (uvicorn runs one)
 
-    def wake() -> None:
-        for outbox in list(outboxes.values()):
-            outbox.wake()
+class Logprobs:
+    """One request's logprobs, in the chat shape ({"content": [{token, logprob, bytes, top_logprobs}]})
+    or the legacy completions shape ({tokens, token_logprobs, top_logprobs, text_offset}). token_info: a
+    token's text and bytes (Service.token_info)."""
 
-    batcher = Batcher(run.engine.model, run.engine.tokenizer, max_batch, on_step=wake,
-                      thread=batcher_thread, step=run.engine.forward_step)
+    def __init__(self, chat: bool, token_info: Callable[[int], tuple[str, list[int]]]):
+        self.chat, self.offset, self.token_info = chat, 0, token_info
+        self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # text_offset counts whole characters
 
-    @asynccontextmanager
-    async def lifespan(_):
-        yield
-        batcher.stop()
+    def shape(self, entries: list[tuple]) -> dict:
+        token_info = self.token_info
 
-    app = FastAPI(title="miniglm", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.batcher = batcher
-    app.state.closing = False  # Server.shutdown sets it
-    app.add_middleware(QuietDisconnects, state=app.state)  # inside Starlette's error middleware (it would log)
-    model_name = run.name
-    block_size = run.engine.model.config.block_size
-    vocab_size = run.engine.tokenizer.vocab_size
-    per_token = longest_token(run.engine.tokenizer)
-    max_chars = block_size * per_token if per_token else max_body
+        def lp(x: float) -> float:  # JSON has no -inf: OpenAI's floor for the unlikeliest tokens
+            return x if math.isfinite(x) else -9999.0
 
+        if self.chat:
+            def one(i, x):
+                text, raw = token_info(i)
+                return {"token": text, "logprob": lp(x), "bytes": raw}
+
+            return {"content": [{**one(t, x), "top_logprobs": [one(i, y) for i, y in top]}
+                                for t, x, top in entries], "refusal": None}
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, x, top in entries:
+            text, raw = token_info(t)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp(x))
+            out["top_logprobs"].append({token_info(i)[0]: lp(y) for i, y in top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(self.decoder.decode(bytes(raw)))
+        return out
+
+
+@dataclass
+class Reply:
+    """One request's response in OpenAI's shape: a whole body, or the chunks of a stream."""
+    id: str  # chatcmpl-... or cmpl-...
+    chat: bool
+    model: str
+    logprobs: Logprobs | None  # None: no logprobs asked for
+    created: int
+
+    def kind(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def chunk(self, delta: str | None, finish: str | None, first: bool = False, entries: list | None = None) -> dict:
+        if self.chat:
+            d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+            choice = {"index": 0, "delta": d}
+        else:
+            choice = {"index": 0, "text": delta or ""}
+        choice["logprobs"] = self.logprobs.shape(entries) if entries else None
+        choice["finish_reason"] = finish
+        return {"id": self.id, "object": self.kind() + (".chunk" if self.chat else ""), "created": self.created,
+                "model": self.model, "choices": [choice]}
+
+    def whole(self, text: str, done: dict, entries: list) -> dict:
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
+                  else {"index": 0, "text": text})
+        choice["logprobs"] = self.logprobs.shape(entries) if self.logprobs else None
+        choice["finish_reason"] = done["finish_reason"]
+        return {"id": self.id, "object": self.kind(), "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage(done)}
+
+
+async def whole_reply(reply: Reply, job: Job, queue: asyncio.Queue) -> JSONResponse:
+    """A request that does not stream: its row's events to the end, then one body."""
+    text, done, entries = "", None, []
+    try:
+        while done is None:
+            for ev in await queue.get():
+                if "error" in ev:
+                    raise APIError(ev.get("status", 500), ev["error"])
+                if "logprob" in ev:
+                    entries.append(ev["logprob"])
+                text += ev.get("delta", "")
+                if ev.get("done"):
+                    done = ev
+    finally:
+        job.cancelled = done is None
+    return JSONResponse(reply.whole(text, done, entries))
+
+
+def stream_reply(reply: Reply, job: Job, queue: asyncio.Queue, include_usage: bool) -> StreamingResponse:
+    """A stream: one SSE event per wake-up of the event loop, then the row's end and [DONE]."""
+    # Every text event is the same JSON but for its delta: frame it once, encode only the delta per event.
+    head, tail = sse(reply.chunk(DELTA, None)).split(json.dumps(DELTA), 1)
+
+    async def events():
+        ended = False
+        try:
+            if reply.chat:
+                yield sse(reply.chunk(None, None, first=True))
+            while not ended:
+                # One body write per wake-up: the text of every step since the last one as one event,
+                # then the row's end (its finish and usage, or an error) if it ended.
+                delta, end, entries = "", [], []
+                for ev in await queue.get():
+                    if "error" in ev:  # the row failed, or the server is shutting down
+                        end.append(sse(error_body(APIError(ev.get("status", 500), ev["error"]))))
+                    elif "logprob" in ev:
+                        entries.append(ev["logprob"])
+                    else:
+                        delta += ev.get("delta", "")
+                    if ev.get("done"):
+                        end.append(sse(reply.chunk(None, ev["finish_reason"])))
+                        if include_usage:
+                            end.append(sse({**reply.chunk(None, None), "choices": [], "usage": usage(ev)}))
+                ended = bool(end)
+                if ended:
+                    end.append("data: [DONE]\n\n")
+                if entries:  # logprobs asked for: the whole chunk (not the framed one) holds them
+                    text = sse(reply.chunk(delta, None, entries=entries))
+                else:
+                    text = head + json.dumps(delta, ensure_ascii=False) + tail if delta else ""
+                yield text + "".join(end)
+        finally:
+            if not ended:  # the client went away: free its row
+                job.cancelled = True
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON error shape, whatever raised it."""
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
         return JSONResponse(error_body(e), status_code=e.status)
@@ -515,14 +612,40 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
     async def _unexpected(_, e: Exception):
         return JSONResponse(error_body(APIError(500, f"internal error ({type(e).__name__})")), status_code=500)
 
-    def check_key(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+
+class Service:
+    """What the endpoints share: the run, its batcher and the event loops' outboxes, the limits (API key,
+    body size, context), and the steps of a request from its body to its reply."""
+
+    def __init__(self, run: LoadedRun, api_key: str | None, max_batch: int, max_body: int, batcher_thread: bool):
+        if not isinstance(run.engine, Engine):  # continuous batching drives MiniGLM's own KV cache
+            raise UserError(f"{run.name}: serve runs MiniGLM models; for a Hugging Face run, `miniglm merge RUN "
+                            "--out DIR` and serve DIR with vLLM or `transformers serve` (generate and chat work on "
+                            "it as it is)")
+        self.run, self.api_key, self.max_body = run, api_key, max_body
+        self.outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}  # one per event loop (uvicorn runs one)
+        self.batcher = Batcher(run.engine.model, run.engine.tokenizer, max_batch, on_step=self.wake,
+                               thread=batcher_thread, step=run.engine.forward_step)
+        self.model_name = run.name
+        self.block_size = run.engine.model.config.block_size
+        self.vocab_size = run.engine.tokenizer.vocab_size
+        per_token = longest_token(run.engine.tokenizer)
+        self.max_chars = self.block_size * per_token if per_token else max_body
+        self.tokens: dict[int, tuple[str, list[int]]] = {}  # token_info's, by id
+
+    def wake(self) -> None:
+        for outbox in list(self.outboxes.values()):
+            outbox.wake()
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             raise APIError(401, "invalid API key", code="invalid_api_key")
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(self, request: Request) -> dict:
         """The JSON body, refused past max_body bytes before it is held in memory: by its Content-Length,
         or while it streams in (a chunked body)."""
-        check_key(request)
+        self.check_key(request)
+        max_body = self.max_body
         too_big = APIError(413, f"the request body is over the limit of {max_body:,} bytes", code="body_too_large")
         length = request.headers.get("content-length")
         if length is not None and not length.isdigit():
@@ -542,31 +665,16 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
             raise APIError(400, "the request body must be a JSON object")
         return body
 
-    def check_length(chars: int, param: str) -> None:
-        if chars > max_chars:
-            raise APIError(400, f"the prompt has {chars:,} characters, past this model's context of {block_size} "
-                                "tokens", param, "context_length_exceeded")
+    def check_length(self, chars: int, param: str) -> None:
+        if chars > self.max_chars:
+            raise APIError(400, f"the prompt has {chars:,} characters, past this model's context of "
+                                f"{self.block_size} tokens", param, "context_length_exceeded")
 
-    def start(prompt: list[int], params: SamplingParams, req: APIRequest) -> tuple[Job, asyncio.Queue]:
-        loop = asyncio.get_running_loop()
-        outbox = outboxes.get(loop) or outboxes.setdefault(loop, Outbox(loop))
-        queue: asyncio.Queue = asyncio.Queue()  # lists of events: what one or more steps gave this request
-        job = Job(prompt, params, lambda ev: outbox.put(queue, ev), logit_bias=req.logit_bias,
-                  top_logprobs=req.top_logprobs)
-        batcher.submit(job)
-        return job, queue
-
-    def usage(done: dict) -> dict:
-        return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-                "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
-
-    tokens: dict[int, tuple[str, list[int]]] = {}
-
-    def token_info(i: int) -> tuple[str, list[int]]:
+    def token_info(self, i: int) -> tuple[str, list[int]]:
         """A token's text and bytes, as OpenAI's logprobs give them: bytes that are not whole characters
         (part of a character a byte-level BPE split) as "bytes:\\xe4\\xb8"."""
-        if i not in tokens:
-            tok = run.engine.tokenizer
+        if i not in self.tokens:
+            tok = self.run.engine.tokenizer
             try:
                 raw = tok.token_bytes(i)
             except Exception:  # an id this tokenizer does not use
@@ -576,145 +684,78 @@ def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, 
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-            tokens[i] = (text, list(raw))
-        return tokens[i]
+            self.tokens[i] = (text, list(raw))
+        return self.tokens[i]
 
-    class Logprobs:
-        """One request's logprobs, in the chat shape ({"content": [{token, logprob, bytes, top_logprobs}]})
-        or the legacy completions shape ({tokens, token_logprobs, top_logprobs, text_offset})."""
+    def start(self, prompt: list[int], params: SamplingParams, req: APIRequest) -> tuple[Job, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        outbox = self.outboxes.get(loop) or self.outboxes.setdefault(loop, Outbox(loop))
+        queue: asyncio.Queue = asyncio.Queue()  # lists of events: what one or more steps gave this request
+        job = Job(prompt, params, lambda ev: outbox.put(queue, ev), logit_bias=req.logit_bias,
+                  top_logprobs=req.top_logprobs)
+        self.batcher.submit(job)
+        return job, queue
 
-        def __init__(self, chat: bool):
-            self.chat, self.offset = chat, 0
-            self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # text_offset counts whole characters
-
-        def shape(self, entries: list[tuple]) -> dict:
-            def lp(x: float) -> float:  # JSON has no -inf: OpenAI's floor for the unlikeliest tokens
-                return x if math.isfinite(x) else -9999.0
-
-            if self.chat:
-                def one(i, x):
-                    text, raw = token_info(i)
-                    return {"token": text, "logprob": lp(x), "bytes": raw}
-
-                return {"content": [{**one(t, x), "top_logprobs": [one(i, y) for i, y in top]}
-                                    for t, x, top in entries], "refusal": None}
-            out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            for t, x, top in entries:
-                text, raw = token_info(t)
-                out["tokens"].append(text)
-                out["token_logprobs"].append(lp(x))
-                out["top_logprobs"].append({token_info(i)[0]: lp(y) for i, y in top})
-                out["text_offset"].append(self.offset)
-                self.offset += len(self.decoder.decode(bytes(raw)))
-            return out
-
-    async def respond(req: APIRequest, prompt: list[int], stops: list[int]):
-        params = sampling_from(req.body, len(prompt), block_size, vocab_size)
+    async def respond(self, req: APIRequest, prompt: list[int], stops: list[int]):
+        params = sampling_from(req.body, len(prompt), self.block_size, self.vocab_size)
         params.stop_ids = [] if req.ignore_eos else sorted(set(stops))  # vLLM's extension, for benchmarks
-        chat = req.chat
-        job, queue = start(prompt, params, req)
-        logprobs = Logprobs(chat) if req.top_logprobs is not None else None
-        cid = ("chatcmpl-" if chat else "cmpl-") + job.id
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False, entries: list | None = None) -> dict:
-            if chat:
-                d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d}
-            else:
-                choice = {"index": 0, "text": delta or ""}
-            choice["logprobs"] = logprobs.shape(entries) if entries else None
-            choice["finish_reason"] = finish
-            return {"id": cid, "object": kind + (".chunk" if chat else ""), "created": created, "model": model_name,
-                    "choices": [choice]}
-
+        job, queue = self.start(prompt, params, req)
+        logprobs = Logprobs(req.chat, self.token_info) if req.top_logprobs is not None else None
+        reply = Reply(("chatcmpl-" if req.chat else "cmpl-") + job.id, req.chat, self.model_name, logprobs,
+                      int(time.time()))
         if not req.stream:
-            text, done, entries = "", None, []
-            try:
-                while done is None:
-                    for ev in await queue.get():
-                        if "error" in ev:
-                            raise APIError(ev.get("status", 500), ev["error"])
-                        if "logprob" in ev:
-                            entries.append(ev["logprob"])
-                        text += ev.get("delta", "")
-                        if ev.get("done"):
-                            done = ev
-            finally:
-                job.cancelled = done is None
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
-                      else {"index": 0, "text": text})
-            choice["logprobs"] = logprobs.shape(entries) if logprobs else None
-            choice["finish_reason"] = done["finish_reason"]
-            return JSONResponse({"id": cid, "object": kind, "created": created, "model": model_name,
-                                 "choices": [choice], "usage": usage(done)})
+            return await whole_reply(reply, job, queue)
+        return stream_reply(reply, job, queue, req.include_usage)
 
-        # Every text event is the same JSON but for its delta: frame it once, encode only the delta per event.
-        head, tail = sse(chunk(DELTA, None)).split(json.dumps(DELTA), 1)
 
-        async def events():
-            ended = False
-            try:
-                if chat:
-                    yield sse(chunk(None, None, first=True))
-                while not ended:
-                    # One body write per wake-up: the text of every step since the last one as one event,
-                    # then the row's end (its finish and usage, or an error) if it ended.
-                    delta, end, entries = "", [], []
-                    for ev in await queue.get():
-                        if "error" in ev:  # the row failed, or the server is shutting down
-                            end.append(sse(error_body(APIError(ev.get("status", 500), ev["error"]))))
-                        elif "logprob" in ev:
-                            entries.append(ev["logprob"])
-                        else:
-                            delta += ev.get("delta", "")
-                        if ev.get("done"):
-                            end.append(sse(chunk(None, ev["finish_reason"])))
-                            if req.include_usage:
-                                end.append(sse({**chunk(None, None), "choices": [], "usage": usage(ev)}))
-                    ended = bool(end)
-                    if ended:
-                        end.append("data: [DONE]\n\n")
-                    if entries:  # logprobs asked for: the whole chunk (not the framed one) holds them
-                        text = sse(chunk(delta, None, entries=entries))
-                    else:
-                        text = head + json.dumps(delta, ensure_ascii=False) + tail if delta else ""
-                    yield text + "".join(end)
-            finally:
-                if not ended:  # the client went away: free its row
-                    job.cancelled = True
+def create_app(run: LoadedRun, api_key: str | None = None, max_batch: int = 32, max_body: int = MAX_BODY,
+               batcher_thread: bool = True):
+    """The app; its batcher decodes in a thread of its own, or (batcher_thread=False) in the caller's
+    app.state.batcher.run(), as serve() runs it."""
+    from fastapi import Request as Request
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    service = Service(run, api_key, max_batch, max_body, batcher_thread)
+    batcher = service.batcher
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="miniglm", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.batcher = batcher
+    app.state.closing = False  # Server.shutdown sets it
+    app.add_middleware(QuietDisconnects, state=app.state)  # inside Starlette's error middleware (it would log)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "active": len(batcher.active), "waiting": len(batcher.waiting)}
+        return {"status": "ok", "model": service.model_name, "active": len(batcher.active),
+                "waiting": len(batcher.waiting)}
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                             "owned_by": "miniglm", "max_model_len": block_size}]}
+        service.check_key(request)
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                             "owned_by": "miniglm", "max_model_len": service.block_size}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await read_body(request), True, vocab_size)
-        check_length(sum(len(m["content"]) for m in req.messages), "messages")
+        req = parse_request(await service.read_body(request), True, service.vocab_size)
+        service.check_length(sum(len(m["content"]) for m in req.messages), "messages")
         ids, stops = run.prompt(req.messages)
-        return await respond(req, ids, stops)
+        return await service.respond(req, ids, stops)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_request(await read_body(request), False, vocab_size)
-        check_length(len(req.prompt), "prompt")
+        req = parse_request(await service.read_body(request), False, service.vocab_size)
+        service.check_length(len(req.prompt), "prompt")
         tok = run.engine.tokenizer
-        return await respond(req, tok.encode(req.prompt), [tok.eot_id])
+        return await service.respond(req, tok.encode(req.prompt), [tok.eot_id])
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", model_name)
+        return PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", service.model_name)
 
     return app
 
