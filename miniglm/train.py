@@ -7,6 +7,7 @@ losses an uninterrupted run would have logged.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -15,21 +16,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from miniglm import checkpoint, fileio, hf, runs
+from miniglm import checkpoint, fileio, hf, lora, runs
 from miniglm.config import TrainConfig, save_config
 from miniglm.devices import resolve_device
 from miniglm.fileio import UserError, read_jsonl, recover_dir
 from miniglm.model import MiniGLM, ModelConfig
 from miniglm.sft.templates import IGNORE
 from miniglm.shards import load_meta, open_shards, tokenizer_of
-from miniglm.tokenizer import identity, load_tokenizer
+from miniglm.tokenizer import Tokenizer, identity, load_tokenizer
 
 EVAL_SEED = 20240607  # eval batches are the same at every eval, and independent of training's RNG
 
@@ -212,8 +215,6 @@ def reuse_freed_memory() -> bool:
     touched (a 16 x 256 batch's logits over an 8k vocabulary are 134 MB; glibc's threshold stops at 32 MB):
     1.15-1.23x tokens/s for the llama style on the 2-core CPU (bench/train.py --malloc). The cost: the
     process holds its peak memory until it ends. True where it took effect (Linux with glibc)."""
-    import ctypes
-
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -281,15 +282,57 @@ def all_mean(x: float, world: int) -> float:
     return t.item() / world
 
 
+# --- where a run starts: its checkpoint, its tokenizer, its model --------------------------------
+@dataclass
+class Resume:
+    """The run's own last checkpoint, to continue exactly where it stopped."""
+    ckpt: Path
+    state: dict  # state.json, with everything an exact resume reads
+
+
+def find_resume(out: Path) -> Resume | None:
+    if not (recover_dir(out / "ckpt") / "state.json").exists():
+        return None
+    ckpt = runs.find_checkpoint(out)
+    return Resume(ckpt, runs.read_resume_state(ckpt))
+
+
+def run_tokenizer(cfg: TrainConfig, out: Path, meta: dict, resume: Resume | None,
+                  master: bool) -> tuple[dict | None, Tokenizer | None]:
+    """The identity of the tokenizer the run trains with (state.json records it), checked here, once, against
+    the data's; and, for a new run, the tokenizer it saves (on the main process): its own tokenizer/ if a
+    start killed early left one, else cfg.tokenizer, else the data's. A run resumed or started from
+    (init_from) must have been trained with the data's tokenizer too."""
+    data_tok = meta.get("tokenizer_identity")
+    tok, have = None, []
+    if resume is not None:
+        ident = resume.state.get("tokenizer_identity", data_tok)
+        have.append((resume.state.get("tokenizer_identity"), f"the run {out} it resumes"))
+    else:
+        ident = data_tok
+        if cfg.init_from != "scratch" and runs.is_run(cfg.init_from):
+            have.append((runs.tokenizer_identity(cfg.init_from), f"init_from {cfg.init_from}"))
+        if master:
+            tok_dir = out / "tokenizer"
+            tok = load_tokenizer(tok_dir if tok_dir.exists() else cfg.tokenizer or tokenizer_of(cfg.data),
+                                 cfg.trust_remote_code)
+            ident = identity(tok)
+            have.append((ident, f"the tokenizer {tok.name}"))
+    for recorded, where in have:
+        runs.check_same_tokenizer(data_tok, cfg.data, recorded, where)
+    return ident, tok
+
+
 def resolve_ref(ref: str) -> str:
     """A local folder as an absolute path (a run resumes from anywhere); a hub name as it is."""
     return str(Path(ref).resolve()) if Path(ref).exists() else ref
 
 
-def hf_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None) -> tuple[hf.HFCausalLM, str]:
+def hf_model(cfg: TrainConfig, resume: Resume | None, meta: dict) -> tuple[hf.HFCausalLM, str]:
     """The model trained when hf = true (a Hugging Face model trained as it is, LoRA included), and the base
     model state.json names. Resuming, a full fine-tune reloads its checkpoint; a LoRA run reloads its base and
     then its adapter. init_from may be an HF run (`miniglm finetune`): opened by miniglm.runs."""
+    ckpt, state = (resume.ckpt, resume.state) if resume else (None, None)
     if ckpt is None and cfg.init_from in ("", "scratch"):
         raise UserError("hf = true needs init_from = a Hugging Face model name or folder")
     base = state["base_model"] if state else resolve_ref(cfg.init_from)
@@ -302,19 +345,81 @@ def hf_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None) -> tuple[h
     elif runs.is_run(base) and (run := runs.open_run(base)).hf:
         model = runs.load_model(run, dtype=dtype)
     else:
-        model = hf.load_model(base, cfg.trust_remote_code, dtype, template=load_meta(cfg.data).get("template", "hf"))
+        model = hf.load_model(base, cfg.trust_remote_code, dtype, template=meta.get("template", "hf"))
     if cfg.lora_r > 0:
         torch.manual_seed(cfg.seed)
         model.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, resume_from=ckpt)
     return model, base
 
 
-def write_chat_info(cfg: TrainConfig, out: Path) -> None:
+def model_source(cfg: TrainConfig, out: Path, resume: Resume | None, meta: dict) -> tuple[torch.nn.Module, str | None]:
+    """The model to train, and the base model state.json names: a Hugging Face model (hf = true), else the
+    run's own last checkpoint (resuming), else init_from (a run, or a Hugging Face GPT-2 / Llama), else a new
+    one (scratch). A loaded MiniGLM keeps its checkpoint's architecture: cfg.model becomes its config."""
+    if cfg.hf:
+        model, base = hf_model(cfg, resume, meta)
+    elif resume is not None:
+        model, base = runs.load_base_model(resume.ckpt), resume.state.get("base_model")
+    elif cfg.init_from != "scratch":
+        model = runs.load_any(cfg.init_from)
+        base = str(runs.find_checkpoint(cfg.init_from).resolve()) if runs.is_run(cfg.init_from) else cfg.init_from
+    else:
+        torch.manual_seed(cfg.seed)
+        model, base = MiniGLM(cfg.model), None
+    if not cfg.hf:
+        if resume is not None or cfg.init_from != "scratch":  # a differing model key is an error
+            check_model_keys(cfg, model.config, f"the run {out} it resumes" if resume else f"init_from {cfg.init_from}")
+        cfg.model = model.config
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise UserError(f"the model's vocab ({model.config.vocab_size}) is smaller than the data's tokenizer's")
+    return model, base
+
+
+def add_adapter(cfg: TrainConfig, model: torch.nn.Module, resume: Resume | None) -> dict | None:
+    """LoRA on a MiniGLM (lora_r > 0): adapter layers added, and their weights loaded when resuming; only they
+    train. Returns the adapter's config, saved with each checkpoint. (An HF model's LoRA is PEFT's: hf_model.)"""
+    if cfg.lora_r <= 0 or cfg.hf:
+        return None
+    torch.manual_seed(cfg.seed)
+    config = lora.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                           train_embeddings=cfg.lora_embeddings)
+    if resume is not None:
+        runs.load_adapter_weights(model, resume.ckpt)
+    return config
+
+
+def restore(resume: Resume, optimizer: torch.optim.Optimizer, data, out: Path, master: bool,
+            log) -> tuple[int, float]:
+    """The optimizer, sampler and RNG states as the checkpoint left them; the metrics logged after it go
+    (they are about to be logged again). Returns the step and the best val loss so far."""
+    runs.load_optimizer_state(resume.ckpt, optimizer)
+    step, best_val = resume.state["step"], resume.state["best_val_loss"]
+    try:
+        data.load_state_dict(resume.state["sampler"])
+        set_rng_state(resume.state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise runs.damaged(resume.ckpt / "state.json", f"the sampler or RNG state: {type(e).__name__} {e}",
+                           "delete the run's ckpt/ to start over, or restore it") from None
+    if master:
+        log(f"resuming {out} at step {step}")
+        trim_metrics(out / "metrics.jsonl", step)
+    return step, best_val
+
+
+def start_run(cfg: TrainConfig, out: Path, tok: Tokenizer) -> None:
+    """A new run, on the main process: its folder marked, no old metrics, its tokenizer saved."""
+    fileio.mark_dir(out)  # refuses a folder with files miniglm did not write
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if not (out / "tokenizer").exists():
+        checkpoint.save_tokenizer(out, tok)
+    torch.manual_seed(cfg.seed + 1)  # the training RNG (dropout), the same on every process
+
+
+def write_chat_info(cfg: TrainConfig, out: Path, meta: dict) -> None:
     """chat.json names the template a run was fine-tuned with, so generate/chat/serve render the same way.
     A run fine-tuned from another keeps its parent's, unless its own SFT data names one."""
     chat = None
     if cfg.stage == "sft":
-        meta = load_meta(cfg.data)
         chat = (meta.get("template", "miniglm"), meta.get("template_options", {}))
     elif cfg.init_from != "scratch" and runs.is_run(cfg.init_from):
         chat = runs.read_chat(runs.run_dir_of(runs.find_checkpoint(cfg.init_from)))
@@ -323,6 +428,191 @@ def write_chat_info(cfg: TrainConfig, out: Path) -> None:
 
 
 # --- the loop ------------------------------------------------------------------------------------
+def due(step: int, cfg: TrainConfig) -> tuple[bool, bool, bool]:
+    """Whether `step` logs its loss, evaluates, saves the checkpoint."""
+    is_log = step % cfg.log_every == 0 or step == cfg.max_steps
+    is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+    saved = is_eval if cfg.save_every == 0 else step % cfg.save_every == 0 or step == cfg.max_steps
+    return is_log, is_eval, saved
+
+
+@dataclass
+class Trainer:
+    """The loop and its parts (one step, an evaluation, a checkpoint), set up by _train. step and best_val
+    move as it trains; the main process (rank 0) alone writes."""
+    cfg: TrainConfig
+    out: Path
+    model: torch.nn.Module  # what is evaluated and saved
+    train_model: torch.nn.Module  # what the steps call: compiled, in DDP under torchrun
+    compiled: bool
+    data: PretrainData | SFTData
+    optimizer: torch.optim.Optimizer
+    device: str
+    rank: int
+    world: int
+    autocast: AbstractContextManager  # bf16 autocast, or nothing
+    base_model: str | None  # what state.json names as the base model
+    adapter: dict | None  # a MiniGLM LoRA run's adapter config
+    tok_identity: dict | None
+    step: int
+    best_val: float
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def save(self, path: Path, with_optimizer: bool) -> None:
+        st = {"step": self.step, "best_val_loss": self.best_val, "sampler": self.data.state_dict(), "rng": rng_state(),
+              "stage": self.cfg.stage, "base_model": self.base_model, "tokenizer_identity": self.tok_identity}
+        optimizer = self.optimizer if with_optimizer else None
+        if self.cfg.hf:
+            hf.save_checkpoint(path, self.model, st, optimizer)
+            return
+        adapter = None if self.adapter is None else {"weights": lora.adapter_state(self.model), "config": self.adapter}
+        checkpoint.save_checkpoint(path, self.model, self.model.config, st, optimizer, adapter)
+
+    def evaluate(self) -> dict:
+        model, world, rank = self.model, self.world, self.rank
+        model.eval()
+        losses = []
+        with torch.no_grad(), self.autocast:
+            for batch in self.data.eval_batches(self.cfg.eval_batches, self.cfg.batch_size * world):
+                losses.append(model(**{k: to_device(v[rank::world], self.device) for k, v in batch.items()})[1])
+        model.train()
+        val = all_mean(torch.stack(losses).mean().item() if losses else 0.0, world)
+        result = {"val_loss": val}
+        bpt = self.data.bytes_per_token()
+        if bpt:
+            result["val_bpb"] = val / math.log(2) / bpt
+        return result
+
+    def write_metrics(self, row: dict) -> None:
+        if self.master:
+            fileio.append_jsonl(self.out / "metrics.jsonl", row)
+
+    def train_step(self, lr: float) -> tuple[torch.Tensor, int]:
+        """One optimizer step on a global batch, grad_accum micro-batches on each process. Returns the loss,
+        left on the device (no wait for the GPU at every step), and the tokens this process ran."""
+        cfg, world, rank = self.cfg, self.world, self.rank
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        global_batch = self.data.next_batch(cfg.batch_size * cfg.grad_accum * world)
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        for micro in range(cfg.grad_accum):
+            i = (micro * world + rank) * cfg.batch_size  # this process's slice of the global batch
+            batch = {k: to_device(v[i:i + cfg.batch_size], self.device) for k, v in global_batch.items()}
+            sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else self.train_model.no_sync()
+            with sync, self.autocast:
+                _, loss = self.train_model(**batch)
+                loss = loss / cfg.grad_accum
+            with sync:
+                loss.backward()
+            loss_sum += loss.detach()
+            tokens += batch["idx"].numel()  # tokens processed (SFT padding included: the compute is spent)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum, tokens
+
+    def mean_loss(self, loss_sum: torch.Tensor) -> float:
+        """The step's loss, averaged over the processes; nan or inf stops the run."""
+        loss = all_mean(loss_sum.item(), self.world)
+        if not math.isfinite(loss):  # checked before anything is saved: the last good checkpoint stays
+            raise Diverged(f"the loss became {loss} by step {self.step}: training stopped, the last good "
+                           f"checkpoint in {self.out / 'ckpt'} is kept; lower lr (now {self.cfg.lr:g}) or raise "
+                           "warmup_steps, then rerun")
+        return loss
+
+    def evaluation(self, probe, train_loss: float, tok_per_s: float, pbar) -> tuple[dict, float]:
+        """An evaluation step: val loss (and the probe's numbers) logged and printed, the best weights so far
+        saved. Returns the evaluation and the seconds the probe took (left out of tokens/s)."""
+        ev, probe_s = self.evaluate(), 0.0
+        if probe is not None and self.master:
+            t_probe = time.perf_counter()
+            self.model.eval()
+            with torch.no_grad():
+                ev.update(probe(self.model))
+            self.model.train()
+            probe_s = time.perf_counter() - t_probe
+        self.write_metrics({"step": self.step, **ev})
+        if self.master:
+            pbar.write(f"step {self.step}/{self.cfg.max_steps}: train loss {train_loss:.4f}, "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()) + f", {tok_per_s:,.0f} tok/s")
+        if ev["val_loss"] < self.best_val:
+            self.best_val = ev["val_loss"]
+            if self.master:
+                self.save(self.out / "best", with_optimizer=False)
+        return ev, probe_s
+
+    def run(self, log, probe) -> dict:
+        """Step to max_steps: log, evaluate and save as due. Ctrl-C stops at a step boundary, saved."""
+        cfg, out, master = self.cfg, self.out, self.master
+        live_bar = master and sys.stderr.isatty()  # a bar showing each step's loss: read every step only then
+        # A live bar on a terminal; in logs (CI, nohup) only the eval lines.
+        pbar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True,
+                    disable=not live_bar) if master else None
+        self.model.train()
+        loss_avg, first_step = float("nan"), self.step
+        t_start, tokens_run, summary = time.perf_counter(), 0, {}
+        stop, interrupted = Interrupt(), False
+        if self.step >= cfg.max_steps:  # a finished run, rerun: report where it stands
+            if master:
+                log(f"{out} already trained {self.step} of {cfg.max_steps} steps; raise max_steps to train on")
+            summary.update(self.evaluate())
+        try:
+            stop.install()
+            while self.step < cfg.max_steps:
+                lr = lr_at(self.step, cfg)
+                loss_sum, tokens = self.train_step(lr)
+                tokens_run += tokens * self.world
+                if self.compiled and self.step == first_step + 1 and master:
+                    log(f"torch.compile: the first step took {time.perf_counter() - t_start:.1f}s (compiling)")
+                elapsed = time.perf_counter() - t_start
+                is_log, is_eval, saved = due(self.step, cfg)
+                stopping = any_rank(stop.requested, self.world)
+                if is_log or is_eval or saved or stopping:  # the same steps on every process (all_mean)
+                    loss_avg = self.mean_loss(loss_sum)
+                if master and is_log:
+                    self.write_metrics({"step": self.step, "loss": loss_avg, "lr": lr,
+                                        "tok_per_s": tokens_run / elapsed, "time": elapsed})
+                if pbar is not None:
+                    if live_bar:  # this process's loss
+                        pbar.set_postfix(loss=f"{loss_sum.item():.4f}", lr=f"{lr:.2e}",
+                                         tok_s=f"{tokens_run / elapsed:,.0f}")
+                    pbar.update(1)
+                if is_eval:
+                    ev, probe_s = self.evaluation(probe, loss_avg, tokens_run / elapsed, pbar)
+                    t_start += probe_s  # tokens/s counts training and val loss only
+                    summary.update(ev)
+                if master and saved:
+                    self.save(out / "ckpt", with_optimizer=True)
+                if stopping:  # Ctrl-C: stop here, at a step boundary
+                    interrupted = True
+                    if master:
+                        pbar.close()
+                        if not saved:
+                            self.save(out / "ckpt", with_optimizer=True)
+                        log(f"interrupted: saved a checkpoint at step {self.step} to {out / 'ckpt'}; rerun to resume")
+                    break
+            if self.world > 1:
+                dist.barrier()  # leave together: a process gone early can abort its peer's gloo connection
+        finally:
+            stop.restore()
+            if pbar is not None:
+                pbar.close()
+            if self.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+        if interrupted or stop.requested:
+            raise KeyboardInterrupt
+        elapsed = time.perf_counter() - t_start
+        summary.update({"steps": self.step, "seconds": elapsed, "tok_per_s": tokens_run / max(elapsed, 1e-9),
+                        "best_val_loss": self.best_val, "params": self.model.num_params()})
+        return summary
+
+
+# --- train: the parts in order -------------------------------------------------------------------
 def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Train as cfg says; return the last evaluation and the run's totals. probe(model) -> {name: number}
     is called at each evaluation (on the main process, the model in eval mode, no grad); its numbers go
@@ -345,232 +635,37 @@ def train(cfg: TrainConfig, log=print, probe: Callable[[torch.nn.Module], dict] 
 
 
 def _train(cfg: TrainConfig, log, probe) -> dict:
+    """The parts in order: the device; where the run starts (its own checkpoint, init_from or scratch), its
+    tokenizer and its model; the data; the optimizer; then the loop (Trainer.run)."""
     if not cfg.data:
         raise UserError("no data: set data = \"FOLDER\" in the config or --set data=FOLDER")
     device, rank, world, dtype = setup_device(cfg)
     cfg.device = device  # config.toml records the device used, not "auto"
-    master = rank == 0
-    out = Path(cfg.out_dir)
+    out, master = Path(cfg.out_dir), rank == 0
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    # The model: resume from our own last checkpoint, else init_from a run, else from scratch.
-    resume = (recover_dir(out / "ckpt") / "state.json").exists()
-    base_model_ref = None
-    # The tokenizer's identity goes into state.json; data, run and init_from must agree on it.
-    data_tok = load_meta(cfg.data).get("tokenizer_identity")
-    if resume:
-        ckpt = runs.find_checkpoint(out)
-        state = runs.read_resume_state(ckpt)
-        runs.check_same_tokenizer(data_tok, cfg.data, state.get("tokenizer_identity"), f"the run {out} it resumes")
-    elif cfg.init_from != "scratch" and runs.is_run(cfg.init_from):
-        runs.check_same_tokenizer(data_tok, cfg.data, runs.tokenizer_identity(cfg.init_from),
-                                  f"init_from {cfg.init_from}")
-    if cfg.hf:  # a Hugging Face model trained as it is, LoRA included (miniglm.hf)
-        model, base_model_ref = hf_model(cfg, ckpt if resume else None, state if resume else None)
-    elif resume:
-        model = runs.load_base_model(ckpt)
-        base_model_ref = state.get("base_model")
-    elif cfg.init_from != "scratch":  # a run folder, or a Hugging Face GPT-2 / Llama model
-        model = runs.load_any(cfg.init_from)
-        is_run = runs.is_run(cfg.init_from)
-        base_model_ref = str(runs.find_checkpoint(cfg.init_from).resolve()) if is_run else cfg.init_from
-    else:
-        torch.manual_seed(cfg.seed)
-        model = MiniGLM(cfg.model)
-    if not cfg.hf:
-        if resume or cfg.init_from != "scratch":  # the architecture is the checkpoint's: a differing key is an error
-            check_model_keys(cfg, model.config, f"the run {out} it resumes" if resume else f"init_from {cfg.init_from}")
-        cfg.model = model.config
-    if model.config.vocab_size < load_meta(cfg.data)["vocab_size"]:
-        raise UserError(f"the model's vocab ({model.config.vocab_size}) is smaller than the data's tokenizer's")
-
-    lora = None
-    if cfg.lora_r > 0 and not cfg.hf:
-        from miniglm import lora as lora_mod
-
-        torch.manual_seed(cfg.seed)
-        lora = lora_mod.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                                 train_embeddings=cfg.lora_embeddings)
-        if resume:
-            runs.load_adapter_weights(model, ckpt)
+    resume = find_resume(out)
+    meta = load_meta(cfg.data)
+    tok_identity, tok = run_tokenizer(cfg, out, meta, resume, master)
+    model, base_model = model_source(cfg, out, resume, meta)
+    adapter = add_adapter(cfg, model, resume)
     model.to(device)
-    data_cls = PretrainData if cfg.stage == "pretrain" else SFTData
-    data = data_cls(cfg.data, model.config.block_size, cfg.seed)
+    data = (PretrainData if cfg.stage == "pretrain" else SFTData)(cfg.data, model.config.block_size, cfg.seed)
     optimizer = make_optimizer(model, cfg, device_type)
-
     step, best_val = 0, float("inf")
-    tok_identity = state.get("tokenizer_identity", data_tok) if resume else data_tok
-    if resume:
-        runs.load_optimizer_state(ckpt, optimizer)
-        step, best_val = state["step"], state["best_val_loss"]
-        try:
-            data.load_state_dict(state["sampler"])
-            set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise runs.damaged(ckpt / "state.json", f"the sampler or RNG state: {type(e).__name__} {e}",
-                               "delete the run's ckpt/ to start over, or restore it") from None
-        if master:
-            log(f"resuming {out} at step {step}")
-            trim_metrics(out / "metrics.jsonl", step)
+    if resume is not None:
+        step, best_val = restore(resume, optimizer, data, out, master, log)
     elif master:
-        fileio.mark_dir(out)  # refuses a folder with files miniglm did not write
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        tok_dir = out / "tokenizer"
-        tok = load_tokenizer(tok_dir if tok_dir.exists() else cfg.tokenizer or tokenizer_of(cfg.data),
-                             cfg.trust_remote_code)
-        tok_identity = identity(tok)
-        runs.check_same_tokenizer(data_tok, cfg.data, tok_identity, f"the tokenizer {tok.name}")
-        if not tok_dir.exists():
-            checkpoint.save_tokenizer(out, tok)
-        torch.manual_seed(cfg.seed + 1)  # the training RNG (dropout), the same on every process
+        start_run(cfg, out, tok)
     if master:
         save_config(cfg, out / "config.toml")
-        write_chat_info(cfg, out)
+        write_chat_info(cfg, out, meta)
 
-    train_model = model
+    # What the steps call: compiled (the first steps compile; on a GPU then fewer, fused kernels a step), in DDP
     compiled = cfg.compile is True or (cfg.compile == "auto" and device_type == "cuda")
-    if compiled:  # the first steps compile (shown below): on a GPU then fewer, fused kernels a step
-        train_model = torch.compile(model)
+    train_model = torch.compile(model) if compiled else model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
-
-    def save(path: Path, with_optimizer: bool) -> None:
-        st = {"step": step, "best_val_loss": best_val, "sampler": data.state_dict(), "rng": rng_state(),
-              "stage": cfg.stage, "base_model": base_model_ref, "tokenizer_identity": tok_identity}
-        if cfg.hf:
-            hf.save_checkpoint(path, model, st, optimizer if with_optimizer else None)
-            return
-        adapter = None
-        if lora is not None:
-            from miniglm.lora import adapter_state
-
-            adapter = {"weights": adapter_state(model), "config": lora}
-        checkpoint.save_checkpoint(path, model, model.config, st, optimizer if with_optimizer else None, adapter)
-
-    def evaluate() -> dict:
-        model.eval()
-        losses = []
-        with torch.no_grad(), autocast:
-            for batch in data.eval_batches(cfg.eval_batches, cfg.batch_size * world):
-                losses.append(model(**{k: to_device(v[rank::world], device) for k, v in batch.items()})[1])
-        model.train()
-        val = all_mean(torch.stack(losses).mean().item() if losses else 0.0, world)
-        result = {"val_loss": val}
-        bpt = data.bytes_per_token()
-        if bpt:
-            result["val_bpb"] = val / math.log(2) / bpt
-        return result
-
-    def write_metrics(row: dict) -> None:
-        if master:
-            fileio.append_jsonl(out / "metrics.jsonl", row)
-
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    live_bar = master and sys.stderr.isatty()  # a bar showing each step's loss: read every step only then
-    pbar = None
-    if master:
-        from tqdm import tqdm
-
-        # A live bar on a terminal; in logs (CI, nohup) only the eval lines.
-        pbar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.stage, dynamic_ncols=True,
-                    disable=not live_bar)
-    model.train()
-    loss_avg, first_step = float("nan"), step
-    t_start, tokens_run, summary = time.perf_counter(), 0, {}
-    stop, interrupted = Interrupt(), False
-    if step >= cfg.max_steps:  # a finished run, rerun: report where it stands
-        if master:
-            log(f"{out} already trained {step} of {cfg.max_steps} steps; raise max_steps to train on")
-        summary.update(evaluate())
-    try:
-        stop.install()
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            global_batch = data.next_batch(per_step)
-            # the loss stays on the device until it is logged: no wait for the GPU at every step
-            loss_sum, tokens = torch.zeros((), device=device), 0
-            for micro in range(cfg.grad_accum):
-                i = (micro * world + rank) * cfg.batch_size  # this process's slice of the global batch
-                batch = {k: to_device(v[i:i + cfg.batch_size], device) for k, v in global_batch.items()}
-                sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else train_model.no_sync()
-                with sync, autocast:
-                    _, loss = train_model(**batch)
-                    loss = loss / cfg.grad_accum
-                with sync:
-                    loss.backward()
-                loss_sum += loss.detach()
-                tokens += batch["idx"].numel()  # tokens processed (SFT padding included: the compute is spent)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_run += tokens * world
-            if compiled and step == first_step + 1 and master:
-                log(f"torch.compile: the first step took {time.perf_counter() - t_start:.1f}s (compiling)")
-            elapsed = time.perf_counter() - t_start
-            is_log = step % cfg.log_every == 0 or step == cfg.max_steps
-            is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
-            saved = is_eval if cfg.save_every == 0 else step % cfg.save_every == 0 or step == cfg.max_steps
-            stopping = any_rank(stop.requested, world)
-            if is_log or is_eval or saved or stopping:  # the same steps on every process (all_mean)
-                loss_avg = all_mean(loss_sum.item(), world)
-                if not math.isfinite(loss_avg):  # checked before anything is saved: the last good checkpoint stays
-                    raise Diverged(f"the loss became {loss_avg} by step {step}: training stopped, the last good "
-                                   f"checkpoint in {out / 'ckpt'} is kept; lower lr (now {cfg.lr:g}) or raise "
-                                   "warmup_steps, then rerun")
-            if master and is_log:
-                row = {"step": step, "loss": loss_avg, "lr": lr, "tok_per_s": tokens_run / elapsed,
-                       "time": elapsed}
-                write_metrics(row)
-            if pbar is not None:
-                if live_bar:  # this process's loss
-                    pbar.set_postfix(loss=f"{loss_sum.item():.4f}", lr=f"{lr:.2e}",
-                                     tok_s=f"{tokens_run / elapsed:,.0f}")
-                pbar.update(1)
-            if is_eval:
-                ev = evaluate()
-                if probe is not None and master:
-                    t_probe = time.perf_counter()
-                    model.eval()
-                    with torch.no_grad():
-                        ev.update(probe(model))
-                    model.train()
-                    t_start += time.perf_counter() - t_probe  # tokens/s counts training and val loss only
-                write_metrics({"step": step, **ev})
-                if master:
-                    pbar.write(f"step {step}/{cfg.max_steps}: train loss {loss_avg:.4f}, "
-                               + ", ".join(f"{k} {v:.4f}" for k, v in ev.items())
-                               + f", {tokens_run / elapsed:,.0f} tok/s")
-                if ev["val_loss"] < best_val:
-                    best_val = ev["val_loss"]
-                    if master:
-                        save(out / "best", with_optimizer=False)
-                summary.update(ev)
-            if master and saved:
-                save(out / "ckpt", with_optimizer=True)
-            if stopping:  # Ctrl-C: stop here, at a step boundary
-                interrupted = True
-                if master:
-                    pbar.close()
-                    if not saved:
-                        save(out / "ckpt", with_optimizer=True)
-                    log(f"interrupted: saved a checkpoint at step {step} to {out / 'ckpt'}; rerun to resume")
-                break
-        if world > 1:
-            dist.barrier()  # leave together: a process gone early can abort its peer's gloo connection
-    finally:
-        stop.restore()
-        if pbar is not None:
-            pbar.close()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    if interrupted or stop.requested:
-        raise KeyboardInterrupt
-    elapsed = time.perf_counter() - t_start
-    summary.update({"steps": step, "seconds": elapsed, "tok_per_s": tokens_run / max(elapsed, 1e-9),
-                    "best_val_loss": best_val, "params": model.num_params()})
-    return summary
+    return Trainer(cfg, out, model, train_model, compiled, data, optimizer, device, rank, world, autocast,
+                   base_model, adapter, tok_identity, step, best_val).run(log, probe)
