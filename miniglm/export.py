@@ -11,6 +11,7 @@ import torch
 from miniglm import runs
 from miniglm.checkpoint import load_weights, save_run
 from miniglm.fileio import UserError, atomic_dir, atomic_path, write_json, write_with
+from miniglm.gguf_import import GLOBAL_NAMES, LAYER_NAMES
 from miniglm.gguf_tokenizer import recorded_pre_tokenizer
 from miniglm.hf_weights import BUFFERS, GPT2_CONV1D
 from miniglm.model import MiniGLM, ModelConfig
@@ -208,20 +209,9 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
     spec = json.loads(tok_file.read_text(encoding="utf-8"))
     if spec.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise UserError(f"{tok_file}: GGUF export supports byte-level BPE tokenizers only")
-    vocab = spec["model"]["vocab"]
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     model = runs.load_model(opened).eval()
     c = model.config
-    tokens = [""] * c.vocab_size
-    types = [gguf.TokenType.UNUSED] * c.vocab_size
-    for text, i in {**vocab, **added}.items():
-        if i < c.vocab_size:
-            tokens[i] = text
-            types[i] = gguf.TokenType.CONTROL if text in added else gguf.TokenType.NORMAL
-    for i, t in enumerate(tokens):
-        if not t:
-            tokens[i] = f"[PAD{i}]"
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    tokens, types, merges = gguf_vocab(spec, c.vocab_size)
     if outtype not in GGUF_TYPES:
         raise UserError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got '{outtype}'")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -256,17 +246,7 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         if chat_template is not None:  # llama.cpp's server (--jinja) renders chats with it
             w.add_chat_template(chat_template)
         sd = model.state_dict()
-        names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-        if not c.tie_embeddings:
-            names["lm_head.weight"] = "output.weight"
-        per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                     "mlp.down_proj": "ffn_down"}
-        for i in range(c.n_layer):
-            for ours, theirs in per_layer.items():
-                names[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
-        for ours, theirs in names.items():
+        for ours, theirs in gguf_names(c).items():
             t = sd[ours].float()
             if theirs.endswith("attn_q.weight"):
                 t = permute_for_gguf(t, c.n_head)
@@ -278,6 +258,36 @@ def export_gguf(run: str | Path, out_path: str | Path, outtype: str = "f32") -> 
         write_with(tmp, lambda _: w.write_tensors_to_file())
         w.close()
     return Path(out_path)
+
+
+def gguf_vocab(spec: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """The tokens, token types and merges of a byte-level BPE's tokenizer.json, as many tokens as the model
+    has ids (an id without a token is a [PADi])."""
+    import gguf  # lazy: start-up time
+
+    vocab = spec["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    tokens = [""] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in {**vocab, **added}.items():
+        if i < vocab_size:
+            tokens[i] = text
+            types[i] = gguf.TokenType.CONTROL if text in added else gguf.TokenType.NORMAL
+    for i, t in enumerate(tokens):
+        if not t:
+            tokens[i] = f"[PAD{i}]"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, types, merges
+
+
+def gguf_names(c: ModelConfig) -> dict[str, str]:
+    """MiniGLM weight name -> GGUF tensor name, in llama.cpp's order: gguf_import's tables read backwards
+    (no output.weight when the output layer is the embedding's)."""
+    names = {ours: theirs for theirs, ours in GLOBAL_NAMES.items() if theirs != "output.weight" or not c.tie_embeddings}
+    for i in range(c.n_layer):
+        for theirs, ours in LAYER_NAMES.items():
+            names[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+    return names
 
 
 def gguf_chat(chat: Chat, tok: Tokenizer) -> tuple[int | None, str | None]:

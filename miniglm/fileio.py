@@ -294,7 +294,7 @@ def output_lock(path: str | Path, inputs: Iterable[Any] = (), writer: bool = Tru
     drops the lock when its process ends, however it ends: a killed run never blocks the next. `writer`:
     False for the processes of a torchrun job other than rank 0, which write nothing (rank 0 holds the lock
     for the job). A folder this call created and nothing was written into is removed again."""
-    import fcntl
+    import fcntl  # lazy: Unix only (Windows has no fcntl), not start-up time
 
     path = Path(path)
     if not writer:

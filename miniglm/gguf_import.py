@@ -28,9 +28,9 @@ DEFAULT_CONTEXT = 2048  # an 8k fp32 KV cache of even a 135M model is ~377 MB pe
 SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF names -> MiniGLM (= HF Llama) names; per layer under blk.N. / model.layers.N.
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
-_PER_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
@@ -114,10 +114,10 @@ def gguf_state_dict(reader, path: Path, config: ModelConfig) -> dict[str, torch.
                         f"miniglm imports {', '.join(SUPPORTED_TYPES)}")
     sd = {}
     for t in reader.tensors:
-        name = _GLOBAL.get(t.name)
+        name = GLOBAL_NAMES.get(t.name)
         parts = t.name.split(".")
-        if name is None and len(parts) == 4 and parts[0] == "blk" and parts[2] in _PER_LAYER and parts[3] == "weight":
-            name = f"model.layers.{parts[1]}.{_PER_LAYER[parts[2]]}.weight"
+        if name is None and len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES and parts[3] == "weight":
+            name = f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.weight"
         if name is None:
             raise UserError(f"{path}: tensor {t.name} has no place in a llama-style MiniGLM")
         # np.array copies: the file is mapped read-only
